@@ -1,0 +1,1 @@
+"""The command-line interface. Modules here import only typer and the standard library at import time."""

@@ -1,0 +1,1 @@
+"""Teachers' networks: analytic teachers, built-in small networks, and loading from disk."""
