@@ -38,7 +38,8 @@ class GaussianMixtureTeacher(Teacher):
         variances = torch.as_tensor(variances, dtype=torch.float64)
         if variances.ndim == 1:
             variances = variances.reshape(k, *([1] * len(self.sample_shape))).expand_as(means)
-        weights = torch.ones(k, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        f64 = torch.float64
+        weights = torch.ones(k, dtype=f64) if weights is None else torch.as_tensor(weights, dtype=f64)
         if (variances <= 0).any() or (weights < 0).any():
             raise ValueError("mixture variances must be positive and weights non-negative")
         self.register_buffer("means", means.reshape(k, -1).clone())
@@ -80,7 +81,9 @@ class GaussianMixtureTeacher(Teacher):
         return d
 
 
-def gaussian_mixture_2d(schedule: Schedule, modes: int = 8, radius: float = 2.0, std: float = 0.15) -> GaussianMixtureTeacher:
+def gaussian_mixture_2d(
+    schedule: Schedule, modes: int = 8, radius: float = 2.0, std: float = 0.15
+) -> GaussianMixtureTeacher:
     """A ring of ``modes`` isotropic Gaussians in 2-D: the standard toy analytic teacher."""
     ang = torch.arange(modes, dtype=torch.float64) * (2 * math.pi / modes)
     means = radius * torch.stack([torch.cos(ang), torch.sin(ang)], dim=1)
