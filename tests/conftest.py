@@ -18,3 +18,26 @@ def pytest_collection_modifyitems(config, items):
         for item in items:
             if "cuda" in item.keywords:
                 item.add_marker(skip)
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_cli(*args: str, input: str | None = None, cwd: str | None = None, env: dict | None = None, timeout=600):
+    """Run ``python -m accelkit ARGS`` from this checkout in a subprocess; returns CompletedProcess (text)."""
+    import subprocess
+    import sys
+
+    full_env = dict(os.environ)
+    full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
+    full_env["HF_HUB_OFFLINE"] = "1"
+    if env:
+        full_env.update(env)
+    return subprocess.run([sys.executable, "-m", "accelkit", *map(str, args)], input=input, capture_output=True,
+                          text=True, cwd=cwd, env=full_env, timeout=timeout)
+
+
+@pytest.fixture
+def cli():
+    """The CLI as a user runs it: ``cli("inspect", path)`` -> CompletedProcess with stdout/stderr/returncode."""
+    return run_cli
