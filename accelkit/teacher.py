@@ -191,8 +191,8 @@ def x0_eps_to_output(prediction: str, x0: Tensor, eps: Tensor, t: Tensor, schedu
     raise ValueError(f"prediction type {prediction!r}: expected one of {', '.join(PREDICTION_TYPES)}")
 
 
-#: A network call: (x, timestep input, condition) -> output of the network's prediction type.
-NetworkFn = Callable[[Tensor, Tensor, Condition | None], Tensor]
+#: A network call: (network, x, timestep input, condition) -> output of the network's prediction type.
+NetworkFn = Callable[[torch.nn.Module, Tensor, Tensor, "Condition | None"], Tensor]
 
 
 class NetworkTeacher(Teacher):
@@ -241,12 +241,12 @@ class NetworkTeacher(Teacher):
         ts = self.time_input(t).to(torch.float32)
         w = self.guidance_scale
         if cond is None or w == 1.0:
-            return self.call(x, ts, cond)
+            return self.call(self.network, x, ts, cond)
         if self.null_condition is None:
             raise ValueError("guidance scale != 1 needs a null condition")
         b = x.shape[0]
         null = self.null_condition.map(lambda v: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v)
-        out = self.call(torch.cat([x, x]), torch.cat([ts, ts]), Condition.cat(cond, null))
+        out = self.call(self.network, torch.cat([x, x]), torch.cat([ts, ts]), Condition.cat(cond, null))
         out_c, out_u = out[:b], out[b:]
         return out_u + w * (out_c - out_u)
 
