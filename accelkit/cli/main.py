@@ -38,7 +38,7 @@ def run() -> None:
     debug = "--debug" in sys.argv[1:]
     _register()
     try:
-        app()
+        app(prog_name="accelkit")
     except AccelkitError as e:
         if debug:
             raise

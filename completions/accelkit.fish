@@ -1,0 +1,1 @@
+complete --command accelkit --no-files --arguments "(env _ACCELKIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) accelkit)" --condition "env _ACCELKIT_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) accelkit"
