@@ -66,7 +66,7 @@ def solve(
     """
     solver = get_solver(solver)
     ts = solver_grid(teacher, solver, nfe, grid, **grid_kw)
-    return solver.sample(teacher, x_init, ts.to(x_init.device), nfe, cond)
+    return solver.sample(teacher, x_init, ts, nfe, cond)
 
 
 __all__ = [
