@@ -1,7 +1,7 @@
 """Solver benchmark: error vs NFE for every solver, and the solver loop's overhead over bare network calls.
 
 1. Analytic Gaussian-mixture teachers (no network error) under the linear (flow) and DDPM linear-beta schedules;
-   reference: scipy's DOP853 at rtol 1e-10 to t = 1e-4, then the x0 prediction.
+   reference: scipy's DOP853 at rtol 1e-10 to t = 1e-4, then the x0 prediction. Grids: uniform in t and in log-SNR.
 2. A small flow-matching MLP trained here on a 2-D Gaussian-mixture ring (seeded); reference as above at rtol 1e-9.
 3. Overhead: wall time of ``solve`` at NFE 8 against the same number of bare network calls on the same model and
    batch, measured interleaved in the same run (median of repeats).
@@ -31,7 +31,6 @@ from rich.table import Table  # noqa: E402
 from accelkit.console import err  # noqa: E402
 from accelkit.metrics import rmse  # noqa: E402
 from accelkit.models.analytic import gaussian_mixture_2d  # noqa: E402
-from accelkit.models.builtin import MLP, builtin_call  # noqa: E402
 from accelkit.schedules import DiscreteVPSchedule, LinearSchedule  # noqa: E402
 from accelkit.solvers import SOLVER_NAMES, get_solver, solve, solver_grid  # noqa: E402
 from accelkit.solvers.reference import reference_solve  # noqa: E402
@@ -41,14 +40,18 @@ NFES = (4, 6, 8, 10, 16)
 F64 = torch.float64
 
 
+@torch.no_grad()
 def reference_x0(teacher, x, rtol):
     end = 1e-4
     x_end = reference_solve(teacher, x, 1.0, end, rtol=rtol, atol=rtol)
     return teacher.predict_x0(x_end, torch.tensor(end, dtype=F64))
 
 
-def error_table(teacher, x, ref, nfes) -> dict[str, dict[int, float]]:
-    return {name: {n: rmse(solve(teacher, x, name, n), ref) for n in nfes} for name in SOLVER_NAMES}
+GRIDS = ("uniform", "logsnr")
+
+
+def error_table(teacher, x, ref, nfes, grid) -> dict[str, dict[int, float]]:
+    return {name: {n: rmse(solve(teacher, x, name, n, grid=grid), ref) for n in nfes} for name in SOLVER_NAMES}
 
 
 def show_errors(title: str, errors: dict[str, dict[int, float]], nfes) -> None:
@@ -61,13 +64,32 @@ def show_errors(title: str, errors: dict[str, dict[int, float]], nfes) -> None:
     err.print(table)
 
 
-def train_flow_mlp(steps: int, seed: int) -> MLP:
+class FlowMLP(torch.nn.Module):
+    """A plain MLP u(x, t) on [x, t] (any dtype, so the reference ODE can run it in float64)."""
+
+    def __init__(self, dim: int = 2, hidden: int = 128, depth: int = 3):
+        super().__init__()
+        layers, width = [], dim + 1
+        for _ in range(depth):
+            layers += [torch.nn.Linear(width, hidden), torch.nn.SiLU()]
+            width = hidden
+        self.body = torch.nn.Sequential(*layers, torch.nn.Linear(hidden, dim))
+
+    def forward(self, x, t):
+        return self.body(torch.cat([x, t.to(x.dtype)[:, None]], dim=1))
+
+
+def call_mlp(net, x, ts, cond):
+    return net(x, ts)
+
+
+def train_flow_mlp(steps: int, seed: int) -> FlowMLP:
     """Conditional flow matching (Lipman et al. 2022) on the ring of 8 Gaussians: x_t = (1 - t) x0 + t eps,
     target eps - x0, t ~ U(0, 1)."""
     data = gaussian_mixture_2d(LinearSchedule(), modes=8, std=0.15)
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = MLP(dim=2, hidden=128, depth=3)
+    net = FlowMLP()
     opt = torch.optim.Adam(net.parameters(), lr=2e-3)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
     for step in range(steps):
@@ -85,11 +107,6 @@ def train_flow_mlp(steps: int, seed: int) -> MLP:
     return net.eval()
 
 
-def call_float64(net, x, ts, cond):
-    """The network call for the float64 copy (the teacher hands timesteps over as float32)."""
-    return net(x, ts.to(x.dtype))
-
-
 def time_it(fn, repeats: int) -> list[float]:
     out = []
     for _ in range(repeats):
@@ -102,7 +119,7 @@ def time_it(fn, repeats: int) -> list[float]:
 @torch.no_grad()
 def overhead(net: torch.nn.Module, batch: int, nfe: int, repeats: int) -> dict[str, dict[str, float]]:
     """Median wall time of solve() and of ``nfe`` bare network calls on the same inputs, interleaved per repeat."""
-    teacher = NetworkTeacher(net, builtin_call, "flow", LinearSchedule(), (2,))
+    teacher = NetworkTeacher(net, call_mlp, "flow", LinearSchedule(), (2,))
     x = torch.randn(batch, 2, generator=torch.Generator().manual_seed(0))
     results = {}
     for name in SOLVER_NAMES:
@@ -150,20 +167,24 @@ def main() -> None:
         teacher = gaussian_mixture_2d(schedule, modes=8, std=0.15)
         x = teacher.prior_sample(noise)
         ref = reference_x0(teacher, x, 1e-10)
-        report["errors"][label] = errors = error_table(teacher, x, ref, nfes)
-        show_errors(f"RMSE to the exact endpoint: {label}, default grid", errors, nfes)
+        report["errors"][label] = {}
+        for grid in GRIDS:
+            report["errors"][label][grid] = errors = error_table(teacher, x, ref, nfes, grid)
+            show_errors(f"RMSE to the exact endpoint: {label}, {grid} grid", errors, nfes)
 
     err.print(f"training a flow-matching MLP for {args.train_steps} steps")
     net = train_flow_mlp(args.train_steps, args.seed)
-    teacher = NetworkTeacher(net.double(), call_float64, "flow", LinearSchedule(), (2,))
+    teacher = NetworkTeacher(net.double(), call_mlp, "flow", LinearSchedule(), (2,))
     ref = reference_x0(teacher, noise, 1e-9)
-    label = f"trained flow MLP ({args.train_steps} steps)"
-    report["errors"][label] = errors = error_table(teacher, noise, ref, nfes)
-    show_errors(f"RMSE to the DOP853 endpoint: {label}, uniform grid", errors, nfes)
+    label = f"trained flow MLP (3 x 128, {args.train_steps} steps)"
+    report["errors"][label] = {}
+    for grid in GRIDS:
+        report["errors"][label][grid] = errors = error_table(teacher, noise, ref, nfes, grid)
+        show_errors(f"RMSE to the DOP853 endpoint: {label}, {grid} grid", errors, nfes)
 
     net = net.float()
     report["overhead"] = oh = overhead(net, args.overhead_batch, 8, args.repeats)
-    table = Table(title=f"solve() vs bare network calls, NFE 8, batch {args.overhead_batch}, float32 MLP")
+    table = Table(title=f"solve() vs bare network calls, NFE 8, batch {args.overhead_batch}, float32 MLP 3 x 128")
     for col in ("solver", "solve ms", "bare calls ms", "overhead %"):
         table.add_column(col, justify="right" if col != "solver" else "left")
     for name, row in oh.items():
