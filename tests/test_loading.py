@@ -1,8 +1,10 @@
 """Loading teachers: accelkit's own format round trip, diffusers folders and single files, and bad inputs."""
 
 import json
+import shutil
 
 import pytest
+import tiny_models
 import torch
 
 from accelkit.errors import AccelkitError
@@ -89,3 +91,139 @@ def test_bad_inputs(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(AccelkitError, match="empty: not a model"):
         load_teacher(tmp_path / "empty")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# diffusers folders and single files (tiny random-weight models built from configs)
+
+@pytest.fixture(scope="module")
+def pipes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipes")
+    return {
+        "ddpm": tiny_models.ddpm_pipeline(root / "ddpm"),
+        "ddpm-v": tiny_models.ddpm_pipeline(root / "ddpm-v", "v_prediction"),
+        "sd": tiny_models.sd_like_pipeline(root / "sd"),
+        "sd3": tiny_models.sd3_like_pipeline(root / "sd3"),
+        "dit": tiny_models.dit_pipeline(root / "dit"),
+    }
+
+
+@pytest.mark.parametrize("which", ["ddpm", "ddpm-v"])
+def test_ddpm_pipeline_x0_matches_diffusers_scheduler(pipes, which):
+    """x0 at the training step k equals DDPMScheduler.step's pred_original_sample from the raw UNet output."""
+    from diffusers import DDPMPipeline
+
+    teacher = load_teacher(pipes[which])
+    assert teacher.prediction == ("eps" if which == "ddpm" else "v")
+    assert teacher.schedule == DiscreteVPSchedule("linear", 1000, 0.0001, 0.02)
+    assert teacher.sample_shape == (1, 8, 8) and teacher.info["pipeline"] == "DDPMPipeline"
+    ref = DDPMPipeline.from_pretrained(pipes[which], local_files_only=True)
+    ref.scheduler.set_timesteps(1000)
+    x = sample_noise(1, range(3), (1, 8, 8))
+    for k in (0, 10, 500, 999):
+        with torch.no_grad():
+            out = ref.unet(x, k).sample
+        expected = ref.scheduler.step(out, k, x).pred_original_sample
+        t = torch.full((3,), (k + 1) / 1000, dtype=torch.float64)
+        with torch.no_grad():
+            got = teacher.predict_x0(x, t)
+        assert torch.allclose(got, expected, atol=2e-5, rtol=1e-4), k
+
+
+def test_single_file_with_config_equals_folder(pipes, tmp_path):
+    folder = load_teacher(pipes["ddpm"])
+    shutil.copy(pipes["ddpm"] / "unet" / "diffusion_pytorch_model.safetensors", tmp_path / "unet.safetensors")
+    x, t = sample_noise(2, range(2), (1, 8, 8)), torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        ref = folder.velocity(x, t)
+        for config in (pipes["ddpm"], pipes["ddpm"] / "unet", pipes["ddpm"] / "unet" / "config.json"):
+            single = load_teacher(tmp_path / "unet.safetensors", config=config)
+            assert single.prediction == "eps" and torch.equal(single.velocity(x, t), ref)
+    with pytest.raises(AccelkitError, match="unet.safetensors: no accelkit.teacher/1 metadata.*--config"):
+        load_teacher(tmp_path / "unet.safetensors")
+    # the same weights pickled: refused, then read with weights_only=True when allowed
+    torch.save(dict(folder.network.state_dict()), tmp_path / "unet.bin")
+    with pytest.raises(AccelkitError, match="unet.bin: pickled checkpoint refused.*--allow-pickle"):
+        load_teacher(tmp_path / "unet.bin", config=pipes["ddpm"])
+    with torch.no_grad():
+        assert torch.equal(load_teacher(tmp_path / "unet.bin", config=pipes["ddpm"], allow_pickle=True)
+                           .velocity(x, t), ref)
+
+
+def test_model_folder_needs_prediction_type_and_schedule(pipes):
+    unet_dir = pipes["dit"] / "transformer"
+    # inside a pipeline folder the pipeline's scheduler is found
+    assert load_teacher(unet_dir).schedule == DiscreteVPSchedule()
+    lone = unet_dir.parent.parent / "lone-dit"
+    shutil.copytree(unet_dir, lone, dirs_exist_ok=True)
+    with pytest.raises(AccelkitError, match="lone-dit.*no scheduler config.*--prediction-type and --schedule"):
+        load_teacher(lone)
+    teacher = load_teacher(lone, prediction_type="epsilon", schedule="vp-linear")
+    assert teacher.prediction == "eps" and teacher.time_input.kind == "discrete"
+
+
+def test_dit_transformer_class_guidance(pipes):
+    """DiT: mean channels of the learned-sigma output; guidance against the null class num_embeds_ada_norm."""
+    teacher = load_teacher(pipes["dit"])
+    assert teacher.info["conditioning"] == {"kind": "class", "num_classes": 10, "null_class": 10}
+    net = teacher.network
+    x, t = sample_noise(3, range(2), (4, 8, 8)), torch.tensor([0.25, 0.5], dtype=torch.float64)
+    labels = torch.tensor([3, 7])
+    ts = t.float() * 1000 - 1
+    with torch.no_grad():
+        out_c = net(x, timestep=ts, class_labels=labels).sample[:, :4]
+        out_u = net(x, timestep=ts, class_labels=torch.tensor([10, 10])).sample[:, :4]
+        guided = teacher.with_guidance(4.0).predict_eps(x, t, Condition(class_labels=labels))
+    assert torch.allclose(guided, out_u + 4.0 * (out_c - out_u), atol=1e-5)
+
+
+def test_sd3_flow_matching_pipeline(pipes):
+    teacher = load_teacher(pipes["sd3"])
+    assert teacher.prediction == "flow" and teacher.schedule == LinearSchedule()
+    assert teacher.info["shift"] == 3.0 and teacher.time_input.config() == TimeInput("scaled", 1000, 1000.0).config()
+    assert teacher.info["conditioning"]["kind"] == "text"
+    g = torch.Generator().manual_seed(0)
+    cond = Condition(encoder_hidden_states=torch.randn(2, 5, 12, generator=g),
+                     pooled_projections=torch.randn(2, 10, generator=g))
+    x, t = sample_noise(4, range(2), (4, 8, 8)), torch.tensor([0.2, 0.9], dtype=torch.float64)
+    with torch.no_grad():
+        raw = teacher.network(x, encoder_hidden_states=cond.encoder_hidden_states,
+                              pooled_projections=cond.pooled_projections, timestep=t.float() * 1000).sample
+        raw_null = teacher.network(x, encoder_hidden_states=torch.zeros(2, 5, 12),
+                                   pooled_projections=torch.zeros(2, 10), timestep=t.float() * 1000).sample
+        assert torch.allclose(teacher.velocity(x, t, cond), raw, atol=1e-5)
+        guided = teacher.with_guidance(7.5).velocity(x, t, cond)
+    assert torch.allclose(guided, raw_null + 7.5 * (raw - raw_null), atol=1e-4)
+
+
+def test_diffusers_teacher_saves_in_accelkit_format(pipes, tmp_path):
+    teacher = load_teacher(pipes["sd"])
+    path = save_teacher(teacher, tmp_path / "sd.safetensors")
+    loaded = load_teacher(path)
+    assert loaded.info["architecture"] == "diffusers.UNet2DConditionModel" and loaded.schedule == teacher.schedule
+    cond = Condition(encoder_hidden_states=torch.randn(2, 4, 12))
+    x, t = sample_noise(5, range(2), (3, 8, 8)), torch.tensor([0.4, 0.6])
+    with torch.no_grad():
+        expected = teacher.with_guidance(3.0).velocity(x, t, cond)
+        assert torch.equal(loaded.with_guidance(3.0).velocity(x, t, cond), expected)
+
+
+def test_config_weights_mismatch_and_unknown_architecture(pipes, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(pipes["ddpm"], bad)
+    cfg = json.loads((bad / "unet" / "config.json").read_text())
+    (bad / "unet" / "config.json").write_text(json.dumps({**cfg, "block_out_channels": [8, 24]}))
+    with pytest.raises(AccelkitError, match=r"do not match the config: key '.*' has shape \(.*\), the config expects"):
+        load_teacher(bad)
+    (bad / "unet" / "config.json").write_text(json.dumps({**cfg, "_class_name": "FancyNet"}))
+    with pytest.raises(AccelkitError, match="unknown architecture 'FancyNet'"):
+        load_teacher(bad)
+    (bad / "unet" / "config.json").write_text(json.dumps({**cfg, "layers_per_block": 2}))
+    with pytest.raises(AccelkitError, match="missing key"):
+        load_teacher(bad)
+    (bad / "unet" / "config.json").write_text(json.dumps(cfg))
+    (bad / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    with pytest.raises(AccelkitError, match="no weights"):
+        load_teacher(bad)
+    with pytest.raises(AccelkitError, match="not a model .this is a scheduler folder"):
+        load_teacher(pipes["ddpm"] / "scheduler")

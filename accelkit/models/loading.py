@@ -420,20 +420,29 @@ def load_teacher(
         if (p / ARTIFACT_TEACHER_FILE).is_file():
             teacher = load_accelkit_teacher(p / ARTIFACT_TEACHER_FILE, **overrides)
         else:
-            raise AccelkitError(f"{path}: not a model folder: expected an accelkit artifact holding "
-                                f"{ARTIFACT_TEACHER_FILE} (diffusers folders are not supported yet)")
+            from .diffusers_models import load_diffusers_folder
+
+            teacher = load_diffusers_folder(p, allow_pickle=allow_pickle, **overrides)
     elif p.suffix == ".safetensors":
         meta = read_safetensors_metadata(p)
         if is_accelkit_teacher_file(meta):
             teacher = load_accelkit_teacher(p, **overrides)
+        elif config is not None:
+            from .diffusers_models import load_diffusers_single_file
+
+            teacher = load_diffusers_single_file(p, config, allow_pickle=allow_pickle, **overrides)
         else:
             raise AccelkitError(f"{path}: no {FORMAT} metadata in the header; for a diffusers state dict pass "
                                 "--config naming its config.json (or its model or pipeline folder)")
     elif p.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise pickle_refused(p)
-        raise AccelkitError(f"{path}: a pickled state dict carries no architecture (diffusers state dicts with "
-                            "--config are not supported yet)")
+        if config is None:
+            raise AccelkitError(f"{path}: a pickled state dict carries no architecture; pass --config naming its "
+                                "config.json (or its model or pipeline folder)")
+        from .diffusers_models import load_diffusers_single_file
+
+        teacher = load_diffusers_single_file(p, config, allow_pickle=allow_pickle, **overrides)
     else:
         raise AccelkitError(f"{path}: unknown checkpoint type {p.suffix or '(no suffix)'!r}; expected .safetensors, "
                             "a diffusers model or pipeline folder, an accelkit artifact, or (with --allow-pickle) "
