@@ -42,10 +42,12 @@ from .loading import (
     NetworkAdapter,
     NullCondition,
     load_state_dict_checked,
+    move_network,
     parse_prediction_type,
     pickle_refused,
     read_pickle_state_dict,
     read_safetensors,
+    stored_dtype,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers is imported: never reach the hub
@@ -375,9 +377,7 @@ def _build_teacher(
 
     network = adapter.build(cfg)
     state = _state_dict(weights, allow_pickle)
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        network.to(dtypes.pop())
+    move_network(network, dtype=stored_dtype(state))
     load_state_dict_checked(network, state, source)
     network.eval().requires_grad_(False)
 

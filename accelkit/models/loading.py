@@ -195,6 +195,21 @@ def load_state_dict_checked(network: nn.Module, state: dict[str, Tensor], source
     network.load_state_dict(state, strict=True)
 
 
+def stored_dtype(state: dict[str, Tensor]) -> torch.dtype | None:
+    """The floating-point dtype of a state dict when all its floating tensors share one, else None."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def move_network(network: nn.Module, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+    """Move/cast a network in place (plain ``nn.Module.to``: diffusers' override only adds a warning here)."""
+    if dtype is not None and any(p.dtype != dtype for p in network.parameters()):
+        nn.Module.to(network, dtype=dtype)
+    if device is not None:
+        nn.Module.to(network, device=device)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Small parsers for user overrides
 
@@ -352,9 +367,7 @@ def load_accelkit_teacher(
     except (TypeError, ValueError) as e:
         raise AccelkitError(f"{path}: network_config does not build a {architecture} ({_one_line(e)})") from e
     null_tensors = {k.removeprefix(NULL_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(NULL_PREFIX)}
-    dtypes = {v.dtype for v in tensors.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        network.to(dtypes.pop())
+    move_network(network, dtype=stored_dtype(tensors))
     load_state_dict_checked(network, tensors, path)
     network.eval().requires_grad_(False)
 
@@ -449,7 +462,7 @@ def load_teacher(
                             f"{', '.join(PICKLE_SUFFIXES)}")
 
     dt = parse_dtype(dtype)
-    teacher.network.to(device=device, dtype=dt) if dt is not None else teacher.network.to(device=device)
+    move_network(teacher.network, device=device, dtype=dt)
     if guidance is not None:
         teacher.guidance_scale = float(guidance)
     return teacher
