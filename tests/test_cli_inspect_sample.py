@@ -3,6 +3,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import tiny_models
 import torch
@@ -24,6 +25,7 @@ def files(tmp_path_factory):
     save_teacher(mlp, root / "mlp.safetensors")
     tiny_models.ddpm_pipeline(root / "ddpm")
     tiny_models.sd_like_pipeline(root / "sd")
+    tiny_models.sd3_like_pipeline(root / "sd3-vae", vae=True)
     g = torch.Generator().manual_seed(0)
     from safetensors.torch import save_file
 
@@ -91,6 +93,21 @@ def test_text_guidance(cli, files, tmp_path):
     guided = solve(teacher.with_guidance(7.5), noise, nfe=2, cond=cond)
     assert torch.allclose(res["7.5"], guided, atol=1e-5)
     assert (res["7.5"] - res["1"]).abs().max() > 1e-2
+
+
+@pytest.mark.slow
+def test_latent_pipeline_png_is_decoded_by_its_vae(cli, files, tmp_path):
+    out = cli("sample", files / "sd3-vae", "--nfe", "2", "-n", "2", "-o", tmp_path / "grid.png")
+    assert out.returncode == 0, out.stderr
+    from accelkit.images import image_grid
+    from accelkit.models.diffusers_models import decode_latents, load_vae
+
+    teacher = load_teacher(files / "sd3-vae")
+    assert teacher.info["vae"] == str(files / "sd3-vae" / "vae")
+    latents = solve(teacher, sample_noise(0, range(2), (4, 8, 8)), nfe=2)
+    expected = image_grid(decode_latents(load_vae(files / "sd3-vae" / "vae"), latents))
+    got = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
+    assert got.shape == expected.shape and np.abs(got.astype(int) - expected.astype(int)).max() <= 1
 
 
 @pytest.fixture(scope="module")

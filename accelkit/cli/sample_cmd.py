@@ -103,7 +103,7 @@ def sample_command(
     if guidance != 1.0:
         _check_guidance(teacher, path, guidance, condition is not None)
     teacher.guidance_scale = guidance
-    writer = _writer(out, teacher, path)  # refuses an unsupported sample shape before any work
+    writer = _writer(out, teacher, path, allow_pickle, device)  # refuses an unsupported sample shape before any work
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -209,7 +209,7 @@ def _check_guidance(teacher, path: str, guidance: float, conditioned: bool) -> N
         raise AccelkitError(f"{path}: the model has no null condition to guide against; pass --null-cond FILE")
 
 
-def _writer(out, teacher, path: str):
+def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "cpu"):
     """A function writing the samples to ``out`` in the format its suffix names (checked now, before sampling)."""
     import json
 
@@ -244,5 +244,18 @@ def _writer(out, teacher, path: str):
             _atomic_write_bytes(out, png_bytes(image_grid(samples)))
 
         return write_grid
+    vae_dir = getattr(teacher, "info", {}).get("vae")
+    if len(shape) == 3 and vae_dir:
+        from ..models.diffusers_models import decode_latents, load_vae
+
+        vae = load_vae(vae_dir, allow_pickle=allow_pickle)
+        vae.to(device)
+
+        def write_decoded(samples, settings):
+            from ..images import image_grid, png_bytes
+
+            _atomic_write_bytes(out, png_bytes(image_grid(decode_latents(vae, samples))))
+
+        return write_decoded
     raise AccelkitError(f"-o {out}: a PNG needs 1- or 3-channel images or 2-D points, but {path} makes samples of "
-                        f"shape {list(shape)}; write .safetensors instead")
+                        f"shape {list(shape)} and has no VAE to decode them; write .safetensors instead")

@@ -84,9 +84,17 @@ def _builtin_null(network: nn.Module) -> Condition | None:
     return Condition(class_labels=torch.tensor([n])) if n > 0 else None
 
 
+def _builtin_call_in_network_dtype(network: nn.Module, x: Tensor, timestep: Tensor, cond: Condition | None) -> Tensor:
+    """:func:`builtin_call` with x cast to the network's dtype and the output cast back (fp64 / fp16 networks)."""
+    dtype = next(network.parameters()).dtype
+    if dtype == x.dtype:
+        return builtin_call(network, x, timestep, cond)
+    return builtin_call(network, x.to(dtype), timestep, cond).to(x.dtype)
+
+
 def _builtin_adapter(name: str, sample_shape: Callable[[dict[str, Any]], tuple[int, ...] | None]) -> NetworkAdapter:
-    return NetworkAdapter(name, lambda cfg: build_network(name, cfg), builtin_call, _builtin_conditioning,
-                          _builtin_null, sample_shape)
+    return NetworkAdapter(name, lambda cfg: build_network(name, cfg), _builtin_call_in_network_dtype,
+                          _builtin_conditioning, _builtin_null, sample_shape)
 
 
 BUILTIN_ADAPTERS = {
