@@ -489,7 +489,7 @@ class Trainer:
             state = {
                 "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world,
                 "optimizer": opt_plain, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-                "recent_losses": list(self.recent_losses), "ema_rates": self.ema.rates,
+                "recent_losses": list(self.recent_losses), "ema_rates": self.ema.rates, "history": self.history,
                 "config": self.config.model_dump(mode="json"), "time": time.time(),
             }
             _write_json(tmp / "state.json", state)  # written last: the checkpoint is complete once it exists
@@ -538,6 +538,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
         self.recent_losses = deque(state.get("recent_losses", []), maxlen=16)
+        self.history = list(state.get("history", []))
         rank_file = path / f"rank{self.rank}.json"
         if not rank_file.exists():  # resumed on more processes than saved: start this rank's streams from rank 0's
             rank_file = path / "rank0.json"

@@ -82,8 +82,11 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     np.random.seed(999)
     random.seed(999)
     second = make(tmp_path / "resumed", seed=999)
+    logged = []
+    second.on_log = lambda step, values: logged.append(step)
     second.fit()
-    assert second.history[0]["step"] == 25  # resumed from step 20, not from scratch
+    assert logged[0] == 25  # resumed from step 20, not from scratch
+    assert [h["step"] for h in second.history] == list(range(5, 45, 5))  # the history travels in the checkpoint
     assert_same_state(full, second)
 
 
