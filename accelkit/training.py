@@ -91,6 +91,8 @@ class LoopConfig(BaseModel):
     grad_clip: float | None = Field(1.0, gt=0, description="clip the global gradient norm to this; null: no clip")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step (each batch split in this many)")
     ema_rates: list[float] = Field(default_factory=lambda: [0.999], description="EMA decay rates, each in [0, 1)")
+    ema_warmup: bool = Field(True, description="EMA decay min(rate, (1 + k) / (10 + k)) at step k, so the average "
+                                               "forgets the initial weights")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="autocast dtype for the forward pass; "
                                                                              "fp16 uses a gradient scaler (CUDA)")
     checkpoint_every: int = Field(500, ge=0, description="checkpoint every this many steps (0: only at the end and "
@@ -175,22 +177,31 @@ def default_device() -> torch.device:
 class EMA:
     """Exponential moving averages of a model's trainable parameters at several rates.
 
-    After each optimizer step, for every rate r: theta_ema <- r theta_ema + (1 - r) theta (Polyak averaging as
-    used by DDPM and EDM). Averages start at the initial weights and are kept in float32.
+    After optimizer step k (1-based), for every rate r: theta_ema <- d theta_ema + (1 - d) theta with d = r, or with
+    ``warmup`` d = min(r, (1 + k) / (10 + k)) so that the average forgets the random initial weights early in
+    training (the warm-up of the DDPM / score-SDE code bases and diffusers' EMAModel). Averages start at the initial
+    weights and are kept in float32.
     """
 
-    def __init__(self, model: nn.Module, rates: list[float]):
+    def __init__(self, model: nn.Module, rates: list[float], warmup: bool = False):
         self.rates = [float(r) for r in rates]
+        self.warmup = warmup
+        self.updates = 0
         self.names = [n for n, p in model.named_parameters() if p.requires_grad]
         self.shadow: dict[float, list[Tensor]] = {
             r: [p.detach().float().clone() for n, p in model.named_parameters() if p.requires_grad] for r in self.rates
         }
 
+    def decay(self, rate: float, step: int) -> float:
+        """The decay d used at (1-based) update ``step`` for ``rate``."""
+        return min(rate, (1.0 + step) / (10.0 + step)) if self.warmup else rate
+
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        self.updates += 1
         params = [p.detach().float() for p in model.parameters() if p.requires_grad]
         for r, shadow in self.shadow.items():
-            torch._foreach_lerp_(shadow, params, 1.0 - r)
+            torch._foreach_lerp_(shadow, params, 1.0 - self.decay(r, self.updates))
 
     def weights(self, model: nn.Module, rate: float) -> dict[str, Tensor]:
         """The model's state dict with the trainable parameters replaced by their average at ``rate``."""
@@ -415,7 +426,7 @@ class Trainer:
         kw: dict[str, Any] = {"decoupled_weight_decay": True} if config.optimizer == "radam" else {}
         self.optimizer = opt_cls(params, lr=config.lr_at(0), betas=tuple(config.betas), eps=config.eps,
                                  weight_decay=config.weight_decay, **kw)
-        self.ema = EMA(self.model, config.ema_rates)
+        self.ema = EMA(self.model, config.ema_rates, config.ema_warmup)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.step = 0
         self.recent_losses: deque[float] = deque(maxlen=16)
@@ -490,6 +501,7 @@ class Trainer:
                 "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world,
                 "optimizer": opt_plain, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "recent_losses": list(self.recent_losses), "ema_rates": self.ema.rates, "history": self.history,
+                "ema_updates": self.ema.updates,
                 "config": self.config.model_dump(mode="json"), "time": time.time(),
             }
             _write_json(tmp / "state.json", state)  # written last: the checkpoint is complete once it exists
@@ -537,6 +549,7 @@ class Trainer:
         if state.get("scaler") and self.scaler.is_enabled():
             self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
+        self.ema.updates = int(state.get("ema_updates", self.step))
         self.recent_losses = deque(state.get("recent_losses", []), maxlen=16)
         self.history = list(state.get("history", []))
         rank_file = path / f"rank{self.rank}.json"

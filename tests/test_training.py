@@ -168,19 +168,21 @@ def test_grad_accumulation_equals_the_full_batch(tmp_path):
     assert max(moved) > 1e-2  # the runs trained
 
 
-def test_ema_matches_its_formula():
+@pytest.mark.parametrize("warmup", [False, True])
+def test_ema_matches_its_formula(warmup):
     torch.manual_seed(0)
     model = torch.nn.Linear(3, 2)
-    ema = EMA(model, [0.5, 0.9])
+    ema = EMA(model, [0.5, 0.9], warmup=warmup)
     ref = {r: [p.detach().clone() for p in model.parameters()] for r in ema.rates}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    for _ in range(7):
+    for k in range(1, 8):
         opt.zero_grad()
         model(torch.randn(4, 3)).pow(2).sum().backward()
         opt.step()
         ema.update(model)
         for r in ema.rates:
-            ref[r] = [r * e + (1 - r) * p.detach() for e, p in zip(ref[r], model.parameters(), strict=True)]
+            d = min(r, (1 + k) / (10 + k)) if warmup else r  # k = 1..7: (1+k)/(10+k) < 0.9 until k = 80
+            ref[r] = [d * e + (1 - d) * p.detach() for e, p in zip(ref[r], model.parameters(), strict=True)]
     for r in ema.rates:
         for e, want in zip(ema.shadow[r], ref[r], strict=True):
             torch.testing.assert_close(e, want, rtol=1e-6, atol=1e-7)
