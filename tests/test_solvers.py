@@ -160,6 +160,12 @@ def test_user_grid_errors(grid, match):
         solve(teacher, torch.randn(2, 2, dtype=F64), "euler", 3, grid=grid)
 
 
+def test_grid_options_need_a_named_grid():
+    with pytest.raises(AccelkitError, match="grid options shift"):
+        solve(gaussian_mixture_2d(LinearSchedule()), torch.randn(2, 2, dtype=F64), "euler", 2, grid=[1.0, 0.5, 0.0],
+              shift=3.0)
+
+
 def test_user_grid_length_follows_solver():
     teacher = gaussian_mixture_2d(LinearSchedule())
     x = torch.randn(2, 2, dtype=F64)
