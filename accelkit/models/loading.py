@@ -440,6 +440,11 @@ def load_teacher(
     if p.is_dir():
         if (p / ARTIFACT_TEACHER_FILE).is_file():
             teacher = load_accelkit_teacher(p / ARTIFACT_TEACHER_FILE, **overrides)
+        elif (p / "manifest.json").is_file() and not (p / "config.json").exists() \
+                and not (p / "model_index.json").exists():
+            raise AccelkitError(f"{path}: an accelkit {_artifact_kind(p)} artifact without {ARTIFACT_TEACHER_FILE}; "
+                                "expected a teacher (a .safetensors file, a diffusers folder, or an artifact holding "
+                                f"{ARTIFACT_TEACHER_FILE})")
         else:
             from .diffusers_models import load_diffusers_folder
 
@@ -452,6 +457,8 @@ def load_teacher(
             from .diffusers_models import load_diffusers_single_file
 
             teacher = load_diffusers_single_file(p, config, allow_pickle=allow_pickle, **overrides)
+        elif meta.get("format", "").startswith("accelkit."):
+            raise AccelkitError(f"{path}: an {meta['format']} file, not a teacher; expected {FORMAT}")
         else:
             raise AccelkitError(f"{path}: no {FORMAT} metadata in the header; for a diffusers state dict pass "
                                 "--config naming its config.json (or its model or pipeline folder)")
@@ -479,6 +486,14 @@ def load_teacher(
 def as_teacher(obj: Teacher | str | os.PathLike, **kwargs: Any) -> Teacher:
     """A teacher object as is, or a path loaded with :func:`load_teacher`."""
     return obj if isinstance(obj, Teacher) else load_teacher(obj, **kwargs)
+
+
+def _artifact_kind(folder: Path) -> str:
+    try:
+        kind = json.loads((folder / "manifest.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return str(kind) if kind else "(unknown kind)"
 
 
 def _one_line(e: BaseException) -> str:
