@@ -200,7 +200,8 @@ class NetworkTeacher(Teacher):
 
     Guidance with scale w combines the conditional and null outputs as out_null + w (out_cond - out_null) in the
     network's own output space (affine in x0 and eps, so the same as guiding x0 or eps); w = 1 runs one forward pass
-    and equals the unguided teacher. ``null_condition`` is a batch-1 condition broadcast to the batch.
+    and equals the unguided teacher. ``null_condition`` is a batch-1 condition broadcast to the batch, or a function
+    from the conditional batch to its null (e.g. zero text embeddings of the same length).
     """
 
     def __init__(
@@ -212,7 +213,7 @@ class NetworkTeacher(Teacher):
         sample_shape: tuple[int, ...],
         time_input: TimeInput | None = None,
         guidance_scale: float = 1.0,
-        null_condition: Condition | None = None,
+        null_condition: Condition | Callable[[Condition], Condition] | None = None,
         info: dict[str, Any] | None = None,
     ):
         super().__init__()
@@ -228,7 +229,9 @@ class NetworkTeacher(Teacher):
         self.null_condition = null_condition
         self.info = dict(info or {})
 
-    def with_guidance(self, scale: float, null_condition: Condition | None = None) -> NetworkTeacher:
+    def with_guidance(
+        self, scale: float, null_condition: Condition | Callable[[Condition], Condition] | None = None
+    ) -> NetworkTeacher:
         """The same teacher at another guidance scale (shares the network)."""
         new = NetworkTeacher(self.network, self.call, self.prediction, self.schedule, self.sample_shape,
                              self.time_input, scale, null_condition or self.null_condition, self.info)
@@ -245,7 +248,8 @@ class NetworkTeacher(Teacher):
         if self.null_condition is None:
             raise ValueError("guidance scale != 1 needs a null condition")
         b = x.shape[0]
-        null = self.null_condition.map(lambda v: v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v)
+        null = self.null_condition(cond) if callable(self.null_condition) else self.null_condition
+        null = null.map(lambda v: (v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v).to(x.device))
         out = self.call(self.network, torch.cat([x, x]), torch.cat([ts, ts]), Condition.cat(cond, null))
         out_c, out_u = out[:b], out[b:]
         return out_u + w * (out_c - out_u)

@@ -47,6 +47,9 @@ class MLP(nn.Module):
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, time_scale: float = 1.0,
                  num_classes: int = 0):
         super().__init__()
+        #: The JSON config that rebuilds this network (see :func:`build_network`).
+        self.config = {"dim": dim, "hidden": hidden, "depth": depth, "time_scale": time_scale,
+                       "num_classes": num_classes}
         self.inp = nn.Linear(dim, hidden)
         self.emb = TimeClassEmbedding(hidden, time_scale, num_classes)
         self.blocks = nn.ModuleList(
@@ -86,6 +89,8 @@ class SmallUNet(nn.Module):
     def __init__(self, channels: int = 1, base: int = 32, mults: tuple[int, ...] = (1, 2), time_scale: float = 1.0,
                  num_classes: int = 0):
         super().__init__()
+        self.config = {"channels": channels, "base": base, "mults": list(mults), "time_scale": time_scale,
+                       "num_classes": num_classes}
         emb_dim = base * 4
         self.emb = TimeClassEmbedding(emb_dim, time_scale, num_classes)
         self.inp = nn.Conv2d(channels, base, 3, padding=1)

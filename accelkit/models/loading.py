@@ -1,0 +1,472 @@
+"""Loading teachers from disk, and accelkit's own single-file teacher format.
+
+:func:`load_teacher` is the one entry point: whatever the user points at, it returns a
+:class:`accelkit.teacher.NetworkTeacher` (network + prediction type + schedule + time input + conditioning).
+
+* **accelkit's own format** (``.safetensors``): the network's tensors, and in the safetensors header (strings only)
+  the format marker ``accelkit.teacher/1``, the architecture name, the network config, the prediction type, the
+  schedule, the time input and the sample shape (JSON). :func:`save_teacher` writes it atomically.
+* an **accelkit artifact directory** holding ``teacher.safetensors`` (that file is loaded).
+* **diffusers** model folders, pipeline folders and single-file state dicts with ``config=``
+  (see :mod:`accelkit.models.diffusers_models`).
+* **pickled** checkpoints (``.ckpt``, ``.pt``, ``.pth``, ``.bin``) only with ``allow_pickle=True``, and then read with
+  ``torch.load(weights_only=True)``.
+
+Nothing here touches the network: diffusers is only asked for local files. Every problem with the user's input is
+an :class:`accelkit.errors.AccelkitError` naming the file and what was expected.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .. import __version__
+from ..errors import AccelkitError
+from ..schedules import Schedule, schedule_from_config, schedule_from_name
+from ..teacher import PREDICTION_TYPES, Condition, NetworkFn, NetworkTeacher, Teacher, TimeInput
+from .builtin import MLP, SmallUNet, build_network, builtin_call
+
+#: The format marker in the header of accelkit's single-file teachers; the number is the format version.
+FORMAT = "accelkit.teacher/1"
+FORMAT_NAME = FORMAT.split("/")[0]
+#: Key prefix of the null condition's tensors in an accelkit teacher file (the network's tensors have none).
+NULL_PREFIX = "accelkit.null_condition."
+#: File name of the teacher inside an accelkit artifact directory.
+ARTIFACT_TEACHER_FILE = "teacher.safetensors"
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+
+#: Prediction-type spellings accepted from users and from diffusers configs.
+PREDICTION_ALIASES = {"epsilon": "eps", "sample": "x0", "v_prediction": "v", "flow_prediction": "flow",
+                      "velocity": "flow"}
+
+#: A null condition: a fixed batch-1 condition, or a function from the conditional batch to its null.
+NullCondition = Condition | Callable[[Condition], Condition]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Network families
+
+
+@dataclass(frozen=True)
+class NetworkAdapter:
+    """How accelkit builds, calls and conditions one family of networks.
+
+    ``build(config)`` makes the network from its JSON config; ``call`` is its :data:`accelkit.teacher.NetworkFn`;
+    ``conditioning(network)`` describes what it is conditioned on (``{"kind": "none" | "class" | "text", ...}``);
+    ``null_condition(network)`` gives the condition classifier-free guidance contrasts with (or None);
+    ``sample_shape(config)`` the shape of one sample when the config fixes it (else None).
+    """
+
+    architecture: str
+    build: Callable[[dict[str, Any]], nn.Module]
+    call: NetworkFn
+    conditioning: Callable[[nn.Module], dict[str, Any]]
+    null_condition: Callable[[nn.Module], NullCondition | None]
+    sample_shape: Callable[[dict[str, Any]], tuple[int, ...] | None]
+
+
+def _builtin_conditioning(network: nn.Module) -> dict[str, Any]:
+    n = int(network.config.get("num_classes", 0))
+    return {"kind": "class", "num_classes": n, "null_class": n} if n > 0 else {"kind": "none"}
+
+
+def _builtin_null(network: nn.Module) -> Condition | None:
+    n = int(network.config.get("num_classes", 0))
+    return Condition(class_labels=torch.tensor([n])) if n > 0 else None
+
+
+def _builtin_adapter(name: str, sample_shape: Callable[[dict[str, Any]], tuple[int, ...] | None]) -> NetworkAdapter:
+    return NetworkAdapter(name, lambda cfg: build_network(name, cfg), builtin_call, _builtin_conditioning,
+                          _builtin_null, sample_shape)
+
+
+BUILTIN_ADAPTERS = {
+    "accelkit.MLP": _builtin_adapter("accelkit.MLP", lambda cfg: (int(cfg.get("dim", 2)),)),
+    "accelkit.SmallUNet": _builtin_adapter("accelkit.SmallUNet", lambda cfg: None),
+}
+
+
+def adapter_for(architecture: str, source: str | os.PathLike = "") -> NetworkAdapter:
+    """The adapter of an architecture name (``accelkit.MLP``, ``accelkit.SmallUNet``, ``diffusers.<ModelClass>``)."""
+    if architecture in BUILTIN_ADAPTERS:
+        return BUILTIN_ADAPTERS[architecture]
+    if architecture.startswith("diffusers."):
+        from .diffusers_models import diffusers_adapter
+
+        return diffusers_adapter(architecture.removeprefix("diffusers."), source)
+    where = f"{source}: " if source else ""
+    raise AccelkitError(f"{where}unknown architecture {architecture!r}: expected one of "
+                        f"{', '.join(BUILTIN_ADAPTERS)} or diffusers.<ModelClass>")
+
+
+def architecture_of(network: nn.Module) -> tuple[str, dict[str, Any]]:
+    """The architecture name and JSON config of a network accelkit knows how to rebuild."""
+    if isinstance(network, MLP):
+        return "accelkit.MLP", dict(network.config)
+    if isinstance(network, SmallUNet):
+        return "accelkit.SmallUNet", dict(network.config)
+    if type(network).__module__.startswith("diffusers.") and hasattr(network, "config"):
+        cfg = {k: v for k, v in dict(network.config).items() if not k.startswith("_")}
+        return f"diffusers.{type(network).__name__}", json.loads(json.dumps(cfg, default=list))
+    raise AccelkitError(f"cannot save a network of type {type(network).__name__}: expected accelkit.MLP, "
+                        "accelkit.SmallUNet or a diffusers model")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reading tensors
+
+
+def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """All tensors and the header metadata of a safetensors file; a damaged file is an AccelkitError."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AccelkitError(f"{path}: not a readable safetensors file ({_one_line(e)}); "
+                            "expected a complete .safetensors file (truncated or corrupt?)") from e
+    return tensors, meta
+
+
+def read_safetensors_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """Only the header metadata of a safetensors file (no tensor is read)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AccelkitError(f"{path}: not a readable safetensors file ({_one_line(e)}); "
+                            "expected a complete .safetensors file (truncated or corrupt?)") from e
+
+
+def pickle_refused(path: str | os.PathLike) -> AccelkitError:
+    return AccelkitError(f"{path}: pickled checkpoint refused (unpickling can run code); convert it to .safetensors, "
+                         "or pass --allow-pickle to read it with torch.load(weights_only=True)")
+
+
+def read_pickle_state_dict(path: str | os.PathLike, allow_pickle: bool) -> dict[str, Tensor]:
+    """A state dict from a pickled checkpoint, only with ``allow_pickle`` and only through ``weights_only=True``."""
+    if not allow_pickle:
+        raise pickle_refused(path)
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+        raise AccelkitError(f"{path}: could not read the pickled checkpoint with weights_only=True "
+                            f"({_one_line(e)}); expected a plain state dict of tensors") from e
+    for key in ("state_dict", "model", "module", "ema"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict) and not isinstance(obj.get(key), Tensor):
+            if all(isinstance(v, Tensor) for v in obj[key].values()):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, Tensor) for v in obj.values()):
+        raise AccelkitError(f"{path}: expected a state dict (a mapping of names to tensors), got {type(obj).__name__}")
+    return obj
+
+
+def load_state_dict_checked(network: nn.Module, state: dict[str, Tensor], source: str | os.PathLike) -> None:
+    """Load ``state`` into ``network`` after checking every key and shape against what the config built.
+
+    The first missing, unexpected or mis-shaped key is reported with both shapes.
+    """
+    expected = network.state_dict()
+    for key, ref in expected.items():
+        if key not in state:
+            raise AccelkitError(f"{source}: the weights do not match the config: missing key {key!r} "
+                                f"(expected shape {tuple(ref.shape)})")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise AccelkitError(f"{source}: the weights do not match the config: key {key!r} has shape "
+                                f"{tuple(state[key].shape)}, the config expects {tuple(ref.shape)}")
+    for key in state:
+        if key not in expected:
+            raise AccelkitError(f"{source}: the weights do not match the config: unexpected key {key!r} "
+                                f"(shape {tuple(state[key].shape)})")
+    network.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small parsers for user overrides
+
+
+def parse_prediction_type(value: str, source: str = "prediction type") -> str:
+    """accelkit's name for a prediction type (accepts diffusers' ``epsilon``, ``v_prediction``, ``sample`` too)."""
+    p = PREDICTION_ALIASES.get(value, value)
+    if p not in PREDICTION_TYPES:
+        raise AccelkitError(f"{source} {value!r}: expected one of {', '.join(PREDICTION_TYPES)} "
+                            f"(or {', '.join(PREDICTION_ALIASES)})")
+    return p
+
+
+def parse_schedule(value: Schedule | str | dict[str, Any]) -> Schedule:
+    """A schedule from a Schedule, a short name (``linear``, ``vp-linear``, ...), or a JSON config."""
+    if isinstance(value, Schedule):
+        return value
+    try:
+        if isinstance(value, dict):
+            return schedule_from_config(value)
+        if value.lstrip().startswith("{"):
+            return schedule_from_config(json.loads(value))
+        return schedule_from_name(value)
+    except (ValueError, TypeError) as e:
+        raise AccelkitError(f"schedule {value!r}: {_one_line(e)}") from e
+
+
+def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
+    """``fp16`` / ``bf16`` / ``fp32`` (or the torch names) as a torch dtype."""
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    names = {"fp16": torch.float16, "float16": torch.float16, "half": torch.float16, "bf16": torch.bfloat16,
+             "bfloat16": torch.bfloat16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+             "fp64": torch.float64, "float64": torch.float64}
+    if value not in names:
+        raise AccelkitError(f"dtype {value!r}: expected one of fp32, fp16, bf16")
+    return names[value]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# accelkit's own single-file format
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one: temp file, fsync, rename."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    try:
+        dfd = os.open(path.parent, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dfd)
+    except OSError:
+        pass
+    finally:
+        os.close(dfd)
+
+
+def _jsonable(obj: Any) -> Any:
+    try:
+        return json.loads(json.dumps(obj))
+    except (TypeError, ValueError):
+        return None
+
+
+def teacher_file_contents(teacher: NetworkTeacher) -> tuple[dict[str, Tensor], dict[str, str]]:
+    """The tensors and the header metadata :func:`save_teacher` writes for ``teacher``."""
+    if not isinstance(teacher, NetworkTeacher):
+        raise AccelkitError(f"cannot save a {type(teacher).__name__} as a teacher file: expected a network teacher")
+    architecture, net_config = architecture_of(teacher.network)
+    tensors: dict[str, Tensor] = {}
+    seen: dict[tuple[int, int], str] = {}
+    for k, v in teacher.network.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        key = (v.untyped_storage().data_ptr(), v.storage_offset()) if v.numel() else (id(v), 0)
+        tensors[k] = v.clone() if key in seen else v  # safetensors refuses tensors that share memory
+        seen[key] = k
+    if isinstance(teacher.null_condition, Condition):
+        for k, v in teacher.null_condition.tensors().items():
+            tensors[NULL_PREFIX + k] = v.detach().to("cpu").contiguous()
+    info = {k: v for k, v in teacher.info.items() if k not in ("source", "format", "architecture", "conditioning",
+                                                               "network_config")}
+    info = {k: v for k, v in info.items() if _jsonable(v) is not None}
+    meta = {
+        "format": FORMAT,
+        "accelkit_version": __version__,
+        "architecture": architecture,
+        "network_config": json.dumps(net_config, sort_keys=True),
+        "prediction_type": teacher.prediction,
+        "schedule": json.dumps(teacher.schedule.config(), sort_keys=True),
+        "time_input": json.dumps(teacher.time_input.config(), sort_keys=True),
+        "sample_shape": json.dumps(list(teacher.sample_shape)),
+        "guidance_scale": repr(float(teacher.guidance_scale)),
+        "info": json.dumps(info, sort_keys=True),
+    }
+    return tensors, meta
+
+
+def save_teacher(teacher: NetworkTeacher, path: str | os.PathLike) -> Path:
+    """Write ``teacher`` as one accelkit ``.safetensors`` file, atomically (temp file in the same dir, fsync, rename).
+
+    The header holds everything :func:`load_teacher` needs to rebuild it (see the module docstring).
+    """
+    from safetensors.torch import save
+
+    path = Path(path)
+    tensors, meta = teacher_file_contents(teacher)
+    _atomic_write_bytes(path, save(tensors, metadata=meta))
+    return path
+
+
+def _meta_json(meta: dict[str, str], key: str, path: str | os.PathLike) -> Any:
+    if key not in meta:
+        raise AccelkitError(f"{path}: {FORMAT_NAME} header lacks {key!r}; expected a file written by save_teacher")
+    try:
+        return json.loads(meta[key])
+    except json.JSONDecodeError as e:
+        raise AccelkitError(f"{path}: header value {key!r} is not valid JSON ({e.msg})") from e
+
+
+def is_accelkit_teacher_file(meta: dict[str, str]) -> bool:
+    return meta.get("format", "").split("/")[0] == FORMAT_NAME
+
+
+def load_accelkit_teacher(
+    path: str | os.PathLike,
+    *,
+    prediction_type: str | None = None,
+    schedule: Schedule | str | None = None,
+    sample_shape: tuple[int, ...] | None = None,
+) -> NetworkTeacher:
+    """Load a file written by :func:`save_teacher` (on the CPU, in its stored dtype)."""
+    tensors, meta = read_safetensors(path)
+    if meta.get("format") != FORMAT:
+        raise AccelkitError(f"{path}: format {meta.get('format')!r} is not supported by accelkit {__version__}; "
+                            f"expected {FORMAT!r}")
+    architecture = meta.get("architecture")
+    if not architecture:
+        raise AccelkitError(f"{path}: {FORMAT_NAME} header lacks 'architecture'")
+    adapter = adapter_for(architecture, path)
+    net_config = _meta_json(meta, "network_config", path)
+    try:
+        network = adapter.build(net_config)
+    except (TypeError, ValueError) as e:
+        raise AccelkitError(f"{path}: network_config does not build a {architecture} ({_one_line(e)})") from e
+    null_tensors = {k.removeprefix(NULL_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(NULL_PREFIX)}
+    dtypes = {v.dtype for v in tensors.values() if v.is_floating_point()}
+    if len(dtypes) == 1:
+        network.to(dtypes.pop())
+    load_state_dict_checked(network, tensors, path)
+    network.eval().requires_grad_(False)
+
+    prediction = parse_prediction_type(prediction_type or meta.get("prediction_type", ""), f"{path}: prediction type")
+    try:
+        sched = parse_schedule(schedule) if schedule is not None else schedule_from_config(
+            _meta_json(meta, "schedule", path))
+        time_input = TimeInput(**_meta_json(meta, "time_input", path))
+    except (TypeError, ValueError) as e:
+        raise AccelkitError(f"{path}: bad schedule or time input in the header ({_one_line(e)})") from e
+    shape = tuple(sample_shape) if sample_shape else tuple(_meta_json(meta, "sample_shape", path))
+    null: NullCondition | None = adapter.null_condition(network)
+    if null_tensors:
+        null = _condition_from_tensors(null_tensors)
+    info = _meta_json(meta, "info", path) if "info" in meta else {}
+    info.update({"architecture": architecture, "format": meta["format"], "source": str(path),
+                 "conditioning": adapter.conditioning(network), "network_config": net_config})
+    guidance = float(meta.get("guidance_scale", "1.0"))
+    return NetworkTeacher(network, adapter.call, prediction, sched, shape, time_input, guidance, null, info)
+
+
+def _condition_from_tensors(tensors: dict[str, Tensor]) -> Condition:
+    known = ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
+    return Condition(**{k: v for k, v in tensors.items() if k in known},
+                     extra={k: v for k, v in tensors.items() if k not in known})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The one entry point
+
+
+def load_teacher(
+    path: str | os.PathLike,
+    *,
+    config: str | os.PathLike | None = None,
+    allow_pickle: bool = False,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | str | None = None,
+    prediction_type: str | None = None,
+    schedule: Schedule | str | None = None,
+    guidance: float | None = None,
+    sample_shape: tuple[int, ...] | None = None,
+) -> NetworkTeacher:
+    """Load a teacher from accelkit's own file, an accelkit artifact, a diffusers folder or a single-file checkpoint.
+
+    ``config``: the config.json (or a model or pipeline folder holding it) of a single-file diffusers state dict.
+    ``prediction_type`` / ``schedule`` override (or, where the checkpoint has no scheduler config, supply) what the
+    network predicts and its noise schedule. ``guidance``: the classifier-free guidance scale (1 = none).
+    ``sample_shape`` overrides the shape of one sample (for networks whose config does not fix it).
+    """
+    p = Path(path)
+    if not p.exists():
+        raise AccelkitError(f"{path}: no such file or directory; expected a teacher checkpoint "
+                            "(.safetensors file, diffusers model or pipeline folder, or accelkit artifact)")
+    if prediction_type is not None:
+        prediction_type = parse_prediction_type(prediction_type)
+    if schedule is not None:
+        schedule = parse_schedule(schedule)
+    overrides = {"prediction_type": prediction_type, "schedule": schedule, "sample_shape": sample_shape}
+
+    teacher: NetworkTeacher
+    if p.is_dir():
+        if (p / ARTIFACT_TEACHER_FILE).is_file():
+            teacher = load_accelkit_teacher(p / ARTIFACT_TEACHER_FILE, **overrides)
+        else:
+            from .diffusers_models import load_diffusers_folder
+
+            teacher = load_diffusers_folder(p, allow_pickle=allow_pickle, **overrides)
+    elif p.suffix == ".safetensors":
+        meta = read_safetensors_metadata(p)
+        if is_accelkit_teacher_file(meta):
+            teacher = load_accelkit_teacher(p, **overrides)
+        elif config is not None:
+            from .diffusers_models import load_diffusers_single_file
+
+            teacher = load_diffusers_single_file(p, config, allow_pickle=allow_pickle, **overrides)
+        else:
+            raise AccelkitError(f"{path}: no {FORMAT} metadata in the header; for a diffusers state dict pass "
+                                "--config naming its config.json (or its model or pipeline folder)")
+    elif p.suffix in PICKLE_SUFFIXES:
+        if not allow_pickle:
+            raise pickle_refused(p)
+        if config is None:
+            raise AccelkitError(f"{path}: a pickled state dict carries no architecture; pass --config naming its "
+                                "config.json (or its model or pipeline folder)")
+        from .diffusers_models import load_diffusers_single_file
+
+        teacher = load_diffusers_single_file(p, config, allow_pickle=allow_pickle, **overrides)
+    else:
+        raise AccelkitError(f"{path}: unknown checkpoint type {p.suffix or '(no suffix)'!r}; expected .safetensors, "
+                            "a diffusers model or pipeline folder, an accelkit artifact, or (with --allow-pickle) "
+                            f"{', '.join(PICKLE_SUFFIXES)}")
+
+    dt = parse_dtype(dtype)
+    teacher.network.to(device=device, dtype=dt) if dt is not None else teacher.network.to(device=device)
+    if guidance is not None:
+        teacher.guidance_scale = float(guidance)
+    return teacher
+
+
+def as_teacher(obj: Teacher | str | os.PathLike, **kwargs: Any) -> Teacher:
+    """A teacher object as is, or a path loaded with :func:`load_teacher`."""
+    return obj if isinstance(obj, Teacher) else load_teacher(obj, **kwargs)
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split())
+    return text[:300] + ("..." if len(text) > 300 else "")
+
+
+__all__ = [
+    "FORMAT", "ARTIFACT_TEACHER_FILE", "NetworkAdapter", "adapter_for", "architecture_of", "save_teacher",
+    "load_teacher", "load_accelkit_teacher", "read_safetensors", "read_pickle_state_dict", "load_state_dict_checked",
+    "parse_prediction_type", "parse_schedule", "parse_dtype", "as_teacher",
+]
