@@ -173,7 +173,10 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
                      ) -> None:
-    """Atomically save a dict of tensors; metadata values are stored as strings (safetensors allows only those)."""
+    """Atomically save a dict of tensors; metadata values are stored as strings (safetensors allows only those).
+
+    safetensors writes metadata keys in hash-map order: a file must have at most one metadata key to be
+    byte-for-byte reproducible (pack the rest as JSON in that key)."""
     from safetensors.torch import save_file
 
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}

@@ -187,14 +187,14 @@ class RecordingTeacher(Teacher):
         return self.base.prior_sample(noise)
 
     def pick(self, k: int) -> tuple[list[float], list[Tensor]]:
-        """K states at evaluation times strictly between the start and the end, spread evenly."""
+        """K states at evaluation times strictly between the start and the end, evenly spaced among them."""
         times = sorted(self.states, reverse=True)
         inner = [t for t in times[1:] if t > 0.0]
         if len(inner) < k:
             raise AccelkitError(f"save_trajectory {k}: the solver evaluated the teacher at only {len(inner)} "
                                 f"intermediate times; raise nfe or lower save_trajectory")
-        chosen = [inner[round(j * (len(inner) - 1) / max(k - 1, 1))] for j in range(k)] if k > 1 else \
-            [inner[len(inner) // 2]]
+        # Positions (j + 1) / (k + 1) of the way through the run, j = 0..k-1.
+        chosen = [inner[round((j + 1) * (len(inner) + 1) / (k + 1)) - 1] for j in range(k)]
         return chosen, [self.states[t] for t in chosen]
 
 
@@ -228,6 +228,11 @@ def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condi
     model = RecordingTeacher(teacher) if recipe.save_trajectory else teacher
     x1 = teacher.prior_sample(noise.to(device=device, dtype=dtype))
     x0 = solve(model, x1, solver=recipe.solver, nfe=recipe.nfe, grid=recipe.grid, cond=c_dev)
+    if not bool(torch.isfinite(x0).all()):
+        raise AccelkitError(f"the teacher's ODE gave non-finite samples in [{indices.start}, {indices.stop}) "
+                            f"(solver {recipe.solver}, nfe {recipe.nfe}, dtype {recipe.dtype}); check its "
+                            f"prediction type and schedule (an eps model is singular at t = 1 under a linear "
+                            f"schedule)")
     out = {"index": idx, "noise": noise.to(store), "sample": x0.to(device="cpu", dtype=store)}
     if c is not None:
         out.update({f"cond.{k}": v.cpu() for k, v in c.tensors().items()})
@@ -273,10 +278,11 @@ def make_shard(art: Artifact, teacher: Teacher, recipe: CoupleRecipe, cond: Cond
         if done < stop and ckpt.due():
             merged = _concat(parts)
             parts = [merged]
-            save_safetensors(partial, merged, {"accelkit.kind": "couple-partial", "shard": k})
+            save_safetensors(partial, merged, {"accelkit.couple-partial": str(k)})
             ckpt.saved()
-    meta = {"accelkit.kind": "couple", "shard": k, "start": start, "count": stop - start,
-            "sample_shape": list(teacher.sample_shape)}
+    # One metadata key: safetensors writes several in hash-map order, and shards must be byte-reproducible.
+    meta = {"accelkit.couple": json.dumps({"shard": k, "start": start, "count": stop - start,
+                                           "sample_shape": list(teacher.sample_shape)}, sort_keys=True)}
     art.save_tensors(shard_name(k), _concat(parts), meta, record=record)
     partial.unlink(missing_ok=True)
     if record:
