@@ -241,16 +241,24 @@ class DiscreteVPSchedule(Schedule):
         self._t_nodes = torch.linspace(0.0, 1.0, self.num_train_timesteps + 1, dtype=F64)
         self._log_alpha = torch.cat([torch.zeros(1, dtype=F64), 0.5 * torch.log(acp)])
         self._slopes = torch.diff(self._log_alpha) / torch.diff(self._t_nodes)
+        self._on_device: dict[torch.device, tuple[Tensor, Tensor, Tensor]] = {}
+
+    def _tables(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+        """(t nodes, log alpha, slopes) on ``device``, copied there once (no host-to-device copy per call)."""
+        if device not in self._on_device:
+            self._on_device[device] = tuple(v.to(device) for v in (self._t_nodes, self._log_alpha, self._slopes))
+        return self._on_device[device]
 
     def _segment(self, t: Tensor) -> tuple[Tensor, Tensor]:
         n = self.num_train_timesteps
         idx = torch.clamp(torch.floor(t * n).long(), 0, n - 1)
-        return idx, t - self._t_nodes.to(t.device)[idx]
+        return idx, t - self._tables(t.device)[0][idx]
 
     def log_alpha(self, t: Tensor) -> Tensor:
         t = as_time(t).clamp(0.0, 1.0)
         idx, frac = self._segment(t)
-        return self._log_alpha.to(t.device)[idx] + self._slopes.to(t.device)[idx] * frac
+        _, log_alpha, slopes = self._tables(t.device)
+        return log_alpha[idx] + slopes[idx] * frac
 
     def alpha(self, t):
         return torch.exp(self.log_alpha(t))
@@ -261,7 +269,7 @@ class DiscreteVPSchedule(Schedule):
     def d_alpha(self, t):
         t = as_time(t).clamp(0.0, 1.0)
         idx, _ = self._segment(t)
-        return self.alpha(t) * self._slopes.to(t.device)[idx]
+        return self.alpha(t) * self._tables(t.device)[2][idx]
 
     def d_sigma(self, t):
         # sigma^2 = 1 - alpha^2  =>  d sigma = -alpha d alpha / sigma  (+inf at t = 0, never NaN)
@@ -275,10 +283,10 @@ class DiscreteVPSchedule(Schedule):
         lam = as_time(lam)
         # alpha^2 = sigmoid(lam)  =>  log alpha = -softplus(-lam) / 2; then invert the piecewise-linear log alpha.
         la = -0.5 * torch.nn.functional.softplus(-lam)
-        neg = -self._log_alpha.to(lam.device)  # increasing in t
-        target = (-la).clamp(float(neg[0]), float(neg[-1]))
+        nodes, log_alpha, _ = self._tables(lam.device)
+        neg = -log_alpha  # increasing in t
+        target = torch.minimum(torch.maximum(-la, neg[0]), neg[-1])
         idx = torch.clamp(torch.searchsorted(neg, target.contiguous(), right=True) - 1, 0, self.num_train_timesteps - 1)
-        nodes = self._t_nodes.to(lam.device)
         frac = (target - neg[idx]) / (neg[idx + 1] - neg[idx])
         return nodes[idx] + frac * (nodes[idx + 1] - nodes[idx])
 

@@ -68,7 +68,7 @@ def assert_same_artifact(a: Path, b: Path) -> None:
 
 
 def test_pairs_are_the_teacher_ode_endpoints_and_independent_of_batch_size(tmp_path, teacher_file):
-    base = dict(teacher=str(teacher_file), n=70, nfe=6, micro_batch=8, shard_size=32, save_trajectory=2)
+    base = dict(teacher=str(teacher_file), solver="euler", n=70, nfe=6, micro_batch=8, shard_size=32, save_trajectory=2)
     a = run_couple(CoupleRecipe(**base, batch_size=8), tmp_path / "a")
     b = run_couple(CoupleRecipe(**base, batch_size=40, checkpoint_every=0), tmp_path / "b")
     assert_same_artifact(a, b)
@@ -134,7 +134,8 @@ def test_conditions_and_guidance(tmp_path):
     t = load_teacher(teacher, guidance=2.0)
     from accelkit.teacher import Condition
 
-    x0 = solve(t, t.prior_sample(rows["noise"]), nfe=2, cond=Condition(class_labels=rows["cond.class_labels"]))
+    x0 = solve(t, t.prior_sample(rows["noise"]), solver="dpm++2m", nfe=2,
+               cond=Condition(class_labels=rows["cond.class_labels"]))
     torch.testing.assert_close(rows["sample"], x0, rtol=1e-4, atol=1e-5)
     assert read_manifest(path)["summary"]["forward_passes_per_sample"] == 4
 

@@ -42,7 +42,7 @@ def test_set_values_parse_as_yaml():
     ("stages:\n  - couple: {teacher: t, n: 4, nfe: 0}\n",
      r"stages\[0\].couple.nfe: expected greater than or equal to 1, got 0"),
     ("stages:\n  - couple: {teacher: t, n: 4, solver: rk99}\n",
-     r"stages\[0\].couple.solver: expected one of euler.*'rk99'"),
+     r"stages\[0\].couple.solver: expected one of euler, heun.*'rk99'"),
     ("stages:\n  - couple: {n: 4}\n", r"stages\[0\].couple.teacher: required key is missing"),
     ("stages:\n  - kouple: {n: 4}\n", r"stages\[0\].kouple: unknown stage; expected one of .*couple"),
     ("stages:\n  - couple: {teacher: t, n: 4, reflow_x: '@reflow'}\n", r"reflow_x: unknown key"),
@@ -81,7 +81,7 @@ def test_identity_leaves_out_execution_settings():
 
 def test_config_show_round_trips(cli, tmp_path):
     p = write(tmp_path, "stages:\n  - couple:\n      teacher: t.safetensors\n      n: 100\n      nfe: 4\n"
-                        "  - couple: {teacher: t.safetensors, n: 50, grid: [1.0, 0.5, 0.0], nfe: 2}\n")
+                        "  - couple: {teacher: t.safetensors, n: 50, grid: [1.0, 0.5, 0.0], nfe: 2, solver: euler}\n")
     out = cli("config", "show", p, "--set", "stages[0].couple.checkpoint_every=1e-4")
     assert out.returncode == 0, out.stderr
     shown = load_yaml(out.stdout)

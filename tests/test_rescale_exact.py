@@ -4,7 +4,6 @@ reach the same x0 from corresponding noise (both solved at high accuracy with sc
 import numpy as np
 import pytest
 import torch
-from scipy.integrate import solve_ivp
 
 from accelkit.models.analytic import gaussian_mixture_2d, gaussian_mixture_images
 from accelkit.schedules import (
@@ -15,39 +14,15 @@ from accelkit.schedules import (
     Schedule,
     scale_time_map,
 )
+from accelkit.solvers.reference import reference_solve
 from accelkit.teacher import RescaledTeacher, Teacher
 
 F64 = torch.float64
 
 
 def ode_solve(teacher: Teacher, x: torch.Tensor, t0: float, t1: float) -> torch.Tensor:
-    """Integrate dx/dt from t0 to t1 at rtol 1e-10.
-
-    For the discrete VP schedule, whose log(alpha) has a kink at every training step in t (an adaptive solver in t
-    crawls across 1000 kinks), integrate with log-SNR as the variable instead, dx/dlambda = v / (dlambda/dt): in
-    lambda the field is smooth.
-    """
-    shape, sch = x.shape, teacher.schedule
-    if not isinstance(sch, DiscreteVPSchedule):
-
-        def g(t, y):
-            xt = torch.from_numpy(y).reshape(shape)
-            return teacher.velocity(xt, torch.tensor(t, dtype=F64)).reshape(-1).numpy()
-
-        sol = solve_ivp(g, (t0, t1), x.reshape(-1).numpy(), method="DOP853", rtol=1e-10, atol=1e-10)
-        assert sol.success
-        return torch.from_numpy(sol.y[:, -1]).reshape(shape)
-
-    def f(lam, y):
-        t = sch.t_of_log_snr(torch.tensor(lam, dtype=F64))
-        dlam_dt = 2 * (sch.d_alpha(t) / sch.alpha(t) - sch.d_sigma(t) / sch.sigma(t))
-        xt = torch.from_numpy(y).reshape(shape)
-        return (teacher.velocity(xt, t) / dlam_dt).reshape(-1).numpy()
-
-    lam0, lam1 = (float(sch.log_snr(torch.tensor(v, dtype=F64))) for v in (t0, t1))
-    sol = solve_ivp(f, (lam0, lam1), x.reshape(-1).numpy(), method="DOP853", rtol=1e-10, atol=1e-10)
-    assert sol.success
-    return torch.from_numpy(sol.y[:, -1]).reshape(shape)
+    """Integrate dx/dt from t0 to t1 at rtol 1e-10 (in log-SNR for the discrete VP schedule; see reference_solve)."""
+    return reference_solve(teacher, x, t0, t1)
 
 
 def overlap_start(src: Schedule, dst: Schedule) -> float:

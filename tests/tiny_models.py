@@ -52,13 +52,25 @@ def ddpm_pipeline(folder: Path, prediction_type: str = "epsilon") -> Path:
     return Path(folder)
 
 
-def write_pipeline(folder: Path, pipeline_class: str, component: str, model, scheduler) -> Path:
-    """A pipeline folder holding only the denoiser and the scheduler (the text encoders are not needed here)."""
+def tiny_vae():
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(1)
+    return AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8,), layers_per_block=1,
+                         norm_num_groups=4, down_block_types=("DownEncoderBlock2D",),
+                         up_block_types=("UpDecoderBlock2D",), shift_factor=0.1)
+
+
+def write_pipeline(folder: Path, pipeline_class: str, component: str, model, scheduler, vae=None) -> Path:
+    """A pipeline folder holding only the denoiser, the scheduler and optionally the VAE (no text encoders)."""
     folder = Path(folder)
     model.save_pretrained(folder / component)
     scheduler.save_pretrained(folder / "scheduler")
     index = {"_class_name": pipeline_class, "_diffusers_version": "0.42.1",
              component: ["diffusers", type(model).__name__], "scheduler": ["diffusers", type(scheduler).__name__]}
+    if vae is not None:
+        vae.save_pretrained(folder / "vae")
+        index["vae"] = ["diffusers", type(vae).__name__]
     (folder / "model_index.json").write_text(json.dumps(index))
     return folder
 
@@ -70,11 +82,11 @@ def sd_like_pipeline(folder: Path) -> Path:
     return write_pipeline(folder, "StableDiffusionPipeline", "unet", tiny_unet2d_condition(), sched)
 
 
-def sd3_like_pipeline(folder: Path) -> Path:
+def sd3_like_pipeline(folder: Path, vae: bool = False) -> Path:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return write_pipeline(folder, "StableDiffusion3Pipeline", "transformer", tiny_sd3(),
-                          FlowMatchEulerDiscreteScheduler(shift=3.0))
+                          FlowMatchEulerDiscreteScheduler(shift=3.0), tiny_vae() if vae else None)
 
 
 def dit_pipeline(folder: Path) -> Path:

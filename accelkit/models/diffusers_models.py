@@ -42,10 +42,12 @@ from .loading import (
     NetworkAdapter,
     NullCondition,
     load_state_dict_checked,
+    move_network,
     parse_prediction_type,
     pickle_refused,
     read_pickle_state_dict,
     read_safetensors,
+    stored_dtype,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers is imported: never reach the hub
@@ -375,9 +377,7 @@ def _build_teacher(
 
     network = adapter.build(cfg)
     state = _state_dict(weights, allow_pickle)
-    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        network.to(dtypes.pop())
+    move_network(network, dtype=stored_dtype(state))
     load_state_dict_checked(network, state, source)
     network.eval().requires_grad_(False)
 
@@ -439,5 +439,47 @@ def load_diffusers_single_file(
                           prediction_type=prediction_type, schedule=schedule, sample_shape=sample_shape)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Latent pipelines: the VAE decoder
+
+VAE_CLASSES = ("AutoencoderKL",)
+
+
+def load_vae(folder: str | os.PathLike, *, allow_pickle: bool = False) -> nn.Module:
+    """The VAE of a latent pipeline (``vae/`` folder: config.json + weights), checked like a denoiser."""
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise AccelkitError(f"{folder}: no config.json; expected a diffusers VAE folder")
+    cfg = _read_json(config_path)
+    name = cfg.get("_class_name")
+    if name not in VAE_CLASSES:
+        raise AccelkitError(f"{config_path}: VAE class {name!r} is not supported; expected {', '.join(VAE_CLASSES)}")
+    import diffusers
+
+    try:
+        vae = getattr(diffusers, name).from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+    except (TypeError, ValueError, KeyError) as e:
+        raise AccelkitError(f"{config_path}: config does not build a {name} ({' '.join(str(e).split())})") from e
+    weights = _weights_file(folder, allow_pickle)
+    state = _state_dict(weights, allow_pickle)
+    move_network(vae, dtype=stored_dtype(state))
+    load_state_dict_checked(vae, state, weights[0])
+    return vae.eval().requires_grad_(False)
+
+
+@torch.no_grad()
+def decode_latents(vae: nn.Module, latents: Tensor, batch_size: int = 8) -> Tensor:
+    """Images in [-1, 1] from latents: vae.decode(z / scaling_factor + shift_factor), in batches, float32."""
+    scale = float(vae.config.get("scaling_factor") or 1.0)
+    shift = float(vae.config.get("shift_factor") or 0.0)
+    param = next(vae.parameters())
+    out = []
+    for z in latents.split(batch_size):
+        z = (z.to(param.device, param.dtype) / scale) + shift
+        out.append(vae.decode(z, return_dict=False)[0].float().cpu())
+    return torch.cat(out)
+
+
 __all__ = ["FAMILIES", "diffusers_adapter", "schedule_from_scheduler_config", "zero_text_null",
-           "load_diffusers_folder", "load_diffusers_single_file"]
+           "load_diffusers_folder", "load_diffusers_single_file", "load_vae", "decode_latents"]

@@ -84,9 +84,17 @@ def _builtin_null(network: nn.Module) -> Condition | None:
     return Condition(class_labels=torch.tensor([n])) if n > 0 else None
 
 
+def _builtin_call_in_network_dtype(network: nn.Module, x: Tensor, timestep: Tensor, cond: Condition | None) -> Tensor:
+    """:func:`builtin_call` with x cast to the network's dtype and the output cast back (fp64 / fp16 networks)."""
+    dtype = next(network.parameters()).dtype
+    if dtype == x.dtype:
+        return builtin_call(network, x, timestep, cond)
+    return builtin_call(network, x.to(dtype), timestep, cond).to(x.dtype)
+
+
 def _builtin_adapter(name: str, sample_shape: Callable[[dict[str, Any]], tuple[int, ...] | None]) -> NetworkAdapter:
-    return NetworkAdapter(name, lambda cfg: build_network(name, cfg), builtin_call, _builtin_conditioning,
-                          _builtin_null, sample_shape)
+    return NetworkAdapter(name, lambda cfg: build_network(name, cfg), _builtin_call_in_network_dtype,
+                          _builtin_conditioning, _builtin_null, sample_shape)
 
 
 BUILTIN_ADAPTERS = {
@@ -193,6 +201,21 @@ def load_state_dict_checked(network: nn.Module, state: dict[str, Tensor], source
             raise AccelkitError(f"{source}: the weights do not match the config: unexpected key {key!r} "
                                 f"(shape {tuple(state[key].shape)})")
     network.load_state_dict(state, strict=True)
+
+
+def stored_dtype(state: dict[str, Tensor]) -> torch.dtype | None:
+    """The floating-point dtype of a state dict when all its floating tensors share one, else None."""
+    dtypes = {v.dtype for v in state.values() if v.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
+def move_network(network: nn.Module, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+    """Move/cast a network in place (plain ``nn.Module.to``: diffusers' override only adds a warning here)."""
+    if dtype is not None and any(p.dtype != dtype for p in network.parameters()):
+        nn.Module.to(network, dtype=dtype)
+    if device is not None:
+        nn.Module.to(network, device=device)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -352,9 +375,7 @@ def load_accelkit_teacher(
     except (TypeError, ValueError) as e:
         raise AccelkitError(f"{path}: network_config does not build a {architecture} ({_one_line(e)})") from e
     null_tensors = {k.removeprefix(NULL_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(NULL_PREFIX)}
-    dtypes = {v.dtype for v in tensors.values() if v.is_floating_point()}
-    if len(dtypes) == 1:
-        network.to(dtypes.pop())
+    move_network(network, dtype=stored_dtype(tensors))
     load_state_dict_checked(network, tensors, path)
     network.eval().requires_grad_(False)
 
@@ -449,7 +470,7 @@ def load_teacher(
                             f"{', '.join(PICKLE_SUFFIXES)}")
 
     dt = parse_dtype(dtype)
-    teacher.network.to(device=device, dtype=dt) if dt is not None else teacher.network.to(device=device)
+    move_network(teacher.network, device=device, dtype=dt)
     if guidance is not None:
         teacher.guidance_scale = float(guidance)
     return teacher

@@ -1,8 +1,16 @@
 """Few-step ODE solvers over the teacher interface.
 
-``solve(teacher, x_init, solver="euler", nfe=8)`` integrates the probability-flow ODE dx/dt = teacher.velocity(x, t)
-from t = 1 (noise) to t = 0 (data) in exactly ``nfe`` network evaluations. This first version has the Euler method
-on a uniform or user-given grid; the other solvers and grids extend the same interface.
+``solve(teacher, x_init, solver="dpm++2m", nfe=8)`` integrates the probability-flow ODE of ``teacher`` from
+t_max = 1 (noise) to t_min = 0 (data) in exactly ``nfe`` teacher evaluations.
+
+Solvers (registered by name; :func:`register_solver` adds more, e.g. learned bespoke solvers):
+
+* ``euler``, ``heun``, ``midpoint``   one-step methods on the velocity in t (:mod:`.runge_kutta`);
+* ``dpm++2m``, ``dpm++3m``           DPM-Solver++ multistep, data prediction in log-SNR (:mod:`.dpm_solver`);
+* ``unipc``, ``unipc2``              UniPC-3 / UniPC-2 (bh2) predictor-corrector (:mod:`.unipc`);
+* ``ipndm``, ``ipndm-v``             improved PNDM, fixed / variable-step Adams-Bashforth (:mod:`.ipndm`).
+
+Grids (:mod:`.grids`): ``uniform``, ``logsnr``, ``edm`` (rho = 7), ``shift`` (SD3 / Flux), or a list of times.
 """
 
 from __future__ import annotations
@@ -14,44 +22,55 @@ from torch import Tensor
 
 from ..errors import AccelkitError
 from ..teacher import Condition, Teacher
+from .base import GridNodes, Solver, get_solver, register_solver, solver_names
+from .dpm_solver import DPMSolverPP
+from .grids import GRID_NAMES, check_user_grid, default_grid, make_grid
+from .ipndm import IPNDM
+from .runge_kutta import Euler, Heun, Midpoint
+from .unipc import UniPC
 
-SOLVER_NAMES = ("euler",)
-GRID_NAMES = ("uniform",)
+#: The built-in solvers, in the order tables list them.
+SOLVER_NAMES = ("euler", "heun", "midpoint", "dpm++2m", "dpm++3m", "unipc", "unipc2", "ipndm", "ipndm-v")
 
 
-def make_grid(grid: str | Sequence[float], nfe_steps: int, t_max: float = 1.0, t_min: float = 0.0) -> Tensor:
-    """Times t_0 = t_max > ... > t_n = t_min (float64) for ``nfe_steps`` steps, or a user list checked for order."""
-    if isinstance(grid, str):
-        if grid not in GRID_NAMES:
-            raise AccelkitError(f"unknown grid {grid!r}: expected one of {', '.join(GRID_NAMES)} or a list of times")
-        return torch.linspace(t_max, t_min, nfe_steps + 1, dtype=torch.float64)
-    ts = torch.as_tensor(list(grid), dtype=torch.float64)
-    if ts.ndim != 1 or len(ts) < 2 or not bool((ts[1:] < ts[:-1]).all()):
-        raise AccelkitError(f"grid {list(grid)}: expected a strictly decreasing list of at least two times in [0, 1]")
-    if ts[0] > 1 or ts[-1] < 0:
-        raise AccelkitError(f"grid {list(grid)}: times must lie in [0, 1]")
-    return ts
+def solver_grid(
+    teacher: Teacher, solver: str | Solver, nfe: int, grid: str | Sequence[float] | Tensor | None = None, **grid_kw
+) -> Tensor:
+    """The time grid ``solve`` would use (float64, host): N + 1 times for the N steps that ``nfe`` buys."""
+    solver = get_solver(solver)
+    if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
+        raise AccelkitError(f"NFE {nfe!r}: expected an integer of at least 1")
+    steps = solver.steps(nfe)
+    if grid is None:
+        grid = default_grid(teacher.schedule)
+    if not isinstance(grid, str):
+        return check_user_grid(grid, steps)
+    return make_grid(grid, steps, schedule=teacher.schedule, **grid_kw)
 
 
 @torch.no_grad()
-def solve(teacher: Teacher, x_init: Tensor, solver: str = "euler", nfe: int = 8,
-          grid: str | Sequence[float] = "uniform", cond: Condition | None = None) -> Tensor:
+def solve(
+    teacher: Teacher,
+    x_init: Tensor,
+    solver: str | Solver = "euler",
+    nfe: int = 8,
+    grid: str | Sequence[float] | Tensor | None = None,
+    cond: Condition | None = None,
+    **grid_kw,
+) -> Tensor:
     """Integrate from ``x_init`` at the grid's first time to its last in exactly ``nfe`` teacher evaluations.
 
-    Euler: x_{i+1} = x_i + (t_{i+1} - t_i) v(x_i, t_i).
+    ``grid``: a name from :data:`GRID_NAMES` (default: :func:`default_grid` of the teacher's schedule) or the times
+    t_0 > ... > t_N themselves; ``grid_kw`` go to :func:`make_grid` (``t_max``, ``t_min``, ``shift``, ``rho``,
+    ``sigma_min``, ``sigma_max``). ``x_init`` is the state at t_0 (``teacher.prior_sample(noise)`` for t_0 = 1).
     """
-    if solver not in SOLVER_NAMES:
-        raise AccelkitError(f"unknown solver {solver!r}: expected one of {', '.join(SOLVER_NAMES)}")
-    if nfe < 1:
-        raise AccelkitError(f"NFE {nfe}: expected at least 1")
-    ts = make_grid(grid, nfe).to(x_init.device)
-    if len(ts) - 1 != nfe:
-        raise AccelkitError(f"grid has {len(ts) - 1} steps but NFE is {nfe}")
-    x = x_init
-    for i in range(nfe):
-        v = teacher.velocity(x, ts[i].expand(x.shape[0]), cond)
-        x = x + (ts[i + 1] - ts[i]).to(x.dtype) * v
-    return x
+    solver = get_solver(solver)
+    ts = solver_grid(teacher, solver, nfe, grid, **grid_kw)
+    return solver.sample(teacher, x_init, ts.to(x_init.device), nfe, cond)
 
 
-__all__ = ["solve", "make_grid", "SOLVER_NAMES", "GRID_NAMES"]
+__all__ = [
+    "solve", "solver_grid", "make_grid", "default_grid", "SOLVER_NAMES", "GRID_NAMES",
+    "Solver", "register_solver", "get_solver", "solver_names", "GridNodes",
+    "Euler", "Heun", "Midpoint", "DPMSolverPP", "UniPC", "IPNDM",
+]

@@ -50,9 +50,9 @@ class CoupleRecipe(StageRecipe):
 
     teacher: str = Field(description="teacher checkpoint (file, folder or artifact)")
     n: int = Field(ge=1, description="number of pairs")
-    solver: str = "euler"
+    solver: str = Field("dpm++2m", description="ODE solver (accelkit.solvers)")
     nfe: int = Field(32, ge=1, le=100_000, description="network evaluations per sample")
-    grid: str | list[float] = "uniform"
+    grid: str | list[float] | None = Field(None, description="time grid name or times (None: the schedule's default)")
     guidance: float | None = Field(None, description="classifier-free guidance scale (None: the teacher's own)")
     conditions: str | None = Field(None, description="conditioning file: sample i takes row i mod M")
     save_trajectory: int = Field(0, ge=0, description="also store the states at this many intermediate times")
@@ -67,15 +67,15 @@ class CoupleRecipe(StageRecipe):
     @field_validator("solver")
     @classmethod
     def _known_solver(cls, v: str) -> str:
-        from ..solvers import SOLVER_NAMES
+        from ..solvers import solver_names
 
-        if v not in SOLVER_NAMES:
-            raise ValueError(f"expected one of {', '.join(SOLVER_NAMES)}")
+        if v not in solver_names():
+            raise ValueError(f"expected one of {', '.join(solver_names())}")
         return v
 
     @field_validator("grid")
     @classmethod
-    def _known_grid(cls, v: str | list[float]) -> str | list[float]:
+    def _known_grid(cls, v: str | list[float] | None) -> str | list[float] | None:
         from ..solvers import GRID_NAMES
 
         if isinstance(v, str) and v not in GRID_NAMES:
@@ -96,8 +96,13 @@ class CoupleRecipe(StageRecipe):
     def _consistent(self) -> CoupleRecipe:
         if self.shard_size % self.micro_batch:
             raise ValueError(f"shard_size {self.shard_size} must be a multiple of micro_batch {self.micro_batch}")
-        if isinstance(self.grid, list) and len(self.grid) - 1 != self.nfe and self.solver == "euler":
-            raise ValueError(f"grid has {len(self.grid) - 1} steps but nfe is {self.nfe}")
+        if isinstance(self.grid, list):
+            from ..solvers import get_solver
+
+            steps = get_solver(self.solver).steps(self.nfe)
+            if len(self.grid) - 1 != steps:
+                raise ValueError(f"grid has {len(self.grid) - 1} steps but {self.solver} at nfe {self.nfe} takes "
+                                 f"{steps}")
         if self.save_trajectory >= self.nfe:
             raise ValueError(f"save_trajectory {self.save_trajectory} must be below nfe {self.nfe} "
                              f"(the intermediate states are taken where the teacher is evaluated)")

@@ -1,0 +1,99 @@
+"""``accelkit inspect PATH``: what a checkpoint is: architecture, size, prediction type, schedule, conditioning."""
+
+from __future__ import annotations
+
+import typer
+
+from .main import app
+
+
+@app.command("inspect")
+def inspect_command(
+    path: str = typer.Argument(None, help="Teacher checkpoint: .safetensors, diffusers model or pipeline folder, "
+                               "or accelkit artifact; '-' or missing: read it from stdin."),
+    json_out: bool = typer.Option(False, "--json", help="Print the description as JSON on stdout."),
+    config: str = typer.Option(None, "--config", help="config.json (or its model/pipeline folder) of a single-file "
+                               "diffusers state dict."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled checkpoints (.ckpt, .pt, .pth, "
+                                      ".bin), read with torch.load(weights_only=True)."),
+    prediction_type: str = typer.Option(None, "--prediction-type", help="What the network predicts (eps, x0, v, "
+                                        "flow), where the checkpoint does not say."),
+    schedule: str = typer.Option(None, "--schedule", help="Noise schedule (linear, vp-linear, vp-scaled-linear, "
+                                 "vp-cosine, ...), where the checkpoint does not say."),
+) -> None:
+    """Describe a teacher checkpoint: a table on stderr, or JSON on stdout with --json."""
+    import json
+
+    from ..models.loading import load_teacher
+    from .common import emit, input_path
+
+    path = input_path(path, "teacher checkpoint")
+    teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, prediction_type=prediction_type,
+                           schedule=schedule)
+    desc = {"path": path, **teacher.describe()}
+    if json_out:
+        emit(json.dumps(desc, sort_keys=True, default=str))
+        return
+    print_description(desc)
+    emit(path)
+
+
+def _schedule_text(cfg: dict) -> str:
+    name = cfg.get("name", "?")
+    rest = ", ".join(f"{k}={v}" for k, v in cfg.items() if k != "name")
+    return f"{name} ({rest})" if rest else name
+
+
+def _time_input_text(cfg: dict) -> str:
+    if cfg.get("kind") == "discrete":
+        n = cfg.get("num_train_timesteps")
+        return f"training step k = {n} t - 1 (of {n})"
+    if cfg.get("kind") == "scaled":
+        return f"{cfg.get('scale'):g} t"
+    return "t"
+
+
+def _conditioning_text(cond: dict | None) -> str:
+    if not cond or cond.get("kind") == "none":
+        return "none (unconditional)"
+    if cond["kind"] == "class":
+        null = cond.get("null_class")
+        return f"class labels: {cond.get('num_classes')} classes, null class {null if null is not None else 'none'}"
+    if cond["kind"] == "text":
+        text = f"text embeddings of width {cond.get('embedding_dim')}"
+        if cond.get("pooled_dim"):
+            text += f" + pooled embeddings of width {cond['pooled_dim']}"
+        return text + f"; null: {cond.get('null', 'zero embeddings')}"
+    return str(cond)
+
+
+def print_description(desc: dict) -> None:
+    """The description of a teacher as a two-column table on stderr."""
+    from rich.table import Table
+
+    from ..console import err
+
+    rows = [
+        ("path", desc.get("path")),
+        ("format", desc.get("format")),
+        ("architecture", desc.get("architecture")),
+        ("pipeline", desc.get("pipeline")),
+        ("parameters", f"{desc['parameters']:,}" if isinstance(desc.get("parameters"), int) else None),
+        ("dtype", desc.get("dtype")),
+        ("prediction type", desc.get("prediction_type")),
+        ("schedule", _schedule_text(desc["schedule"]) if "schedule" in desc else None),
+        ("scheduler", desc.get("scheduler")),
+        ("sampling shift", desc.get("shift")),
+        ("time input", _time_input_text(desc["time_input"]) if "time_input" in desc else None),
+        ("conditioning", _conditioning_text(desc.get("conditioning"))),
+        ("guidance scale", desc.get("guidance_scale")),
+        ("sample shape", " x ".join(map(str, desc.get("sample_shape", [])))),
+        ("latent (VAE)", desc.get("vae")),
+    ]
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        if value is not None and value != "":
+            table.add_row(key, str(value))
+    err.print(table)

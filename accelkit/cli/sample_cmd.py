@@ -1,0 +1,261 @@
+"""``accelkit sample PATH``: samples of a teacher's ODE with a chosen solver and NFE, as PNG or safetensors."""
+
+from __future__ import annotations
+
+import typer
+
+from .main import app
+
+OUTPUT_SUFFIXES = (".png", ".safetensors")
+
+
+def _parse_grid(grid: str) -> str | list[float]:
+    """A grid name, or a comma-separated list of times."""
+    from ..errors import AccelkitError
+
+    if "," not in grid and not grid.strip().replace(".", "", 1).isdigit():
+        return grid.strip()
+    try:
+        return [float(v) for v in grid.split(",") if v.strip()]
+    except ValueError as e:
+        raise AccelkitError(f"--grid {grid!r}: expected a grid name or a comma-separated list of times") from e
+
+
+def _parse_labels(text: str) -> list[int]:
+    from ..errors import AccelkitError
+
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise AccelkitError(f"--label {text!r}: expected an integer class label or a comma-separated list") from e
+
+
+@app.command("sample")
+def sample_command(
+    path: str = typer.Argument(None, help="Teacher checkpoint (see accelkit inspect); '-' or missing: from stdin."),
+    output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
+                               "points) or .safetensors (the raw samples)."),
+    solver: str = typer.Option("euler", "--solver", help="ODE solver (see accelkit.solvers.SOLVER_NAMES)."),
+    nfe: int = typer.Option(8, "--nfe", help="Network evaluations per sample."),
+    n: int = typer.Option(16, "-n", "--num-samples", help="Number of samples."),
+    seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i)."),
+    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1 = no guidance)."),
+    grid: str = typer.Option("uniform", "--grid", help="Time grid: a name, or comma-separated times from 1 to 0."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Samples per batch (results do not depend on it)."),
+    label: str = typer.Option(None, "--label", help="Class label(s) for class-conditional models, comma-separated, "
+                              "cycled over the samples (default: 0, 1, 2, ...)."),
+    cond: str = typer.Option(None, "--cond", help="Conditioning tensors (.safetensors: encoder_hidden_states, "
+                             "encoder_attention_mask, pooled_projections, class_labels); sample i takes row i mod R."),
+    null_cond: str = typer.Option(None, "--null-cond", help="Null condition for guidance (.safetensors, batch 1); "
+                                  "default: the null class, or zero text embeddings."),
+    config: str = typer.Option(None, "--config", help="config.json (or its folder) of a single-file diffusers "
+                               "state dict."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled checkpoints (read with "
+                                      "torch.load(weights_only=True))."),
+    prediction_type: str = typer.Option(None, "--prediction-type", help="What the network predicts, where the "
+                                        "checkpoint does not say."),
+    schedule: str = typer.Option(None, "--schedule", help="Noise schedule, where the checkpoint does not say."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    dtype: str = typer.Option(None, "--dtype", help="Network dtype: fp32, fp16, bf16 (default: as stored)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+) -> None:
+    """Draw samples from the teacher's ODE and write them to -o (atomically; nothing is written on error)."""
+    import math
+    from pathlib import Path
+
+    from ..errors import AccelkitError
+    from .common import emit, input_path
+
+    out = Path(output)
+    if out.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise AccelkitError(f"-o {output}: unknown output type; expected a name ending in "
+                            f"{' or '.join(OUTPUT_SUFFIXES)}")
+    if out.exists() and not force:
+        raise AccelkitError(f"-o {output}: file exists; pass --force to overwrite it")
+    if n < 1:
+        raise AccelkitError(f"-n {n}: expected at least 1 sample")
+    if nfe < 1:
+        raise AccelkitError(f"--nfe {nfe}: expected at least 1 network evaluation")
+    if batch_size < 1:
+        raise AccelkitError(f"--batch-size {batch_size}: expected at least 1")
+    if not math.isfinite(guidance):
+        raise AccelkitError(f"--guidance {guidance}: expected a finite number")
+    time_grid = _parse_grid(grid)
+    labels = _parse_labels(label) if label is not None else None
+    path = input_path(path, "teacher checkpoint")
+
+    import torch
+
+    from ..console import err
+    from ..models.loading import load_teacher
+    from ..solvers import GRID_NAMES, SOLVER_NAMES
+
+    if solver not in SOLVER_NAMES:
+        raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(SOLVER_NAMES)}")
+    if isinstance(time_grid, str) and time_grid not in GRID_NAMES:
+        raise AccelkitError(f"--grid {time_grid!r}: unknown grid; expected one of {', '.join(GRID_NAMES)} "
+                            "or comma-separated times")
+    teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
+                           prediction_type=prediction_type, schedule=schedule)
+    condition = _condition(teacher, path, labels, cond)
+    if null_cond is not None:
+        teacher.null_condition = _read_condition(null_cond, batch_one=True)
+    if guidance != 1.0:
+        _check_guidance(teacher, path, guidance, condition is not None)
+    teacher.guidance_scale = guidance
+    writer = _writer(out, teacher, path, allow_pickle, device)  # refuses an unsupported sample shape before any work
+
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from ..sampling import draw_samples
+
+    columns = (TextColumn("sampling"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TextColumn("{task.fields[rate]}"), TimeRemainingColumn())
+    with Progress(*columns, console=err, redirect_stdout=False, redirect_stderr=False) as progress:
+        task = progress.add_task("sampling", total=n, rate="")
+
+        def on_batch(k: int) -> None:
+            progress.advance(task, k)
+            elapsed = progress.tasks[0].elapsed or 0.0
+            done = progress.tasks[0].completed
+            progress.update(task, rate=f"{done / elapsed:.1f} samples/s" if elapsed > 0 else "")
+
+        with torch.inference_mode():
+            samples = draw_samples(teacher, n, seed=seed, solver=solver, nfe=nfe, grid=time_grid,
+                                   batch_size=batch_size, condition=condition, device=device, on_batch=on_batch)
+    if not bool(torch.isfinite(samples).all()):
+        raise AccelkitError(f"{path}: sampling produced NaN or inf (solver {solver}, NFE {nfe}); "
+                            "nothing was written")
+    writer(samples, {"teacher": path, "solver": solver, "nfe": nfe, "n": n, "seed": seed, "guidance": guidance,
+                     "grid": time_grid, "batch_size": batch_size, "labels": labels, "cond": cond,
+                     "null_cond": null_cond})
+    emit(str(out))
+
+
+def _read_condition(file: str, batch_one: bool = False):
+    """A Condition from a .safetensors file whose tensors are named after its fields."""
+    from ..errors import AccelkitError
+    from ..models.loading import read_safetensors
+    from ..teacher import Condition
+
+    if not file.endswith(".safetensors"):
+        raise AccelkitError(f"{file}: expected a .safetensors file of conditioning tensors")
+    from pathlib import Path
+
+    if not Path(file).is_file():
+        raise AccelkitError(f"{file}: no such file; expected a .safetensors file of conditioning tensors")
+    tensors, _ = read_safetensors(file)
+    if not tensors:
+        raise AccelkitError(f"{file}: holds no tensors; expected encoder_hidden_states, pooled_projections, ...")
+    known = ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
+    cond = Condition(**{k: v for k, v in tensors.items() if k in known},
+                     extra={k: v for k, v in tensors.items() if k not in known})
+    rows = {v.shape[0] if v.ndim else 0 for v in tensors.values()}
+    if len(rows) != 1 or 0 in rows:
+        raise AccelkitError(f"{file}: tensors must share their first (batch) dimension; got {sorted(rows)}")
+    if batch_one and rows != {1}:
+        raise AccelkitError(f"{file}: a null condition must have batch size 1; got {rows.pop()}")
+    return cond
+
+
+def _condition(teacher, path: str, labels, cond_file):
+    """The per-sample condition function from --label / --cond, checked against the teacher's conditioning."""
+    from ..errors import AccelkitError
+    from ..sampling import class_label_condition, cycled_condition
+
+    info = teacher.info.get("conditioning", {"kind": "none"}) if hasattr(teacher, "info") else {"kind": "none"}
+    kind = info.get("kind", "none")
+    if cond_file is not None:
+        if kind == "none":
+            raise AccelkitError(f"{path}: the model is unconditional; --cond is not used")
+        cond = _read_condition(cond_file)
+        if kind == "text":
+            ehs = cond.encoder_hidden_states
+            if ehs is None or ehs.ndim != 3:
+                raise AccelkitError(f"{cond_file}: expected encoder_hidden_states of shape (batch, tokens, "
+                                    f"{info.get('embedding_dim')})")
+            if info.get("embedding_dim") and ehs.shape[-1] != info["embedding_dim"]:
+                raise AccelkitError(f"{cond_file}: encoder_hidden_states has width {ehs.shape[-1]}, the model "
+                                    f"takes {info['embedding_dim']}")
+            pooled = cond.pooled_projections
+            if info.get("pooled_dim") and (pooled is None or pooled.shape[-1] != info["pooled_dim"]):
+                raise AccelkitError(f"{cond_file}: expected pooled_projections of width {info['pooled_dim']}")
+        if labels is not None:
+            raise AccelkitError("give class labels either with --label or in the --cond file, not both")
+        return cycled_condition(cond)
+    if labels is not None:
+        if kind != "class" and "num_classes" not in info:
+            raise AccelkitError(f"{path}: the model takes no class labels; --label is not used")
+        n_classes = info.get("num_classes")
+        bad = [lab for lab in labels if lab < 0 or (n_classes is not None and lab >= n_classes)]
+        if bad:
+            raise AccelkitError(f"--label {bad[0]}: expected a class label in 0..{n_classes - 1}")
+        return class_label_condition(labels)
+    if kind == "class" and info.get("num_classes"):
+        return class_label_condition(list(range(int(info["num_classes"]))))
+    return None
+
+
+def _check_guidance(teacher, path: str, guidance: float, conditioned: bool) -> None:
+    from ..errors import AccelkitError
+
+    kind = teacher.info.get("conditioning", {}).get("kind", "none") if hasattr(teacher, "info") else "none"
+    if kind == "none":
+        raise AccelkitError(f"{path}: the model is unconditional; --guidance {guidance} needs a conditional model "
+                            "(use --guidance 1)")
+    if not conditioned:
+        raise AccelkitError(f"--guidance {guidance}: needs a condition; pass --cond FILE (text embeddings)")
+    if getattr(teacher, "null_condition", None) is None:
+        raise AccelkitError(f"{path}: the model has no null condition to guide against; pass --null-cond FILE")
+
+
+def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "cpu"):
+    """A function writing the samples to ``out`` in the format its suffix names (checked now, before sampling)."""
+    import json
+
+    from ..errors import AccelkitError
+    from ..models.loading import _atomic_write_bytes
+
+    shape = tuple(teacher.sample_shape)
+    suffix = out.suffix.lower()
+    if suffix == ".safetensors":
+
+        def write_tensors(samples, settings):
+            from safetensors.torch import save
+
+            meta = {"format": "accelkit.samples/1", "settings": json.dumps(settings, default=str)}
+            _atomic_write_bytes(out, save({"samples": samples.contiguous()}, metadata=meta))
+
+        return write_tensors
+    if shape == (2,):
+
+        def write_scatter(samples, settings):
+            from ..plots import plot_scatter_panels
+
+            title = f"{settings['solver']}, NFE {settings['nfe']}, n = {settings['n']}"
+            plot_scatter_panels({title: samples.numpy()}, out)
+
+        return write_scatter
+    if len(shape) == 3 and shape[0] in (1, 3):
+
+        def write_grid(samples, settings):
+            from ..images import image_grid, png_bytes
+
+            _atomic_write_bytes(out, png_bytes(image_grid(samples)))
+
+        return write_grid
+    vae_dir = getattr(teacher, "info", {}).get("vae")
+    if len(shape) == 3 and vae_dir:
+        from ..models.diffusers_models import decode_latents, load_vae
+
+        vae = load_vae(vae_dir, allow_pickle=allow_pickle)
+        vae.to(device)
+
+        def write_decoded(samples, settings):
+            from ..images import image_grid, png_bytes
+
+            _atomic_write_bytes(out, png_bytes(image_grid(decode_latents(vae, samples))))
+
+        return write_decoded
+    raise AccelkitError(f"-o {out}: a PNG needs 1- or 3-channel images or 2-D points, but {path} makes samples of "
+                        f"shape {list(shape)} and has no VAE to decode them; write .safetensors instead")
