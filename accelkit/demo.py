@@ -25,7 +25,7 @@ stages:
       data: checkerboard
       objective: flow
       seed: 0
-      loop: {steps: 3000, lr: 2.0e-3, warmup: 100}
+      loop: {steps: 3000, lr: 2.0e-3, warmup_steps: 100}
   - couple:
       teacher: "@train"
       n: 2000
