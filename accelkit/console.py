@@ -9,4 +9,4 @@ err = Console(stderr=True)
 
 def log(message: str) -> None:
     """One log line on stderr."""
-    err.print(message, highlight=False)
+    err.print(message, highlight=False, soft_wrap=True)

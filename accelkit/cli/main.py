@@ -10,7 +10,7 @@ import sys
 
 import typer
 
-from ..errors import AccelkitError
+from ..errors import AccelkitError, JobInterrupted
 
 app = typer.Typer(
     name="accelkit",
@@ -44,6 +44,11 @@ def run() -> None:
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    except JobInterrupted as e:
+        if debug:
+            raise
+        print(f"interrupted: {e}", file=sys.stderr)
+        sys.exit(e.exit_code)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         sys.exit(130)

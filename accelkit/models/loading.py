@@ -439,8 +439,9 @@ def load_teacher(
     schedule: Schedule | str | None = None,
     guidance: float | None = None,
     sample_shape: tuple[int, ...] | None = None,
-) -> NetworkTeacher:
-    """Load a teacher from accelkit's own file, an accelkit artifact, a diffusers folder or a single-file checkpoint.
+) -> Teacher:
+    """Load a teacher from accelkit's own file, an accelkit artifact (a trained or a rescaled teacher), a diffusers
+    folder or a single-file checkpoint.
 
     ``config``: the config.json (or a model or pipeline folder holding it) of a single-file diffusers state dict.
     ``prediction_type`` / ``schedule`` override (or, where the checkpoint has no scheduler config, supply) what the
@@ -459,6 +460,13 @@ def load_teacher(
 
     teacher: NetworkTeacher
     if p.is_dir():
+        from ..stages.rescale import is_rescale_artifact, load_rescaled
+
+        if is_rescale_artifact(p):
+            if any(v is not None for v in overrides.values()) or config is not None:
+                raise AccelkitError(f"{path}: a rescale artifact; its source's loading options are in its recipe, "
+                                    "so --config, --prediction-type, --schedule and shape overrides do not apply")
+            return load_rescaled(p, device=device, dtype=dtype, guidance=guidance)
         if (p / ARTIFACT_TEACHER_FILE).is_file():
             teacher = load_accelkit_teacher(p / ARTIFACT_TEACHER_FILE, **overrides)
         elif (p / "manifest.json").is_file() and not (p / "config.json").exists() \

@@ -1,0 +1,61 @@
+"""``accelkit couple``: (noise, sample) pairs from a teacher's ODE into a sharded artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from .common import emit, input_path
+from .main import app
+
+
+@app.command("couple")
+def couple(
+    teacher: str | None = typer.Argument(None, help="Teacher checkpoint; missing or '-': read a path from stdin."),
+    n: int | None = typer.Option(None, "-n", "--n", help="Number of (noise, sample) pairs."),
+    solver: str | None = typer.Option(None, help="ODE solver (default euler)."),
+    nfe: int | None = typer.Option(None, help="Network evaluations per sample (default 32)."),
+    grid: str | None = typer.Option(None, help="Time grid name, or comma-separated decreasing times."),
+    guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (needs --conditions)."),
+    conditions: str | None = typer.Option(None, help="Conditions file (.safetensors or .json): row i mod M."),
+    save_trajectory: int | None = typer.Option(None, "--save-trajectory", help="Also store K intermediate states."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per step (does not change results)."),
+    micro_batch: int | None = typer.Option(None, "--micro-batch", help="Samples per teacher call (default 64)."),
+    shard_size: int | None = typer.Option(None, "--shard-size", help="Samples per shard file (default 4096)."),
+    seed: int | None = typer.Option(None, help="Noise seed (sample i's noise depends on seed and i only)."),
+    dtype: str | None = typer.Option(None, help="fp32 (default), fp64, bf16 or fp16."),
+    device: str | None = typer.Option(None, help="cpu (default), cuda, cuda:N."),
+    checkpoint_every: float | None = typer.Option(None, "--checkpoint-every", help="Seconds between checkpoints."),
+    repair: bool = typer.Option(False, "--repair", help="Regenerate only the shards whose hash is wrong."),
+    force: bool = typer.Option(False, "--force", help="Replace an output directory that holds another recipe."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Artifact directory (default runs/couple-HASH)."),
+    recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML with a 'couple' section."),
+    set_: list[str] = typer.Option([], "--set", help="Override a recipe key: couple.key=value (repeatable)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; do no work."),
+) -> None:
+    """Generate (noise, sample) couplings from TEACHER's probability-flow ODE; prints the artifact path."""
+    from ..recipes import resolve_stage
+
+    teacher_path = teacher if teacher not in (None, "-") else None
+    if teacher_path is None and not (recipe is not None and teacher is None):
+        teacher_path = input_path(teacher, "teacher")
+    flags = {"teacher": teacher_path, "n": n, "solver": solver, "nfe": nfe, "guidance": guidance,
+             "conditions": conditions, "save_trajectory": save_trajectory, "batch_size": batch_size,
+             "micro_batch": micro_batch, "shard_size": shard_size, "seed": seed, "dtype": dtype, "device": device,
+             "checkpoint_every": checkpoint_every,
+             "grid": None if grid is None else (grid if "," not in grid else [float(t) for t in grid.split(",")])}
+    spec = resolve_stage("couple", recipe, flags, set_)
+    from ..pipeline import check_inputs, plan_stage, print_plan
+
+    check_inputs(spec, "couple")
+    if dry_run:
+        print_plan([("couple", plan_stage("couple", spec, output))])
+        return
+    from ..stages.couple import run_couple
+
+    path = run_couple(spec, output, force=force, repair=repair)
+    from ..jobs import dist_env
+
+    if dist_env()[0] == 0:
+        emit(str(path))
