@@ -138,6 +138,7 @@ def sample_command(
     if not bool(torch.isfinite(samples).all()):
         raise AccelkitError(f"{path}: sampling produced NaN or inf (solver {solver}, NFE {nfe}); "
                             "nothing was written")
+    out.parent.mkdir(parents=True, exist_ok=True)
     writer(samples, {"teacher": path, "solver": solver, "nfe": nfe, "n": n, "seed": seed, "guidance": guidance,
                      "grid": time_grid, **grid_kw, "batch_size": batch_size, "labels": labels, "cond": cond,
                      "null_cond": null_cond})
@@ -225,8 +226,8 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
     """A function writing the samples to ``out`` in the format its suffix names (checked now, before sampling)."""
     import json
 
+    from ..artifacts import atomic_write_bytes
     from ..errors import AccelkitError
-    from ..models.loading import _atomic_write_bytes
 
     shape = tuple(teacher.sample_shape)
     suffix = out.suffix.lower()
@@ -236,7 +237,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
             from safetensors.torch import save
 
             meta = {"format": "accelkit.samples/1", "settings": json.dumps(settings, default=str)}
-            _atomic_write_bytes(out, save({"samples": samples.contiguous()}, metadata=meta))
+            atomic_write_bytes(out, save({"samples": samples.contiguous()}, metadata=meta))
 
         return write_tensors
     if shape == (2,):
@@ -253,7 +254,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
         def write_grid(samples, settings):
             from ..images import image_grid, png_bytes
 
-            _atomic_write_bytes(out, png_bytes(image_grid(samples)))
+            atomic_write_bytes(out, png_bytes(image_grid(samples)))
 
         return write_grid
     vae_dir = getattr(teacher, "info", {}).get("vae")
@@ -266,7 +267,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
         def write_decoded(samples, settings):
             from ..images import image_grid, png_bytes
 
-            _atomic_write_bytes(out, png_bytes(image_grid(decode_latents(vae, samples))))
+            atomic_write_bytes(out, png_bytes(image_grid(decode_latents(vae, samples))))
 
         return write_decoded
     raise AccelkitError(f"-o {out}: a PNG needs 1- or 3-channel images or 2-D points, but {path} makes samples of "
