@@ -68,9 +68,13 @@ def print_plan(plans: list[tuple[str, StagePlan]]) -> None:
     err.print(table)
 
 
-def run_pipeline(plan: list[PlannedStage], force: bool = False, dry_run: bool = False) -> Path | None:
-    """Run a resolved recipe's stages in order; returns the last stage's artifact directory (None on a dry run)."""
-    outputs: dict[int, Path] = {}
+def run_pipeline(plan: list[PlannedStage], force: bool = False, dry_run: bool = False,
+                 outputs: dict[int, Path] | None = None) -> Path | None:
+    """Run a resolved recipe's stages in order; returns the last stage's artifact directory (None on a dry run).
+
+    ``outputs``, when given, receives every stage's artifact directory by stage index.
+    """
+    outputs = {} if outputs is None else outputs
     rows = []
     for stage in plan:
         recipe = stage.recipe

@@ -290,6 +290,27 @@ class RescaledTeacher(Teacher):
         t_a, s = self.time_map(as_time(t, x.device))
         return self.base.denoise(x / broadcast_to(s, x), t_a, cond)
 
+    # Guidance and conditioning belong to the base network; commands that set them reach through.
+    @property
+    def info(self) -> dict[str, Any]:
+        return getattr(self.base, "info", {})
+
+    @property
+    def guidance_scale(self) -> float:
+        return getattr(self.base, "guidance_scale", 1.0)
+
+    @guidance_scale.setter
+    def guidance_scale(self, scale: float) -> None:
+        self.base.guidance_scale = float(scale)
+
+    @property
+    def null_condition(self) -> Condition | None:
+        return getattr(self.base, "null_condition", None)
+
+    @null_condition.setter
+    def null_condition(self, cond: Condition | None) -> None:
+        self.base.null_condition = cond
+
     def describe(self):
         d = self.base.describe()
         d.update({"kind": "rescaled", "schedule": self.schedule.config(),

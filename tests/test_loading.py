@@ -6,6 +6,7 @@ import shutil
 import pytest
 import tiny_models
 import torch
+from safetensors.torch import save_file
 
 from accelkit.errors import AccelkitError
 from accelkit.models.builtin import MLP, SmallUNet, builtin_call
@@ -88,6 +89,17 @@ def test_bad_inputs(tmp_path):
     torch.save({"w": torch.zeros(2)}, tmp_path / "model.ckpt")
     with pytest.raises(AccelkitError, match="model.ckpt: pickled checkpoint refused"):
         load_teacher(tmp_path / "model.ckpt")
+    tensors, meta = read_safetensors(path)
+    save_file(tensors, tmp_path / "v9.safetensors", metadata={**meta, "format": "accelkit.teacher/9"})
+    with pytest.raises(AccelkitError, match="v9.safetensors: format 'accelkit.teacher/9' is not supported"):
+        load_teacher(tmp_path / "v9.safetensors")
+    save_file({"samples": torch.zeros(2)}, tmp_path / "s.safetensors", metadata={"format": "accelkit.samples/1"})
+    with pytest.raises(AccelkitError, match="s.safetensors: an accelkit.samples/1 file, not a teacher"):
+        load_teacher(tmp_path / "s.safetensors")
+    (tmp_path / "art").mkdir()
+    (tmp_path / "art" / "manifest.json").write_text(json.dumps({"kind": "couple"}))
+    with pytest.raises(AccelkitError, match="art: an accelkit couple artifact without teacher.safetensors"):
+        load_teacher(tmp_path / "art")
     (tmp_path / "empty").mkdir()
     with pytest.raises(AccelkitError, match="empty: not a model"):
         load_teacher(tmp_path / "empty")

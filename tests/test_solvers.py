@@ -160,6 +160,12 @@ def test_user_grid_errors(grid, match):
         solve(teacher, torch.randn(2, 2, dtype=F64), "euler", 3, grid=grid)
 
 
+def test_grid_options_need_a_named_grid():
+    with pytest.raises(AccelkitError, match="grid options shift"):
+        solve(gaussian_mixture_2d(LinearSchedule()), torch.randn(2, 2, dtype=F64), "euler", 2, grid=[1.0, 0.5, 0.0],
+              shift=3.0)
+
+
 def test_user_grid_length_follows_solver():
     teacher = gaussian_mixture_2d(LinearSchedule())
     x = torch.randn(2, 2, dtype=F64)
@@ -229,3 +235,18 @@ def test_euler_is_the_flow_euler_step():
         y = y + (ts[i + 1] - ts[i]) * (eps - x0)
     assert torch.allclose(solve(teacher, x, "euler", 3), y, rtol=0, atol=1e-12)
     assert math.isfinite(float(y.norm()))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", SOLVER_NAMES)
+def test_no_host_sync_in_the_step_loop(name):
+    """Coefficients are precomputed: the loop runs without any synchronising CUDA call (.item, D2H copies)."""
+    teacher = gaussian_mixture_images(DiscreteVPSchedule("linear"), shape=(1, 4, 4), modes=3).to("cuda")
+    x = torch.randn(4, 1, 4, 4, device="cuda")
+    solve(teacher, x, name, 6)  # first call copies the schedule's tables to the device
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = solve(teacher, x, name, 6)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.isfinite(out).all()

@@ -7,5 +7,6 @@ from . import config_cmd  # noqa: F401
 from . import couple_cmd  # noqa: F401
 from . import inspect_cmd  # noqa: F401
 from . import run_cmd  # noqa: F401
+from . import rescale_cmd  # noqa: F401
 from . import sample_cmd  # noqa: F401
 from . import verify_cmd  # noqa: F401

@@ -39,7 +39,8 @@ def sample_command(
     nfe: int = typer.Option(8, "--nfe", help="Network evaluations per sample."),
     n: int = typer.Option(16, "-n", "--num-samples", help="Number of samples."),
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i)."),
-    guidance: float = typer.Option(1.0, "--guidance", help="Classifier-free guidance scale (1 = no guidance)."),
+    guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (1 = no guidance; "
+                                   "default: the teacher's own, 1 unless saved otherwise)."),
     grid: str = typer.Option("uniform", "--grid", help="Time grid: a name, or comma-separated times from 1 to 0."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per batch (results do not depend on it)."),
     label: str = typer.Option(None, "--label", help="Class label(s) for class-conditional models, comma-separated, "
@@ -78,7 +79,7 @@ def sample_command(
         raise AccelkitError(f"--nfe {nfe}: expected at least 1 network evaluation")
     if batch_size < 1:
         raise AccelkitError(f"--batch-size {batch_size}: expected at least 1")
-    if not math.isfinite(guidance):
+    if guidance is not None and not math.isfinite(guidance):
         raise AccelkitError(f"--guidance {guidance}: expected a finite number")
     time_grid = _parse_grid(grid)
     labels = _parse_labels(label) if label is not None else None
@@ -100,6 +101,7 @@ def sample_command(
     condition = _condition(teacher, path, labels, cond)
     if null_cond is not None:
         teacher.null_condition = _read_condition(null_cond, batch_one=True)
+    guidance = teacher.guidance_scale if guidance is None else guidance
     if guidance != 1.0:
         _check_guidance(teacher, path, guidance, condition is not None)
     teacher.guidance_scale = guidance

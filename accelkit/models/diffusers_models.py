@@ -48,6 +48,7 @@ from .loading import (
     read_pickle_state_dict,
     read_safetensors,
     stored_dtype,
+    weights_to_be_loaded,
 )
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # before diffusers is imported: never reach the hub
@@ -375,8 +376,9 @@ def _build_teacher(
                                 "type and schedule are unknown; pass --prediction-type and --schedule")
         pred, sched, time_input = prediction_type, schedule, _time_input_for(schedule)
 
-    network = adapter.build(cfg)
     state = _state_dict(weights, allow_pickle)
+    with weights_to_be_loaded():
+        network = adapter.build(cfg)
     move_network(network, dtype=stored_dtype(state))
     load_state_dict_checked(network, state, source)
     network.eval().requires_grad_(False)
@@ -458,7 +460,8 @@ def load_vae(folder: str | os.PathLike, *, allow_pickle: bool = False) -> nn.Mod
     import diffusers
 
     try:
-        vae = getattr(diffusers, name).from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
+        with weights_to_be_loaded():
+            vae = getattr(diffusers, name).from_config({k: v for k, v in cfg.items() if not k.startswith("_")})
     except (TypeError, ValueError, KeyError) as e:
         raise AccelkitError(f"{config_path}: config does not build a {name} ({' '.join(str(e).split())})") from e
     weights = _weights_file(folder, allow_pickle)

@@ -18,10 +18,11 @@ an :class:`accelkit.errors.AccelkitError` naming the file and what was expected.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,25 @@ def architecture_of(network: nn.Module) -> tuple[str, dict[str, Any]]:
         return f"diffusers.{type(network).__name__}", json.loads(json.dumps(cfg, default=list))
     raise AccelkitError(f"cannot save a network of type {type(network).__name__}: expected accelkit.MLP, "
                         "accelkit.SmallUNet or a diffusers model")
+
+
+@contextlib.contextmanager
+def weights_to_be_loaded() -> Iterator[None]:
+    """Build networks without their random initialisation, for weights that are all loaded right after.
+
+    The ``torch.nn.init`` functions do nothing inside this block (large models build in a fraction of the time);
+    :func:`load_state_dict_checked` then guarantees that every parameter and persistent buffer is overwritten.
+    """
+    names = [n for n in dir(torch.nn.init) if n.endswith("_") and not n.startswith("_")
+             and callable(getattr(torch.nn.init, n))]
+    saved = {n: getattr(torch.nn.init, n) for n in names}
+    for n in names:
+        setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
+    try:
+        yield
+    finally:
+        for n, fn in saved.items():
+            setattr(torch.nn.init, n, fn)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -371,7 +391,8 @@ def load_accelkit_teacher(
     adapter = adapter_for(architecture, path)
     net_config = _meta_json(meta, "network_config", path)
     try:
-        network = adapter.build(net_config)
+        with weights_to_be_loaded():
+            network = adapter.build(net_config)
     except (TypeError, ValueError) as e:
         raise AccelkitError(f"{path}: network_config does not build a {architecture} ({_one_line(e)})") from e
     null_tensors = {k.removeprefix(NULL_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(NULL_PREFIX)}
@@ -418,8 +439,9 @@ def load_teacher(
     schedule: Schedule | str | None = None,
     guidance: float | None = None,
     sample_shape: tuple[int, ...] | None = None,
-) -> NetworkTeacher:
-    """Load a teacher from accelkit's own file, an accelkit artifact, a diffusers folder or a single-file checkpoint.
+) -> Teacher:
+    """Load a teacher from accelkit's own file, an accelkit artifact (a trained or a rescaled teacher), a diffusers
+    folder or a single-file checkpoint.
 
     ``config``: the config.json (or a model or pipeline folder holding it) of a single-file diffusers state dict.
     ``prediction_type`` / ``schedule`` override (or, where the checkpoint has no scheduler config, supply) what the
@@ -438,8 +460,20 @@ def load_teacher(
 
     teacher: NetworkTeacher
     if p.is_dir():
+        from ..stages.rescale import is_rescale_artifact, load_rescaled
+
+        if is_rescale_artifact(p):
+            if any(v is not None for v in overrides.values()) or config is not None:
+                raise AccelkitError(f"{path}: a rescale artifact; its source's loading options are in its recipe, "
+                                    "so --config, --prediction-type, --schedule and shape overrides do not apply")
+            return load_rescaled(p, device=device, dtype=dtype, guidance=guidance)
         if (p / ARTIFACT_TEACHER_FILE).is_file():
             teacher = load_accelkit_teacher(p / ARTIFACT_TEACHER_FILE, **overrides)
+        elif (p / "manifest.json").is_file() and not (p / "config.json").exists() \
+                and not (p / "model_index.json").exists():
+            raise AccelkitError(f"{path}: an accelkit {_artifact_kind(p)} artifact without {ARTIFACT_TEACHER_FILE}; "
+                                "expected a teacher (a .safetensors file, a diffusers folder, or an artifact holding "
+                                f"{ARTIFACT_TEACHER_FILE})")
         else:
             from .diffusers_models import load_diffusers_folder
 
@@ -452,6 +486,8 @@ def load_teacher(
             from .diffusers_models import load_diffusers_single_file
 
             teacher = load_diffusers_single_file(p, config, allow_pickle=allow_pickle, **overrides)
+        elif meta.get("format", "").startswith("accelkit."):
+            raise AccelkitError(f"{path}: an {meta['format']} file, not a teacher; expected {FORMAT}")
         else:
             raise AccelkitError(f"{path}: no {FORMAT} metadata in the header; for a diffusers state dict pass "
                                 "--config naming its config.json (or its model or pipeline folder)")
@@ -479,6 +515,14 @@ def load_teacher(
 def as_teacher(obj: Teacher | str | os.PathLike, **kwargs: Any) -> Teacher:
     """A teacher object as is, or a path loaded with :func:`load_teacher`."""
     return obj if isinstance(obj, Teacher) else load_teacher(obj, **kwargs)
+
+
+def _artifact_kind(folder: Path) -> str:
+    try:
+        kind = json.loads((folder / "manifest.json").read_text()).get("kind")
+    except (OSError, ValueError, AttributeError):
+        kind = None
+    return str(kind) if kind else "(unknown kind)"
 
 
 def _one_line(e: BaseException) -> str:

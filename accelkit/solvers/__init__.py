@@ -44,6 +44,9 @@ def solver_grid(
     if grid is None:
         grid = default_grid(teacher.schedule)
     if not isinstance(grid, str):
+        if grid_kw:
+            raise AccelkitError(f"grid options {', '.join(sorted(grid_kw))} apply to named grids, not to a list of "
+                                f"times")
         return check_user_grid(grid, steps)
     return make_grid(grid, steps, schedule=teacher.schedule, **grid_kw)
 
@@ -66,7 +69,7 @@ def solve(
     """
     solver = get_solver(solver)
     ts = solver_grid(teacher, solver, nfe, grid, **grid_kw)
-    return solver.sample(teacher, x_init, ts.to(x_init.device), nfe, cond)
+    return solver.sample(teacher, x_init, ts, nfe, cond)
 
 
 __all__ = [

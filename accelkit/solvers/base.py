@@ -32,7 +32,8 @@ class Solver:
         return nfe
 
     def sample(self, teacher: Teacher, x: Tensor, ts: Tensor, nfe: int, cond: Condition | None = None) -> Tensor:
-        """Integrate from ``x`` at ``ts[0]`` to ``ts[-1]`` along the grid ``ts`` (float64, on x's device)."""
+        """Integrate from ``x`` at ``ts[0]`` to ``ts[-1]`` along the grid ``ts`` (float64, on the host: coefficients
+        are computed from it before the loop, and it is moved to x's device once)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -53,7 +54,7 @@ class GridNodes:
 
     @staticmethod
     def of(schedule: Schedule, ts: Tensor) -> GridNodes:
-        t = ts.detach().to("cpu", torch.float64)
+        t = ts.detach().to(torch.float64)
         return GridNodes(t, schedule.alpha(t), schedule.sigma(t), 0.5 * schedule.log_snr(t))
 
     def finite_history(self, i: int) -> int:

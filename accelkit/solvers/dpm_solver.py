@@ -70,10 +70,10 @@ class DPMSolverPP(Solver):
         ratio, w0, w1, w2, inv_r1, inv_r2, q, inv_r12 = (on_device(c[k], x) for k in
                                                          ("ratio", "w0", "w1", "w2", "inv_r1", "inv_r2", "q",
                                                           "inv_r12"))
-        b = x.shape[0]
+        t, b = ts.to(x.device), x.shape[0]
         m = []  # x0 predictions, newest first
         for i, p in enumerate(orders):
-            m = [teacher.predict_x0(x, ts[i].expand(b), cond)] + m[:2]
+            m = [teacher.predict_x0(x, t[i].expand(b), cond)] + m[:2]
             x_next = ratio[i] * x + w0[i] * m[0]
             if p >= 2:
                 d1_0 = (m[0] - m[1]) * inv_r1[i]

@@ -59,13 +59,11 @@ class IPNDM(Solver):
         return out
 
     def sample(self, teacher: Teacher, x, ts, nfe, cond: Condition | None = None):
-        t_host = [float(v) for v in ts.cpu()]
-        h = on_device(ts.diff(), x)
-        c = on_device(self.weights(t_host), x)
-        b = x.shape[0]
+        h, c = on_device(ts.diff(), x), on_device(self.weights(ts.tolist()), x)
+        t, b = ts.to(x.device), x.shape[0]
         v = []  # velocities, newest first
-        for i in range(len(t_host) - 1):
-            v = [teacher.velocity(x, ts[i].expand(b), cond)] + v[:3]
+        for i in range(len(ts) - 1):
+            v = [teacher.velocity(x, t[i].expand(b), cond)] + v[:3]
             x = x + h[i] * sum(c[i, j] * v[j] for j in range(len(v)))
         return x
 

@@ -23,10 +23,9 @@ class Euler(Solver):
     name = "euler"
 
     def sample(self, teacher: Teacher, x: Tensor, ts: Tensor, nfe: int, cond: Condition | None = None) -> Tensor:
-        h = on_device(ts.diff(), x)
-        b = x.shape[0]
+        h, t, b = on_device(ts.diff(), x), ts.to(x.device), x.shape[0]
         for i in range(len(h)):
-            x = x + h[i] * teacher.velocity(x, ts[i].expand(b), cond)
+            x = x + h[i] * teacher.velocity(x, t[i].expand(b), cond)
         return x
 
 
@@ -54,15 +53,14 @@ class Heun(Solver):
         return [2] * k + [1] if nfe % 2 else [1] + [2] * (k - 1) + [1]
 
     def sample(self, teacher, x, ts, nfe, cond=None):
-        h = on_device(ts.diff(), x)
-        b = x.shape[0]
+        h, t, b = on_device(ts.diff(), x), ts.to(x.device), x.shape[0]
         for i, stages in enumerate(self.stages(nfe)):
-            d = teacher.velocity(x, ts[i].expand(b), cond)
+            d = teacher.velocity(x, t[i].expand(b), cond)
             if stages == 1:
                 x = x + h[i] * d
             else:
                 x_euler = x + h[i] * d
-                x = x + 0.5 * h[i] * (d + teacher.velocity(x_euler, ts[i + 1].expand(b), cond))
+                x = x + 0.5 * h[i] * (d + teacher.velocity(x_euler, t[i + 1].expand(b), cond))
         return x
 
 
@@ -80,11 +78,10 @@ class Midpoint(Solver):
         return nfe // 2 + nfe % 2
 
     def sample(self, teacher, x, ts, nfe, cond=None):
-        h = on_device(ts.diff(), x)
-        t_mid = 0.5 * (ts[:-1] + ts[1:])
-        b = x.shape[0]
+        h, t, b = on_device(ts.diff(), x), ts.to(x.device), x.shape[0]
+        t_mid = 0.5 * (t[:-1] + t[1:])
         for i in range(self.steps(nfe)):
-            d = teacher.velocity(x, ts[i].expand(b), cond)
+            d = teacher.velocity(x, t[i].expand(b), cond)
             if i < nfe // 2:
                 d = teacher.velocity(x + 0.5 * h[i] * d, t_mid[i].expand(b), cond)
             x = x + h[i] * d

@@ -85,11 +85,11 @@ class UniPC(Solver):
         orders, c = self.coefficients(GridNodes.of(teacher.schedule, ts))
         ratio, w_m, w_b, inv_r, rho_p, rho_c = (on_device(c[k], x) for k in
                                                 ("ratio", "w_m", "w_b", "inv_r", "rho_p", "rho_c"))
-        b = x.shape[0]
+        t, b = ts.to(x.device), x.shape[0]
         m: list = []  # x0 predictions at t_i, t_{i-1}, ...
         x_start = x  # x_{i-1}, where the step being corrected started
         for i, p in enumerate(orders):
-            m_new = teacher.predict_x0(x, ts[i].expand(b), cond)
+            m_new = teacher.predict_x0(x, t[i].expand(b), cond)
             if i > 0:  # UniC: correct step i - 1 with the evaluation at its predicted end
                 j, pj = i - 1, orders[i - 1]
                 d = [(m[k] - m[0]) * inv_r[j, k - 1] for k in range(1, pj)]
