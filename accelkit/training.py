@@ -33,7 +33,7 @@ import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -42,21 +42,15 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import Tensor, nn
 
-from .errors import AccelkitError
+from .artifacts import atomic_write_json, save_safetensors
+from .errors import AccelkitError, JobInterrupted
+from .jobs import Checkpointer, dist_env, progress_bar
 
 CHECKPOINT_FORMAT = 1
 
 
 class TrainingDiverged(AccelkitError):
     """The loss or the gradient norm became NaN or infinite; the last checkpoint on disk is still a good one."""
-
-
-class TrainingInterrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM arrived; a checkpoint of the last completed step was written before stopping."""
-
-    def __init__(self, step: int, checkpoint: Path | None):
-        super().__init__(f"interrupted after step {step}; checkpoint {checkpoint}")
-        self.step, self.checkpoint = step, checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------------- config
@@ -147,21 +141,14 @@ ValidateFn = Callable[["Trainer"], dict[str, float]]
 # ------------------------------------------------------------------------------------------------------ distributed
 
 
-def dist_info() -> tuple[int, int]:
-    """(rank, world size): from torch.distributed when initialised, else from torchrun's environment, else (0, 1)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-
-
 def init_distributed(device: torch.device) -> tuple[int, int]:
-    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA); a no-op for a single process."""
-    rank, world = dist_info()
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-        torch.distributed.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-    return dist_info()
+    """Join the process group torchrun set up (gloo on CPU, nccl on CUDA, this rank's GPU selected); returns
+    (rank, world size); a no-op for a single process."""
+    from .jobs import init_distributed as join
+
+    if device.type == "cuda" and dist_env()[1] > 1:
+        torch.cuda.set_device(device if device.index is not None else int(os.environ.get("LOCAL_RANK", 0)))
+    return join(str(device))
 
 
 def default_device() -> torch.device:
@@ -223,51 +210,17 @@ class EMA:
                 shadow[i].copy_(tensors[key])
 
 
-# -------------------------------------------------------------------------------------------------- file primitives
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    _write_file(path, (json.dumps(obj, indent=1, sort_keys=True) + "\n").encode())
-
-
-def _atomic_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    _write_json(tmp, obj)
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
-    from safetensors.torch import save
-
-    data = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    _write_file(path, save(data, metadata=metadata))
+# ------------------------------------------------------------------------------------------------- state as files
 
 
 def _load_tensors(path: Path) -> dict[str, Tensor]:
     from safetensors.torch import load_file
 
     return load_file(str(path))
+
+
+def _save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> None:
+    save_safetensors(path, {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata)
 
 
 def split_state(obj: Any, tensors: dict[str, Tensor], prefix: str = "") -> Any:
@@ -432,8 +385,9 @@ class Trainer:
         self.recent_losses: deque[float] = deque(maxlen=16)
         self.history: list[dict[str, float]] = []
         self.last_checkpoint: Path | None = None
-        self._stop_signal: int | None = None
-        self._last_ckpt_time = time.monotonic()
+        self._checkpointer: Checkpointer | None = None
+        self._stop: int | None = None  # the signal that stops every rank, once the ranks agreed on it
+        self._save_due = False
 
     # --------------------------------------------------------------------------------------------------- weights
 
@@ -487,7 +441,7 @@ class Trainer:
         data_plain = split_state(self.data.state_dict(), data_tensors) if hasattr(self.data, "state_dict") else None
         _save_tensors(tmp / f"rank{self.rank}.safetensors", {**{f"rng.{k}": v for k, v in rng_tensors.items()},
                                                                 **{f"data.{k}": v for k, v in data_tensors.items()}})
-        _write_json(tmp / f"rank{self.rank}.json", {"rng": rng_plain, "data": data_plain})
+        atomic_write_json(tmp / f"rank{self.rank}.json", {"rng": rng_plain, "data": data_plain})
         if self.rank == 0:
             _save_tensors(tmp / "model.safetensors", self.model.state_dict())
             _save_tensors(tmp / "ema.safetensors", self.ema.tensors(),
@@ -504,17 +458,14 @@ class Trainer:
                 "ema_updates": self.ema.updates,
                 "config": self.config.model_dump(mode="json"), "time": time.time(),
             }
-            _write_json(tmp / "state.json", state)  # written last: the checkpoint is complete once it exists
-            _fsync_dir(tmp)
+            atomic_write_json(tmp / "state.json", state)  # written last: the checkpoint is complete once it exists
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            _fsync_dir(root)
-            _atomic_json(root / "latest.json", {"checkpoint": name, "step": self.step})
+            atomic_write_json(root / "latest.json", {"checkpoint": name, "step": self.step})
             self._prune(root, keep=name)
         self._barrier()
         self.last_checkpoint = final
-        self._last_ckpt_time = time.monotonic()
         return final
 
     def _prune(self, root: Path, keep: str) -> None:
@@ -571,28 +522,6 @@ class Trainer:
         self.load_checkpoint(latest)
         return True
 
-    # ----------------------------------------------------------------------------------------------------- signals
-
-    @contextmanager
-    def _signals(self):
-        import threading
-
-        if threading.current_thread() is not threading.main_thread():
-            yield
-            return
-
-        def handler(signum, frame):
-            if self._stop_signal is not None:  # a second signal: stop now
-                raise KeyboardInterrupt
-            self._stop_signal = signum
-
-        old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
-            yield
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
     def _barrier(self) -> None:
         if self.world > 1:
             torch.distributed.barrier()
@@ -623,18 +552,22 @@ class Trainer:
             total += loss.detach().float() / len(micro)
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / len(micro)
-        # one reduction per step for the loss, the logged values and the stop flag, so every rank agrees on them
+        # One reduction per step carries the loss, the logged values, the signal that arrived (if any) and rank 0's
+        # checkpoint timer, so that every rank agrees on all of them.
         keys = sorted(extra)
-        stop = float(self._stop_signal is not None)
-        packed = torch.stack([total, *[extra[k].to(self.device) for k in keys],
-                              torch.tensor(stop, device=self.device)])
+        ck = self._checkpointer
+        signum = float(ck.signum or 0) if ck is not None else 0.0
+        timer = float(ck is not None and self.rank == 0 and ck.due())
+        packed = torch.cat([torch.stack([total, *[extra[k].to(self.device) for k in keys]]),
+                            torch.tensor([signum, timer], device=self.device)])
         if self.world > 1:
             torch.distributed.all_reduce(packed)
-            packed[:-1] /= self.world
+            packed[:-2] /= self.world
         values = packed.tolist()
         loss_value = values[0]
-        if packed[-1] > 0:
-            self._stop_signal = self._stop_signal or signal.SIGTERM
+        if values[-2] > 0:
+            self._stop = int(ck.signum) if ck is not None and ck.signum else signal.SIGTERM
+        self._save_due = values[-1] > 0 or self._stop is not None
         if not math.isfinite(loss_value):
             self._diverged(f"loss = {loss_value}")
         for group in self.optimizer.param_groups:
@@ -650,7 +583,7 @@ class Trainer:
         self.ema.update(self.model)
         self.step += 1
         self.recent_losses.append(loss_value)
-        logged = {"loss": loss_value, "lr": cfg.lr_at(self.step - 1), **dict(zip(keys, values[1:-1], strict=True))}
+        logged = {"loss": loss_value, "lr": cfg.lr_at(self.step - 1), **dict(zip(keys, values[1:-2], strict=True))}
         if grad_norm is not None:
             logged["grad_norm"] = grad_norm
         return logged
@@ -669,17 +602,10 @@ class Trainer:
         return int(json.loads((self.last_checkpoint / "state.json").read_text())["step"])
 
     def _checkpoint_due(self) -> bool:
-        cfg = self.config
         if self.checkpoint_dir is None:
             return False
-        if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0:
-            return True
-        due = cfg.checkpoint_interval_s and time.monotonic() - self._last_ckpt_time >= cfg.checkpoint_interval_s
-        if self.world > 1:  # ranks must agree: rank 0's clock decides
-            flag = torch.tensor(float(bool(due)), device=self.device)
-            torch.distributed.broadcast(flag, 0)
-            due = bool(flag.item())
-        return bool(due)
+        every = self.config.checkpoint_every
+        return bool(every and self.step % every == 0) or self._save_due
 
     def validate(self) -> dict[str, float]:
         if self.validate_fn is None:
@@ -696,8 +622,8 @@ class Trainer:
     def fit(self, resume: bool = True) -> dict[str, float]:
         """Train to ``config.steps`` (resuming from the latest checkpoint when ``resume``); returns the last logs.
 
-        Raises :class:`TrainingInterrupted` after checkpointing when SIGINT/SIGTERM arrives, and
-        :class:`TrainingDiverged` on a non-finite loss.
+        Raises :class:`accelkit.errors.JobInterrupted` after checkpointing when SIGINT/SIGTERM arrives (the CLI exits
+        with 128 + the signal number), and :class:`TrainingDiverged` on a non-finite loss.
         """
         cfg = self.config
         if resume and self.checkpoint_dir is not None and self.resume() and self.progress:
@@ -706,21 +632,32 @@ class Trainer:
             log(f"resumed from {self.last_checkpoint} at step {self.step}")
         self.model.train()
         logs: dict[str, float] = {}
-        start_step, t0 = self.step, time.monotonic()
-        with self._signals(), self._progress_bar() as bar:
-            while self.step < cfg.steps:
-                logs = self.train_step(next(self.data))
-                if cfg.validate_every and self.step % cfg.validate_every == 0 and self.step < cfg.steps:
-                    logs.update(self.validate())
-                if self.step % cfg.log_every == 0 or self.step == cfg.steps:
-                    logs["steps_per_s"] = (self.step - start_step) / max(1e-9, time.monotonic() - t0)
-                    self._log(logs)
-                bar(self.step, logs["loss"])
-                if self._stop_signal is not None:
-                    path = self.save_checkpoint() if self.checkpoint_dir is not None else None
-                    raise TrainingInterrupted(self.step, path)
-                if self.step < cfg.steps and self._checkpoint_due():
-                    self.save_checkpoint()
+        every = cfg.checkpoint_interval_s if cfg.checkpoint_interval_s > 0 else math.inf
+        with Checkpointer(every, what="training") as ckpt, \
+                progress_bar(cfg.steps, "train", completed=self.step, unit="step", disable=not self.progress) as bar:
+            self._checkpointer = ckpt
+            try:
+                last_shown = 0.0
+                while self.step < cfg.steps:
+                    logs = self.train_step(next(self.data))
+                    if cfg.validate_every and self.step % cfg.validate_every == 0 and self.step < cfg.steps:
+                        logs.update(self.validate())
+                    if self.step % cfg.log_every == 0 or self.step == cfg.steps:
+                        self._log(logs)
+                    bar.advance(1)
+                    if time.monotonic() - last_shown > 0.2:
+                        bar.update(description=f"train loss {logs['loss']:.4g}")
+                        last_shown = time.monotonic()
+                    if self._stop is not None:
+                        path = self.save_checkpoint() if self.checkpoint_dir is not None else None
+                        where = f"; checkpoint {path}" if path else ""
+                        raise JobInterrupted(f"training stopped by {signal.Signals(self._stop).name} after step "
+                                             f"{self.step}{where}; run the same command again to resume", self._stop)
+                    if self.step < cfg.steps and self._checkpoint_due():
+                        self.save_checkpoint()
+                        ckpt.saved()
+            finally:
+                self._checkpointer = None
         if self.validate_fn is not None:
             logs.update(self.validate())
             self._log(logs)
@@ -736,35 +673,9 @@ class Trainer:
         if self.on_log is not None:
             self.on_log(self.step, entry)
 
-    @contextmanager
-    def _progress_bar(self):
-        if not self.progress:
-            yield lambda step, loss: None
-            return
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-        from .console import err
-
-        columns = [TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]:.1f} it/s"),
-                   TextColumn("loss {task.fields[loss]:.4g}"), TimeRemainingColumn()]
-        with Progress(*columns, console=err, redirect_stdout=False, redirect_stderr=False) as progress:
-            task = progress.add_task("train", total=self.config.steps, completed=self.step, loss=float("nan"),
-                                     rate=0.0)
-            start, first = time.monotonic(), self.step
-            last = [0.0]
-
-            def update(step: int, loss: float) -> None:
-                now = time.monotonic()
-                if now - last[0] > 0.1 or step == self.config.steps:
-                    rate = (step - first) / max(1e-9, now - start)
-                    progress.update(task, completed=step, loss=loss, rate=rate)
-                    last[0] = now
-
-            yield update
-
 
 __all__ = [
-    "LoopConfig", "LoraSettings", "Trainer", "EMA", "TrainingDiverged", "TrainingInterrupted", "LossFn",
-    "ValidateFn", "ResumableIterator", "dist_info", "init_distributed", "default_device", "apply_lora",
+    "LoopConfig", "LoraSettings", "Trainer", "EMA", "TrainingDiverged", "LossFn",
+    "ValidateFn", "ResumableIterator", "init_distributed", "default_device", "apply_lora",
     "rng_state", "set_rng_state",
 ]

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from accelkit.data import BatchSampler, digits, fashion_mnist, load_dataset, tensor_file
-from accelkit.errors import AccelkitError
+from accelkit.errors import AccelkitError, JobInterrupted
 from accelkit.models.builtin import MLP
-from accelkit.training import EMA, LoopConfig, Trainer, TrainingDiverged, TrainingInterrupted
+from accelkit.training import EMA, LoopConfig, Trainer, TrainingDiverged
 
 
 def flow_noise(g, n):
@@ -120,9 +120,10 @@ def test_interrupt_signal_checkpoints_and_resumes(tmp_path):
 
     seed_globals()
     tr = make(tmp_path / "int", steps=20, loss=signalling_loss)
-    with pytest.raises(TrainingInterrupted) as info:
+    with pytest.raises(JobInterrupted) as info:
         tr.fit()
-    assert info.value.step == 13 and json.loads((tmp_path / "int" / "latest.json").read_text())["step"] == 13
+    assert info.value.signum == signal.SIGTERM and "after step 13" in str(info.value)
+    assert json.loads((tmp_path / "int" / "latest.json").read_text())["step"] == 13
     again = make(tmp_path / "int", steps=20, seed=1)
     again.fit()
     assert_same_state(full, again)

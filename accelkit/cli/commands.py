@@ -9,4 +9,5 @@ from . import inspect_cmd  # noqa: F401
 from . import run_cmd  # noqa: F401
 from . import rescale_cmd  # noqa: F401
 from . import sample_cmd  # noqa: F401
+from . import train_cmd  # noqa: F401
 from . import verify_cmd  # noqa: F401
