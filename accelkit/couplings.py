@@ -4,31 +4,27 @@ shuffled, resumable batches for the training stages (reflow, distillation).
 Shards are memory-mapped through safetensors; each shard's sha256 is checked against the manifest the first time it
 is touched, so a damaged shard stops training with a clear error (``accelkit couple --repair`` regenerates it).
 
-Batches: epoch e visits the rows in the order of a permutation drawn from a generator seeded with (seed, e); global
-batch b takes the next ``batch_size`` rows, crossing into the next epoch when one runs out; rank r of ``world`` keeps
-the r-th equal slice. The whole sampler state is the cursor ``{"batches", "epoch", "position"}``, so a resumed
-training run reads exactly the batches an uninterrupted one would, whatever the number of processes.
+Batches come from the training loop's :class:`accelkit.data.BatchSampler`: epoch e visits the rows in the order of a
+permutation drawn from a generator seeded with (seed, e); global batch b takes the next ``batch_size`` rows, crossing
+into the next epoch when one runs out; rank r of ``world`` keeps the r-th equal slice. The whole sampler state is
+the cursor ``{"batches", "epoch", "position"}``, so a resumed training run reads exactly the batches an
+uninterrupted one would, whatever the number of processes.
 """
 
 from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from .artifacts import Artifact
+from .data import BatchSampler
 from .errors import AccelkitError
-
-
-def _generator(*keys: int) -> torch.Generator:
-    state = np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint32)
-    return torch.Generator().manual_seed(int((int(state[0]) << 31) ^ int(state[1])) & ((1 << 63) - 1))
 
 
 class Couplings:
@@ -115,54 +111,18 @@ class Couplings:
         return CouplingBatches(self, batch_size, seed, rank, world)
 
 
-class CouplingBatches:
-    """Iterator of shuffled batches over :class:`Couplings`; state is :meth:`state_dict` / :meth:`load_state_dict`."""
+class CouplingBatches(BatchSampler):
+    """:class:`accelkit.data.BatchSampler` over couplings rows: the same seeded epochs, cursor and rank slices; each
+    batch is the dict of this rank's rows (``index``, ``noise``, ``sample``, ...)."""
 
     def __init__(self, data: Couplings, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
-        if batch_size < 1 or batch_size % world:
-            raise AccelkitError(f"batch size {batch_size}: expected a positive multiple of the {world} process(es)")
-        self.data, self.batch_size, self.seed, self.rank, self.world = data, batch_size, seed, rank, world
-        self.batches = self.epoch = self.position = 0
-        self._perm: Tensor | None = None
-        self._perm_epoch = -1
-
-    def permutation(self, epoch: int) -> Tensor:
-        if self._perm_epoch != epoch:
-            self._perm = torch.randperm(len(self.data), generator=_generator(self.seed, 0xC0, epoch))
-            self._perm_epoch = epoch
-        assert self._perm is not None
-        return self._perm
-
-    def _global_indices(self) -> Tensor:
-        parts, need = [], self.batch_size
-        while need > 0:
-            take = self.permutation(self.epoch)[self.position:self.position + need]
-            parts.append(take)
-            need -= len(take)
-            self.position += len(take)
-            if self.position >= len(self.data):
-                self.epoch, self.position = self.epoch + 1, 0
-        return torch.cat(parts)
-
-    def __iter__(self) -> Iterator[dict[str, Tensor]]:
-        return self
+        super().__init__(data, batch_size, seed, rank, world)  # type: ignore[arg-type]  (needs len and rows only)
 
     def __next__(self) -> dict[str, Tensor]:
         per = self.batch_size // self.world
         idx = self._global_indices()[self.rank * per:(self.rank + 1) * per]
         self.batches += 1
         return self.data.get(idx)
-
-    def state_dict(self) -> dict[str, int]:
-        return {"batches": self.batches, "epoch": self.epoch, "position": self.position, "seed": self.seed,
-                "batch_size": self.batch_size, "size": len(self.data)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        for key, mine in (("seed", self.seed), ("batch_size", self.batch_size), ("size", len(self.data))):
-            if key in state and int(state[key]) != mine:
-                raise AccelkitError(f"cannot resume the couplings sampler: checkpoint has {key} = {state[key]}, "
-                                    f"this run has {mine}")
-        self.batches, self.epoch, self.position = int(state["batches"]), int(state["epoch"]), int(state["position"])
 
 
 def open_couplings(path: str | os.PathLike, verify: bool = True, keys: Sequence[str] | None = None) -> Couplings:

@@ -182,6 +182,7 @@ def _describe(error: Mapping[str, Any], model: type[BaseModel] | None) -> str:
         return "required key is missing"
     expected = msg[0].lower() + msg[1:] if msg else "a valid value"
     expected = expected.replace("input should be", "expected").replace("value error, ", "")
+    expected = expected.replace(", got a number with a fractional part", " (no fractional part)")
     if isinstance(value, dict):  # a check across several keys: the message names them
         return expected
     shown = repr(value)

@@ -46,7 +46,8 @@ def draw_samples(
     seed: int,
     solver: str,
     nfe: int,
-    grid: str | Sequence[float] = "uniform",
+    grid: str | Sequence[float] | None = None,
+    grid_kw: dict | None = None,
     batch_size: int = 64,
     condition: ConditionFn | None = None,
     device: torch.device | str = "cpu",
@@ -55,7 +56,8 @@ def draw_samples(
     """``n`` samples (float32, on the CPU) of the teacher's ODE from the noise of (seed, 0) ... (seed, n - 1).
 
     Each batch starts at t = 1 from ``teacher.prior_sample(noise)`` and is integrated to t = 0 by
-    :func:`accelkit.solvers.solve` in ``nfe`` evaluations. ``on_batch(k)`` is called after each batch of k samples.
+    :func:`accelkit.solvers.solve` in ``nfe`` evaluations on ``grid`` (None: the solver's default for the schedule;
+    ``grid_kw`` such as ``shift`` go to the grid). ``on_batch(k)`` is called after each batch of k samples.
     """
     if n < 1:
         raise AccelkitError(f"number of samples {n}: expected at least 1")
@@ -68,7 +70,8 @@ def draw_samples(
         cond = condition(idx) if condition is not None else None
         if cond is not None:
             cond = cond.map(lambda v: v.to(device))
-        x = solve(teacher, teacher.prior_sample(noise), solver=solver, nfe=nfe, grid=grid, cond=cond)
+        x = solve(teacher, teacher.prior_sample(noise), solver=solver, nfe=nfe, grid=grid, cond=cond,
+                  **(grid_kw or {}))
         out.append(x.float().cpu())
         if on_batch is not None:
             on_batch(len(idx))

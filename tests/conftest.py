@@ -9,7 +9,8 @@ os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the machine is shared, and OpenMP threads spinning on a loaded CPU make small networks 10-40x slower.
+torch.set_num_threads(1)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -31,6 +32,7 @@ def run_cli(*args: str, input: str | None = None, cwd: str | None = None, env: d
     full_env = dict(os.environ)
     full_env["PYTHONPATH"] = REPO + os.pathsep + full_env.get("PYTHONPATH", "")
     full_env["HF_HUB_OFFLINE"] = "1"
+    full_env.setdefault("OMP_NUM_THREADS", "1")
     if env:
         full_env.update(env)
     return subprocess.run([sys.executable, "-m", "accelkit", *map(str, args)], input=input, capture_output=True,

@@ -64,16 +64,16 @@ def test_sample_png_grid_and_scatter(cli, files, tmp_path):
 @pytest.mark.slow
 def test_sample_tensors_equal_solver_and_do_not_depend_on_batch_size(cli, files, tmp_path):
     for b in (2, 5):
-        out = cli("sample", files / "ddpm", "--nfe", "3", "-n", "5", "--seed", "11", "--batch-size", str(b),
-                  "-o", tmp_path / f"b{b}.safetensors")
+        out = cli("sample", files / "ddpm", "--solver", "dpm++2m", "--grid", "logsnr", "--nfe", "3", "-n", "5",
+                  "--seed", "11", "--batch-size", str(b), "-o", tmp_path / f"b{b}.safetensors")
         assert out.returncode == 0, out.stderr
     s2, meta = read_safetensors(tmp_path / "b2.safetensors")
     s5, _ = read_safetensors(tmp_path / "b5.safetensors")
     assert json.loads(meta["settings"])["seed"] == 11
-    assert torch.allclose(s2["samples"], s5["samples"], atol=1e-5)
+    assert torch.allclose(s2["samples"], s5["samples"], rtol=1e-4, atol=1e-4)  # batched kernels round differently
     teacher = load_teacher(files / "ddpm")
-    ref = solve(teacher, sample_noise(11, range(5), (1, 8, 8)), solver="euler", nfe=3)
-    assert torch.allclose(s5["samples"], ref, atol=1e-5)
+    ref = solve(teacher, sample_noise(11, range(5), (1, 8, 8)), solver="dpm++2m", nfe=3, grid="logsnr")
+    assert torch.allclose(s5["samples"], ref, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.slow
@@ -97,14 +97,15 @@ def test_text_guidance(cli, files, tmp_path):
 
 @pytest.mark.slow
 def test_latent_pipeline_png_is_decoded_by_its_vae(cli, files, tmp_path):
-    out = cli("sample", files / "sd3-vae", "--nfe", "2", "-n", "2", "-o", tmp_path / "grid.png")
+    """... on the shifted grid with the scheduler's shift (3), as the SD3 pipeline samples."""
+    out = cli("sample", files / "sd3-vae", "--nfe", "2", "-n", "2", "--grid", "shift", "-o", tmp_path / "grid.png")
     assert out.returncode == 0, out.stderr
     from accelkit.images import image_grid
     from accelkit.models.diffusers_models import decode_latents, load_vae
 
     teacher = load_teacher(files / "sd3-vae")
     assert teacher.info["vae"] == str(files / "sd3-vae" / "vae")
-    latents = solve(teacher, sample_noise(0, range(2), (4, 8, 8)), nfe=2)
+    latents = solve(teacher, sample_noise(0, range(2), (4, 8, 8)), nfe=2, grid="shift", shift=3.0)
     expected = image_grid(decode_latents(load_vae(files / "sd3-vae" / "vae"), latents))
     got = np.asarray(Image.open(tmp_path / "grid.png").convert("RGB"))
     assert got.shape == expected.shape and np.abs(got.astype(int) - expected.astype(int)).max() <= 1

@@ -239,3 +239,17 @@ def test_config_weights_mismatch_and_unknown_architecture(pipes, tmp_path):
         load_teacher(bad)
     with pytest.raises(AccelkitError, match="not a model .this is a scheduler folder"):
         load_teacher(pipes["ddpm"] / "scheduler")
+
+
+def test_skipped_initialisation_is_restored_and_loading_overwrites_everything(tmp_path):
+    from accelkit.models.loading import weights_to_be_loaded
+
+    original = torch.nn.init.kaiming_uniform_
+    with pytest.raises(RuntimeError), weights_to_be_loaded():
+        assert torch.nn.init.kaiming_uniform_ is not original
+        raise RuntimeError("boom")
+    assert torch.nn.init.kaiming_uniform_ is original
+    teacher = builtin_teacher("unet")
+    loaded = load_teacher(save_teacher(teacher, tmp_path / "t.safetensors"))
+    for (k, a), b in zip(teacher.network.state_dict().items(), loaded.network.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

@@ -42,7 +42,7 @@ def test_set_values_parse_as_yaml():
     ("stages:\n  - couple: {teacher: t, n: 4, nfe: 0}\n",
      r"stages\[0\].couple.nfe: expected greater than or equal to 1, got 0"),
     ("stages:\n  - couple: {teacher: t, n: 4, solver: rk99}\n",
-     r"stages\[0\].couple.solver: expected one of euler, heun.*'rk99'"),
+     r"stages\[0\].couple.solver: expected one of .*euler.*, got 'rk99'"),
     ("stages:\n  - couple: {n: 4}\n", r"stages\[0\].couple.teacher: required key is missing"),
     ("stages:\n  - kouple: {n: 4}\n", r"stages\[0\].kouple: unknown stage; expected one of .*couple"),
     ("stages:\n  - couple: {teacher: t, n: 4, reflow_x: '@reflow'}\n", r"reflow_x: unknown key"),
@@ -100,3 +100,45 @@ def test_bad_recipe_fails_before_work_with_exit_2(cli, tmp_path):
     assert out.stderr.strip().startswith("error: ") and "stages[0].couple.n" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "runs").exists()
+
+
+def test_pipeline_references_earlier_outputs_and_reuses(tmp_path, monkeypatch):
+    """A two-stage pipeline through the registry: the second stage reads the first one's artifact via '@toy'."""
+    from pathlib import Path
+
+    from accelkit.artifacts import Artifact, read_manifest
+    from accelkit.pipeline import run_pipeline
+    from accelkit.recipes import StageRecipe, register_stage
+
+    monkeypatch.setenv("ACCELKIT_RUNS", str(tmp_path / "runs"))
+    calls = []
+
+    class ToyRecipe(StageRecipe):
+        """toy: writes value (+ the source artifact's value)."""
+
+        input_fields = ("source",)
+        value: int
+        source: str | None = None
+
+    def run_toy(recipe, output, force):
+        with Artifact.open(output, "toy", recipe, recipe.inputs(), force=force) as art:
+            if art.state != "complete":
+                calls.append(recipe.value)
+                base = int((Path(recipe.source) / "v.txt").read_text()) if recipe.source else 0
+                art.write_file("v.txt", str(base + recipe.value).encode())
+                art.complete()
+            return art.path
+
+    register_stage("toy", ToyRecipe, run_toy)
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("stages:\n  - toy: {value: 2}\n  - toy: {value: 40, source: '@toy'}\n")
+    plan = resolve_pipeline(recipe)
+    assert plan[1].refs == {"source": 0}
+    assert run_pipeline(plan, dry_run=True) is None and not (tmp_path / "runs").exists()
+    last = run_pipeline(plan)
+    assert (last / "v.txt").read_text() == "42" and calls == [2, 40]
+    first = Path(read_manifest(last)["inputs"]["source"]["path"])
+    assert first.parent == tmp_path / "runs" and first.name.startswith("toy-")
+    assert run_pipeline(resolve_pipeline(recipe)) == last and calls == [2, 40]  # both reused
+    recipe.write_text("stages:\n  - toy: {value: 3}\n  - toy: {value: 40, source: '@0'}\n")
+    assert (run_pipeline(resolve_pipeline(recipe)) / "v.txt").read_text() == "43" and calls == [2, 40, 3, 40]

@@ -250,3 +250,17 @@ def test_no_host_sync_in_the_step_loop(name):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert torch.isfinite(out).all()
+
+
+def test_ipndm_variable_step_weights():
+    """On a uniform grid they are iPNDM's Adams-Bashforth weights; on any grid they integrate cubics exactly."""
+    from accelkit.solvers.ipndm import ADAMS_BASHFORTH, variable_step_weights
+
+    uniform = torch.linspace(1, 0, 11, dtype=F64).tolist()
+    for p in range(1, 5):
+        assert np.allclose(variable_step_weights(uniform, 5, p), ADAMS_BASHFORTH[p], atol=1e-12)
+    ts = make_grid("edm", 10, schedule=EDMSchedule()).tolist()
+    c = variable_step_weights(ts, 6, 4)
+    q = np.poly1d([2.0, -1.0, 0.5, 3.0])
+    exact = np.polyint(q)(ts[7]) - np.polyint(q)(ts[6])
+    assert np.isclose((ts[7] - ts[6]) * sum(c[j] * q(ts[6 - j]) for j in range(4)), exact, rtol=1e-9)

@@ -10,6 +10,17 @@ from .common import emit, input_path
 from .main import app
 
 
+def _parse_grid(grid: str | None) -> str | list[float] | None:
+    if grid is None or "," not in grid:
+        return grid
+    try:
+        return [float(t) for t in grid.split(",")]
+    except ValueError:
+        from ..errors import AccelkitError
+
+        raise AccelkitError(f"--grid {grid!r}: expected a grid name or comma-separated times like 1,0.5,0") from None
+
+
 @app.command("couple")
 def couple(
     teacher: str | None = typer.Argument(None, help="Teacher checkpoint; missing or '-': read a path from stdin."),
@@ -43,8 +54,7 @@ def couple(
     flags = {"teacher": teacher_path, "n": n, "solver": solver, "nfe": nfe, "guidance": guidance,
              "conditions": conditions, "save_trajectory": save_trajectory, "batch_size": batch_size,
              "micro_batch": micro_batch, "shard_size": shard_size, "seed": seed, "dtype": dtype, "device": device,
-             "checkpoint_every": checkpoint_every,
-             "grid": None if grid is None else (grid if "," not in grid else [float(t) for t in grid.split(",")])}
+             "checkpoint_every": checkpoint_every, "grid": _parse_grid(grid)}
     spec = resolve_stage("couple", recipe, flags, set_)
     from ..pipeline import check_inputs, plan_stage, print_plan
 

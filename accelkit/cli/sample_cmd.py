@@ -35,13 +35,17 @@ def sample_command(
     path: str = typer.Argument(None, help="Teacher checkpoint (see accelkit inspect); '-' or missing: from stdin."),
     output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
                                "points) or .safetensors (the raw samples)."),
-    solver: str = typer.Option("euler", "--solver", help="ODE solver (see accelkit.solvers.SOLVER_NAMES)."),
+    solver: str = typer.Option("euler", "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
+                               "unipc, unipc2, ipndm, ipndm-v."),
     nfe: int = typer.Option(8, "--nfe", help="Network evaluations per sample."),
     n: int = typer.Option(16, "-n", "--num-samples", help="Number of samples."),
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (1 = no guidance; "
                                    "default: the teacher's own, 1 unless saved otherwise)."),
-    grid: str = typer.Option("uniform", "--grid", help="Time grid: a name, or comma-separated times from 1 to 0."),
+    grid: str = typer.Option(None, "--grid", help="Time grid: uniform, logsnr, edm, shift, or comma-separated "
+                             "times from 1 to 0 (default: the solver's choice for the schedule)."),
+    shift: float = typer.Option(None, "--shift", help="Shift of the 'shift' grid (default: the scheduler's "
+                                "recorded shift, else 3)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per batch (results do not depend on it)."),
     label: str = typer.Option(None, "--label", help="Class label(s) for class-conditional models, comma-separated, "
                               "cycled over the samples (default: 0, 1, 2, ...)."),
@@ -81,7 +85,7 @@ def sample_command(
         raise AccelkitError(f"--batch-size {batch_size}: expected at least 1")
     if guidance is not None and not math.isfinite(guidance):
         raise AccelkitError(f"--guidance {guidance}: expected a finite number")
-    time_grid = _parse_grid(grid)
+    time_grid = _parse_grid(grid) if grid is not None else None
     labels = _parse_labels(label) if label is not None else None
     path = input_path(path, "teacher checkpoint")
 
@@ -89,10 +93,10 @@ def sample_command(
 
     from ..console import err
     from ..models.loading import load_teacher
-    from ..solvers import GRID_NAMES, SOLVER_NAMES
+    from ..solvers import GRID_NAMES, solver_grid, solver_names
 
-    if solver not in SOLVER_NAMES:
-        raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(SOLVER_NAMES)}")
+    if solver not in solver_names():
+        raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(solver_names())}")
     if isinstance(time_grid, str) and time_grid not in GRID_NAMES:
         raise AccelkitError(f"--grid {time_grid!r}: unknown grid; expected one of {', '.join(GRID_NAMES)} "
                             "or comma-separated times")
@@ -105,6 +109,12 @@ def sample_command(
     if guidance != 1.0:
         _check_guidance(teacher, path, guidance, condition is not None)
     teacher.guidance_scale = guidance
+    grid_kw = {}
+    if shift is not None and time_grid != "shift":
+        raise AccelkitError(f"--shift {shift}: only used with --grid shift")
+    if time_grid == "shift":
+        grid_kw["shift"] = shift if shift is not None else float(teacher.info.get("shift", 3.0))
+    solver_grid(teacher, solver, nfe, time_grid, **grid_kw)  # checks NFE and grid before any work
     writer = _writer(out, teacher, path, allow_pickle, device)  # refuses an unsupported sample shape before any work
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
@@ -123,13 +133,14 @@ def sample_command(
             progress.update(task, rate=f"{done / elapsed:.1f} samples/s" if elapsed > 0 else "")
 
         with torch.inference_mode():
-            samples = draw_samples(teacher, n, seed=seed, solver=solver, nfe=nfe, grid=time_grid,
+            samples = draw_samples(teacher, n, seed=seed, solver=solver, nfe=nfe, grid=time_grid, grid_kw=grid_kw,
                                    batch_size=batch_size, condition=condition, device=device, on_batch=on_batch)
     if not bool(torch.isfinite(samples).all()):
         raise AccelkitError(f"{path}: sampling produced NaN or inf (solver {solver}, NFE {nfe}); "
                             "nothing was written")
+    out.parent.mkdir(parents=True, exist_ok=True)
     writer(samples, {"teacher": path, "solver": solver, "nfe": nfe, "n": n, "seed": seed, "guidance": guidance,
-                     "grid": time_grid, "batch_size": batch_size, "labels": labels, "cond": cond,
+                     "grid": time_grid, **grid_kw, "batch_size": batch_size, "labels": labels, "cond": cond,
                      "null_cond": null_cond})
     emit(str(out))
 
@@ -215,8 +226,8 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
     """A function writing the samples to ``out`` in the format its suffix names (checked now, before sampling)."""
     import json
 
+    from ..artifacts import atomic_write_bytes
     from ..errors import AccelkitError
-    from ..models.loading import _atomic_write_bytes
 
     shape = tuple(teacher.sample_shape)
     suffix = out.suffix.lower()
@@ -226,7 +237,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
             from safetensors.torch import save
 
             meta = {"format": "accelkit.samples/1", "settings": json.dumps(settings, default=str)}
-            _atomic_write_bytes(out, save({"samples": samples.contiguous()}, metadata=meta))
+            atomic_write_bytes(out, save({"samples": samples.contiguous()}, metadata=meta))
 
         return write_tensors
     if shape == (2,):
@@ -243,7 +254,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
         def write_grid(samples, settings):
             from ..images import image_grid, png_bytes
 
-            _atomic_write_bytes(out, png_bytes(image_grid(samples)))
+            atomic_write_bytes(out, png_bytes(image_grid(samples)))
 
         return write_grid
     vae_dir = getattr(teacher, "info", {}).get("vae")
@@ -256,7 +267,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
         def write_decoded(samples, settings):
             from ..images import image_grid, png_bytes
 
-            _atomic_write_bytes(out, png_bytes(image_grid(decode_latents(vae, samples))))
+            atomic_write_bytes(out, png_bytes(image_grid(decode_latents(vae, samples))))
 
         return write_decoded
     raise AccelkitError(f"-o {out}: a PNG needs 1- or 3-channel images or 2-D points, but {path} makes samples of "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -281,32 +280,6 @@ def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
 # accelkit's own single-file format
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash leaves the old file or the new one: temp file, fsync, rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:
-        dfd = os.open(path.parent, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dfd)
-    except OSError:
-        pass
-    finally:
-        os.close(dfd)
-
-
 def _jsonable(obj: Any) -> Any:
     try:
         return json.loads(json.dumps(obj))
@@ -354,9 +327,12 @@ def save_teacher(teacher: NetworkTeacher, path: str | os.PathLike) -> Path:
     """
     from safetensors.torch import save
 
+    from ..artifacts import atomic_write_bytes
+
     path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     tensors, meta = teacher_file_contents(teacher)
-    _atomic_write_bytes(path, save(tensors, metadata=meta))
+    atomic_write_bytes(path, save(tensors, metadata=meta))
     return path
 
 

@@ -26,18 +26,15 @@ ADAMS_BASHFORTH = {
 
 
 def variable_step_weights(ts: list[float], i: int, p: int) -> list[float]:
-    """Adams-Bashforth weights for the step t_i -> t_{i+1} through the nodes t_i, t_{i-1}, ..., t_{i-p+1}."""
-    nodes = [ts[i - j] for j in range(p)]
+    """Adams-Bashforth weights for the step t_i -> t_{i+1} through the nodes t_i, t_{i-1}, ..., t_{i-p+1}.
+
+    With t = t_i + s h and s_j = (t_{i-j} - t_i) / h, the weights integrate every polynomial of degree < p exactly:
+    sum_j c_j s_j^k = int_0^1 s^k ds = 1 / (k + 1), k = 0 .. p-1 (a Vandermonde system).
+    """
     h = ts[i + 1] - ts[i]
-    weights = []
-    for j in range(p):
-        basis = np.poly1d([1.0])
-        for k in range(p):
-            if k != j:
-                basis = basis * np.poly1d([1.0, -nodes[k]]) / (nodes[j] - nodes[k])
-        integral = np.polyint(basis)
-        weights.append(float((integral(ts[i + 1]) - integral(ts[i])) / h))
-    return weights
+    s = np.array([(ts[i - j] - ts[i]) / h for j in range(p)])
+    vandermonde = s[None, :] ** np.arange(p)[:, None]
+    return np.linalg.solve(vandermonde, 1.0 / np.arange(1, p + 1)).tolist()
 
 
 class IPNDM(Solver):

@@ -33,7 +33,7 @@ from torch import Tensor
 
 from ..artifacts import Artifact, file_problem, save_safetensors
 from ..console import log
-from ..errors import AccelkitError, JobInterrupted
+from ..errors import AccelkitError
 from ..jobs import Checkpointer, barrier, broadcast_object, init_distributed, progress_bar
 from ..recipes import StageRecipe, register_stage
 from ..teacher import Condition, Teacher
@@ -367,8 +367,6 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
             finish(art, recipe, teacher, ranges, redo, recorded, seconds, world)
         barrier()
         return path
-    except JobInterrupted:
-        raise
     finally:
         if art is not None:
             art.close()
