@@ -171,17 +171,30 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
-def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
-                     ) -> None:
-    """Atomically save a dict of tensors; metadata values are stored as strings (safetensors allows only those).
+def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None) -> bytes:
+    """A safetensors file's bytes, the same for the same tensors and metadata.
 
-    safetensors writes metadata keys in hash-map order: a file must have at most one metadata key to be
-    byte-for-byte reproducible (pack the rest as JSON in that key)."""
-    from safetensors.torch import save_file
+    safetensors writes its JSON header in hash-map order, so two saves of one dict can differ byte for byte. The
+    header is parsed and written back with sorted keys, padded with spaces to its original length (the format pads
+    the header to 8 bytes with spaces; reordering keys does not change the length). Metadata values that are not
+    strings are stored as JSON.
+    """
+    from safetensors.torch import save
 
     meta = {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in (metadata or {}).items()}
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+    raw = save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta or None)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.dumps(json.loads(raw[8:8 + n]), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    encoded = header.encode()
+    if len(encoded) > n:  # cannot happen for a header serde wrote compactly; keep the original rather than break it
+        return raw
+    return raw[:8] + encoded + b" " * (n - len(encoded)) + raw[8 + n:]
+
+
+def save_safetensors(path: str | os.PathLike, tensors: Mapping[str, Any], metadata: Mapping[str, Any] | None = None
+                     ) -> None:
+    """Atomically save a dict of tensors, byte-for-byte reproducibly (see :func:`safetensors_bytes`)."""
+    atomic_write_bytes(path, safetensors_bytes(tensors, metadata))
 
 
 # ------------------------------------------------------------------------------------------------------ manifest, lock

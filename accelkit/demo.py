@@ -108,8 +108,9 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
             rows += evaluate(teacher, noise, reference, [solver], _supported(solver, NFES), data=data)
         for solver in RESCALED_SOLVERS:
             rows += evaluate(rescaled, noise, reference, [solver], _supported(solver, NFES), data=data,
-                             method=f"rescaled ({rescaled.schedule.name})")
-        print_quality_table(rows, "accelkit demo: quality against NFE (RMSE/PSNR to the teacher's ODE endpoint)")
+                             method=rescaled.schedule.name)
+        print_quality_table(rows, f"quality against NFE: RMSE, PSNR (dB) to the teacher's ODE endpoint; SW2, MMD² to "
+                                  f"fresh data; ({rescaled.schedule.name}): the teacher rescaled to that schedule")
         art.write_json("quality.json", {"rows": [r.as_dict() for r in rows],
                                         "reference": {"solver": "heun", "nfe": int(plan[1].recipe.nfe)}})
 

@@ -78,13 +78,15 @@ def print_quality_table(rows: Sequence[QualityRow], title: str = "quality agains
     from .console import err
 
     table = Table(title=title)
-    for col in ("method", "solver", "NFE", "RMSE", "PSNR dB", "SW2 to data", "MMD² to data", "samples/s"):
-        table.add_column(col, justify="left" if col in ("method", "solver") else "right")
+    for col in ("solver", "NFE", "RMSE", "PSNR", "SW2", "MMD²", "samp/s"):
+        table.add_column(col, justify="left" if col == "solver" else "right")
 
     def fmt(v: float | None, spec: str) -> str:
         return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
+    methods = {r.method for r in rows}
     for r in rows:
-        table.add_row(r.method, r.solver, str(r.nfe), fmt(r.rmse, ".4f"), fmt(r.psnr, ".1f"),
-                      fmt(r.sliced_w2, ".4f"), fmt(r.mmd2, ".5f"), fmt(r.samples_per_s, ".0f"))
+        name = r.solver if len(methods) == 1 or r.method == "teacher" else f"{r.solver} ({r.method})"
+        table.add_row(name, str(r.nfe), fmt(r.rmse, ".4f"), fmt(r.psnr, ".1f"), fmt(r.sliced_w2, ".4f"),
+                      fmt(r.mmd2, ".5f"), fmt(r.samples_per_s, ".0f"))
     err.print(table)

@@ -172,3 +172,27 @@ def test_checkpointer_timer():
         assert ckpt.due()
     with Checkpointer(every=3600) as ckpt:
         assert not ckpt.due()
+
+
+def test_safetensors_files_are_byte_reproducible_with_many_metadata_keys(tmp_path):
+    """safetensors orders its header by hash map; ours is sorted, so the same content gives the same bytes."""
+    import torch
+    from safetensors.torch import load_file, safe_open
+
+    from accelkit.artifacts import safetensors_bytes
+    from accelkit.models.builtin import MLP, builtin_call
+    from accelkit.models.loading import save_teacher
+    from accelkit.schedules import LinearSchedule
+    from accelkit.teacher import NetworkTeacher
+
+    tensors = {"b": torch.randn(3, 2), "a": torch.arange(5)}
+    meta = {f"key{i}": "v" * i for i in range(30)}
+    assert len({safetensors_bytes(tensors, meta) for _ in range(10)}) == 1
+    (tmp_path / "x.safetensors").write_bytes(safetensors_bytes(tensors, meta))
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert torch.equal(back["a"], tensors["a"]) and torch.equal(back["b"], tensors["b"])
+    with safe_open(str(tmp_path / "x.safetensors"), "pt") as f:
+        assert f.metadata() == meta
+    teacher = NetworkTeacher(MLP(dim=2, hidden=8, depth=2), builtin_call, "flow", LinearSchedule(), (2,))
+    a, b = save_teacher(teacher, tmp_path / "a.safetensors"), save_teacher(teacher, tmp_path / "b.safetensors")
+    assert a.read_bytes() == b.read_bytes()

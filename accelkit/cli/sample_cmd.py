@@ -234,10 +234,10 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
     if suffix == ".safetensors":
 
         def write_tensors(samples, settings):
-            from safetensors.torch import save
+            from ..artifacts import safetensors_bytes
 
             meta = {"format": "accelkit.samples/1", "settings": json.dumps(settings, default=str)}
-            atomic_write_bytes(out, save({"samples": samples.contiguous()}, metadata=meta))
+            atomic_write_bytes(out, safetensors_bytes({"samples": samples}, meta))
 
         return write_tensors
     if shape == (2,):

@@ -325,14 +325,12 @@ def save_teacher(teacher: NetworkTeacher, path: str | os.PathLike) -> Path:
 
     The header holds everything :func:`load_teacher` needs to rebuild it (see the module docstring).
     """
-    from safetensors.torch import save
-
-    from ..artifacts import atomic_write_bytes
+    from ..artifacts import save_safetensors
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors, meta = teacher_file_contents(teacher)
-    atomic_write_bytes(path, save(tensors, metadata=meta))
+    save_safetensors(path, tensors, meta)
     return path
 
 
