@@ -49,7 +49,7 @@ def eval_command(
     from ..errors import AccelkitError
     from .common import emit, input_path
 
-    paths = [input_path(p, "model") for p in (paths or [None])]
+    paths = list(dict.fromkeys(input_path(p, "model") for p in (paths or [None])))  # each model once
     nfes = parse_nfes(nfe)
     solvers = [s.strip() for s in solver.split(",") if s.strip()]
     if n < 2:
