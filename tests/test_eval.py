@@ -160,7 +160,18 @@ def test_image_frechet_distance_on_pixels_equals_an_identity_feature_network(tmp
     assert feats["frechet"] == pytest.approx(pixels["frechet"], rel=1e-6)
 
 
-def test_bad_inputs_are_one_line_errors(setup, tmp_path):
+def run_in_process(args, monkeypatch, capsys):
+    """The console-script entry in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from accelkit.cli.main import run
+
+    monkeypatch.setattr("sys.argv", ["accelkit", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        run()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
+
+
+def test_bad_inputs_are_one_line_errors(setup, tmp_path, monkeypatch, capsys):
     root, teacher, couplings = setup
     (tmp_path / "notes.txt").write_text("hello")
     unet = unet_teacher(tmp_path / "unet.safetensors")
@@ -174,11 +185,16 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path):
         (("eval", unet, "--reference", couplings, "-n", "4"), "shape"),
         (("eval", teacher, "--reference", couplings, "-n", "1000"), "64"),
         (("eval", teacher, "--features", tmp_path / "notes.txt", "-n", "4"), "TorchScript"),
+        (("eval", teacher, "--data", "digits", "-n", "4"), "shape"),
     ]
-    for args, needle in cases:
-        proc = run_cli(*args)
-        assert proc.returncode == 2, (args, proc.stderr)
-        assert proc.stdout == ""
-        lines = proc.stderr.strip().splitlines()
-        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, proc.stderr)
-        assert "Traceback" not in proc.stderr
+    for k, (args, needle) in enumerate(cases):
+        if k < 2:  # the real command line, as a user runs it
+            proc = run_cli(*args)
+            code, out, err = proc.returncode, proc.stdout, proc.stderr
+        else:
+            code, out, err = run_in_process(args, monkeypatch, capsys)
+        assert code == 2, (args, err)
+        assert out == ""
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, err)
+        assert "Traceback" not in err
