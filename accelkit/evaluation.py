@@ -204,7 +204,10 @@ def reference_from_couplings(path: str, n: int, sample_shape: Sequence[int]) -> 
     from .couplings import open_couplings
     from .errors import AccelkitError
 
-    pairs = open_couplings(path, keys=["noise", "sample"])
+    try:
+        pairs = open_couplings(path, keys=["noise", "sample"])
+    except AccelkitError as e:
+        raise AccelkitError(f"--reference {path}: {e}; expected a couple artifact") from None
     if tuple(pairs.sample_shape) != tuple(sample_shape):
         raise AccelkitError(f"--reference {path}: its samples have shape {list(pairs.sample_shape)}, the models "
                             f"make {list(sample_shape)}; expected couplings of the same teacher")

@@ -181,7 +181,7 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, monkeypatch, capsys):
         (("eval", teacher, "--nfe", "0"), "--nfe"),
         (("eval", tmp_path / "notes.txt"), "notes.txt"),
         (("eval", couplings), "couple"),
-        (("eval", teacher, "--reference", teacher), "artifact"),
+        (("eval", teacher, "--reference", teacher), "--reference"),
         (("eval", unet, "--reference", couplings, "-n", "4"), "shape"),
         (("eval", teacher, "--reference", couplings, "-n", "1000"), "64"),
         (("eval", teacher, "--features", tmp_path / "notes.txt", "-n", "4"), "TorchScript"),
