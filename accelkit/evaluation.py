@@ -199,13 +199,15 @@ REFERENCE_SOLVER = "heun"
 REFERENCE_NFE = 200
 
 
-def reference_from_couplings(path: str, n: int, sample_shape: Sequence[int]) -> tuple[Tensor, Tensor, str]:
-    """The first ``n`` (noise, teacher ODE endpoint) rows of a ``couple`` artifact and a description of them."""
+def reference_from_couplings(path: str, n: int, sample_shape: Sequence[int]
+                             ) -> tuple[Tensor, Tensor, Condition | None, str]:
+    """The first ``n`` rows of a ``couple`` artifact: noise, the teacher's ODE endpoints, the conditions they were
+    drawn with (``cond.*`` columns, None when there are none), and a description of them."""
     from .couplings import open_couplings
     from .errors import AccelkitError
 
     try:
-        pairs = open_couplings(path, keys=["noise", "sample"])
+        pairs = open_couplings(path)
     except AccelkitError as e:
         raise AccelkitError(f"--reference {path}: {e}; expected a couple artifact") from None
     if tuple(pairs.sample_shape) != tuple(sample_shape):
@@ -213,9 +215,16 @@ def reference_from_couplings(path: str, n: int, sample_shape: Sequence[int]) -> 
                             f"make {list(sample_shape)}; expected couplings of the same teacher")
     if n > len(pairs):
         raise AccelkitError(f"-n {n}: --reference {path} holds only {len(pairs)} pairs")
+    pairs.keys = [k for k in pairs.keys if k in ("noise", "sample") or k.startswith("cond.")]
     rows = pairs[:n]
+    fields = {k[len("cond."):]: v for k, v in rows.items() if k.startswith("cond.")}
+    cond = None
+    if fields:
+        known = ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
+        cond = Condition(**{k: v for k, v in fields.items() if k in known},
+                         extra={k: v for k, v in fields.items() if k not in known})
     r = pairs.recipe
-    return rows["noise"], rows["sample"], f"couplings {path} ({r.get('solver')}, {r.get('nfe')} NFE)"
+    return rows["noise"], rows["sample"], cond, f"couplings {path} ({r.get('solver')}, {r.get('nfe')} NFE)"
 
 
 def train_data_name(path: str) -> str | None:

@@ -198,3 +198,15 @@ def test_bad_inputs_are_one_line_errors(setup, tmp_path, monkeypatch, capsys):
         lines = err.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error:") and needle in lines[0], (args, err)
         assert "Traceback" not in err
+
+
+def test_class_conditional_couplings_pass_their_labels(tmp_path, monkeypatch, capsys):
+    teacher = unet_teacher(tmp_path / "unet.safetensors", num_classes=3)
+    (tmp_path / "labels.json").write_text("[2, 0, 1]")
+    couplings = run_couple(CoupleRecipe(teacher=str(teacher), n=8, solver="euler", nfe=3, micro_batch=4,
+                                        shard_size=8, conditions=str(tmp_path / "labels.json")),
+                           output=tmp_path / "couple")
+    code, out, err = run_in_process(("eval", teacher, "--reference", couplings, "-n", "8", "--nfe", "3",
+                                     "--solver", "euler", "--batch-size", "4", "--json"), monkeypatch, capsys)
+    assert code == 0, err
+    assert json.loads(out)[0]["rmse"] < 1e-5  # the endpoints of labels 2, 0, 1, 2, ...: the same labels were used

@@ -111,21 +111,25 @@ def eval_command(
 
     torch.set_grad_enabled(False)
     if reference is not None:
-        noise, ref, ref_text = ev.reference_from_couplings(reference, n, shape)
+        noise, ref, cond, ref_text = ev.reference_from_couplings(reference, n, shape)
     else:
         from ..noise import sample_noise
+        from .sample_cmd import _condition
 
         noise = sample_noise(seed, range(n), shape)
+        cond_fn = _condition(teachers[paths[0]], paths[0], None, None)  # class models: labels 0, 1, ... cycled
+        cond = cond_fn(list(range(n))) if cond_fn is not None else None
         ref = ev.sample_batched(teachers[paths[0]], noise.to(device), ev.REFERENCE_SOLVER, reference_nfe,
-                                batch_size=batch_size)
+                                cond=_to(cond, device), batch_size=batch_size)
         ref_text = f"{paths[0]} solved with {ev.REFERENCE_SOLVER} at {reference_nfe} NFE"
+    cond = _to(cond, device)
     noise, ref = noise.to(device), ref.to(device)
 
     rows: list[ev.QualityRow] = []
     for p, teacher in teachers.items():
         for s, ks in runs.items():
-            rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, batch_size=batch_size,
-                                features=feature_net, straightness=True)
+            rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=cond,
+                                batch_size=batch_size, features=feature_net, straightness=True)
     distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
                                              f"; FD to {data_name} on " + (f"features of {features}" if features
                                                                            else "pixels"))
@@ -150,3 +154,7 @@ def _json_value(v):
     import math
 
     return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _to(cond, device: str):
+    return cond.map(lambda v: v.to(device)) if cond is not None else None
