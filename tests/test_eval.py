@@ -210,3 +210,23 @@ def test_class_conditional_couplings_pass_their_labels(tmp_path, monkeypatch, ca
                                      "--solver", "euler", "--batch-size", "4", "--json"), monkeypatch, capsys)
     assert code == 0, err
     assert json.loads(out)[0]["rmse"] < 1e-5  # the endpoints of labels 2, 0, 1, 2, ...: the same labels were used
+
+
+def test_distances_default_to_the_data_set_of_a_train_artifact(tmp_path, monkeypatch, capsys):
+    from accelkit.stages.train import TrainRecipe, run_train
+    from accelkit.training import LoopConfig
+
+    train = run_train(TrainRecipe(data="rings", data_size=256, batch_size=64, eval_samples=0, device="cpu",
+                                  loop=LoopConfig(steps=5, lr=1e-3, checkpoint_every=5)), output=tmp_path / "train")
+    code, out, err = run_in_process(("eval", train, "-n", "32", "--nfe", "2", "--solver", "euler",
+                                     "--reference-nfe", "4", "--json"), monkeypatch, capsys)
+    assert code == 0, err
+    assert "SW2, MMD² to rings" in " ".join(err.split())
+    from accelkit.data import load_dataset
+    from accelkit.evaluation import sample_batched
+    from accelkit.models.loading import load_teacher
+    from accelkit.noise import sample_noise
+
+    x = sample_batched(load_teacher(train), sample_noise(0, range(32), (2,)), "euler", 2)
+    data = load_dataset("rings", size=32, seed=0).samples
+    assert json.loads(out)[0]["sliced_w2"] == pytest.approx(sliced_wasserstein(x, data), rel=1e-5)
