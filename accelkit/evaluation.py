@@ -86,7 +86,9 @@ def path_straightness(x_start: Tensor, x_end: Tensor, t_start: float, t_end: flo
         S = int E |c - v(x_t, t)|^2 dt / ((t_start - t_end) E |c|^2),   c = (x_start - x_end) / (t_start - t_end),
 
     the velocity's deviation from the constant one of the straight line between the path's ends, relative to that
-    line's speed; 0 exactly when every evaluated velocity equals the chord. The integral is the left Riemann sum over
+    line's speed; 0 exactly when every evaluated velocity equals the chord. Velocities are dx/dt in the teacher's own
+    time: under a linear schedule this is Liu et al.'s measure; under others a non-constant speed along a straight
+    line also counts. The integral is the left Riemann sum over
     the distinct times at which the solver evaluated the network (repeated times averaged), each held until the next
     one. Returns (the un-normalised numerator summed over rows, sum over rows of |c|^2 (t_start - t_end)), so batches
     add up; the ratio is S.
@@ -225,6 +227,17 @@ def reference_from_couplings(path: str, n: int, sample_shape: Sequence[int]
                          extra={k: v for k, v in fields.items() if k not in known})
     r = pairs.recipe
     return rows["noise"], rows["sample"], cond, f"couplings {path} ({r.get('solver')}, {r.get('nfe')} NFE)"
+
+
+def couplings_size(path: str) -> int:
+    """The number of pairs in a ``couple`` artifact (its manifest only; the shards are not opened)."""
+    from .artifacts import Artifact
+    from .errors import AccelkitError
+
+    try:
+        return int(Artifact.read(path, "couple").manifest["summary"]["samples"])
+    except AccelkitError as e:
+        raise AccelkitError(f"--reference {path}: {e}; expected a couple artifact") from None
 
 
 def train_data_name(path: str) -> str | None:

@@ -230,3 +230,13 @@ def test_distances_default_to_the_data_set_of_a_train_artifact(tmp_path, monkeyp
     x = sample_batched(load_teacher(train), sample_noise(0, range(32), (2,)), "euler", 2)
     data = load_dataset("rings", size=32, seed=0).samples
     assert json.loads(out)[0]["sliced_w2"] == pytest.approx(sliced_wasserstein(x, data), rel=1e-5)
+
+
+def test_model_path_from_stdin_and_n_defaults_to_the_couplings_size(setup):
+    root, teacher, couplings = setup
+    rows = json_rows(run_cli("eval", "--reference", couplings, "--nfe", "40", "--solver", "heun", "--batch-size",
+                             "16", "--json", input=f"{teacher}\n"))
+    assert len(rows) == 1 and rows[0]["rmse"] < 1e-6
+    code = run_cli("eval", teacher, "--reference", couplings, "--nfe", "1", "--solver", "euler", "--json")
+    assert code.returncode == 0, code.stderr
+    assert "n = 64" in code.stderr

@@ -6,6 +6,8 @@ import typer
 
 from .main import app
 
+DEFAULT_SAMPLES = 1000
+
 
 def parse_nfes(text: str) -> list[int]:
     """``"1,2,4,8"`` -> [1, 2, 4, 8]: positive integers, no repeats."""
@@ -36,7 +38,8 @@ def eval_command(
                              "name or a .safetensors/.npy file (default: the data set of a train artifact)."),
     features: str = typer.Option(None, "--features", help="TorchScript feature network for the Frechet distance on "
                                  "images (default: on the pixels)."),
-    n: int = typer.Option(1000, "-n", "--num-samples", help="Samples per (model, solver, NFE)."),
+    n: int = typer.Option(None, "-n", "--num-samples", help="Samples per (model, solver, NFE) (default 1000, or "
+                          "every pair of a smaller --reference)."),
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i); also draws the data."),
     as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list on stdout."),
     plot: str = typer.Option(None, "--plot", help="Write a PNG of RMSE against NFE to this file."),
@@ -52,6 +55,8 @@ def eval_command(
     paths = list(dict.fromkeys(input_path(p, "model") for p in (paths or [None])))  # each model once
     nfes = parse_nfes(nfe)
     solvers = [s.strip() for s in solver.split(",") if s.strip()]
+    n_given = n is not None
+    n = DEFAULT_SAMPLES if n is None else n
     if n < 2:
         raise AccelkitError(f"-n {n}: expected at least 2 samples")
     if batch_size < 1:
@@ -94,6 +99,8 @@ def eval_command(
         if tuple(t.sample_shape) != shape:
             raise AccelkitError(f"{p}: makes samples of shape {list(t.sample_shape)}, {paths[0]} makes "
                                 f"{list(shape)}; models compared must share a sample shape")
+    if reference is not None and not n_given:
+        n = min(n, ev.couplings_size(reference))
     feature_net = ev.load_feature_network(features, device) if features is not None else None
     data_name = data
     if data is None:
@@ -109,7 +116,6 @@ def eval_command(
         pick = torch.randperm(len(ds), generator=g)[:n] if len(ds) > n else torch.arange(len(ds))
         data_samples = ds.samples[pick].to(device)
 
-    torch.set_grad_enabled(False)
     if reference is not None:
         noise, ref, cond, ref_text = ev.reference_from_couplings(reference, n, shape)
     else:
