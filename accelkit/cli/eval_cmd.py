@@ -144,11 +144,11 @@ def eval_command(
         from ..plots import plot_quality
 
         curves: dict[str, tuple[list[int], list[float]]] = {}
-        for r in rows:
+        for r in sorted(rows, key=lambda r: r.nfe):  # each line from few NFE to many, whatever order --nfe gave
             key = r.solver if len(teachers) == 1 else f"{r.solver}, {r.method}"
             curves.setdefault(key, ([], []))
             curves[key][0].append(r.nfe)
-            curves[key][1].append(max(r.rmse, 1e-12))
+            curves[key][1].append(max(r.rmse, 1e-12))  # log axis: an exact match is drawn at 1e-12
         plot_quality(curves, plot, "RMSE to the teacher's ODE endpoint", "quality against NFE")
         log(f"plot: {plot}")
     if as_json:
