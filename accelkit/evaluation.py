@@ -71,6 +71,32 @@ def evaluate(teacher: Teacher, noise: Tensor, reference: Tensor, solvers: Sequen
     return rows
 
 
+@torch.no_grad()
+def straightness(teacher: Teacher, noise: Tensor, nfe: int = 64, cond: Condition | None = None) -> float:
+    """Trajectory straightness (Liu et al. 2022, "Flow straight and fast", eq. for S(Z)) of ``teacher``'s ODE:
+
+        S = int_0^1 E || (x_1 - x_0) - v(x_t, t) ||^2 dt,
+
+    along the teacher's own trajectories from x_1 = prior_sample(noise) to their endpoints x_0, t from 1 (noise) to
+    0 (data), v = dx/dt. Euler on ``nfe`` uniform steps gives the trajectory and a left Riemann sum the integral;
+    the squared norm is averaged over the elements (so 2-D and image values compare per dimension). S = 0 exactly
+    when every trajectory is a straight line travelled at constant speed, which one Euler step then solves exactly.
+    """
+    ts = torch.linspace(1.0, 0.0, nfe + 1, dtype=torch.float64)
+    x = teacher.prior_sample(noise)
+    x1 = x
+    velocities = []
+    for k in range(nfe):
+        t = ts[k].expand(x.shape[0]).to(x.device)
+        v = teacher.velocity(x, t, cond).to(x.dtype)
+        velocities.append(v)
+        x = x + (ts[k + 1] - ts[k]).item() * v
+    chord = x1 - x  # (x_1 - x_0) / (1 - 0)
+    dims = tuple(range(1, x.ndim))
+    gaps = [((chord - v).double() ** 2).mean(dim=dims) for v in velocities]
+    return float(sum(g.mean() for g in gaps) / nfe)
+
+
 def print_quality_table(rows: Sequence[QualityRow], title: str = "quality against NFE") -> None:
     """A rich table of ``rows`` on stderr."""
     from rich.table import Table
