@@ -1,0 +1,34 @@
+"""`accelkit demo` runs the pipeline end to end, prints its table, writes its plots and reuses itself."""
+
+import json
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+
+def test_show_recipe_is_the_shipped_recipe(cli):
+    r = cli("demo", "--show-recipe")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == (Path(REPO) / "recipes" / "demo.yaml").read_text()
+
+
+@pytest.mark.slow
+def test_demo_small_end_to_end_and_reused(tmp_path, cli):
+    sets = ["--set", "train.loop.steps=300", "--set", "couple.n=500", "--set", "couple.shard_size=250"]
+    r = cli("demo", *sets, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / r.stdout.strip()
+    assert len(r.stdout.strip().splitlines()) == 1 and out.is_dir()
+    assert "quality against NFE" in r.stderr and "dpm++2m" in r.stderr
+    for name in ("quality.png", "samples.png"):
+        assert (out / name).read_bytes()[:4] == b"\x89PNG"
+    rows = json.loads((out / "quality.json").read_text())["rows"]
+    euler = {r["nfe"]: r["rmse"] for r in rows if r["solver"] == "euler" and r["method"] == "teacher"}
+    assert euler[1] > euler[4] > euler[16]  # more steps, closer to the ODE endpoint
+    best8 = min(r["rmse"] for r in rows if r["nfe"] == 8 and r["method"] == "teacher")
+    assert best8 < 0.5 * euler[8]  # a higher-order solver is much closer than Euler at the same NFE
+    again = cli("demo", *sets, cwd=tmp_path)
+    assert again.returncode == 0 and again.stdout == r.stdout and "reuse" in again.stderr
+    bad = cli("demo", "--set", "train.loop.steps=-1", cwd=tmp_path)
+    assert bad.returncode == 2 and "steps" in bad.stderr and "Traceback" not in bad.stderr
