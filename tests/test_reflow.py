@@ -169,3 +169,17 @@ def test_bad_input_is_one_line_exit_2(flow_run, cli, tmp_path):
         assert r.returncode == 2, (args, r.stderr)
         assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_toy2d_reflow_recipe_runs_two_rounds(cli, tmp_path):
+    """recipes/toy2d-reflow.yaml, shrunk by --set: the second student is a 2-rectified flow of the first."""
+    shrink = ["train.loop.steps=300", "train.network.hidden=64", "train.network.depth=2", "train.eval_samples=0",
+              "couple.n=1024", "couple.shard_size=1024", "couple.micro_batch=256", "reflow.loop.steps=150",
+              "reflow.eval_samples=300", "reflow.batch_size=128", "train.device=cpu", "reflow.device=cpu"]
+    args = [a for s in shrink for a in ("--set", s)]
+    r = cli("run", os.path.join(REPO, "recipes", "toy2d-reflow.yaml"), *args, cwd=str(tmp_path), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    students = [json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "runs").glob("reflow-*")]
+    assert sorted(m["summary"]["rounds"] for m in students) == [1, 2]
+    for m in students:
+        assert m["summary"]["straightness"]["student"] < 0.5 * m["summary"]["straightness"]["teacher"]
