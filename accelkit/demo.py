@@ -52,7 +52,7 @@ stages:
       couplings: "@couple"
       method: rectified-flow
       batch_size: 256
-      loop: {steps: 1000, lr: 1.0e-3, warmup_steps: 20}
+      loop: {steps: 500, lr: 1.0e-3, warmup_steps: 20}
 """
 
 SOLVERS = ("euler", "heun", "midpoint", "dpm++2m", "dpm++3m", "unipc", "ipndm")
