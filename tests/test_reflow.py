@@ -171,6 +171,7 @@ def test_bad_input_is_one_line_exit_2(flow_run, cli, tmp_path):
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_toy2d_reflow_recipe_runs_two_rounds(cli, tmp_path):
     """recipes/toy2d-reflow.yaml, shrunk by --set: the second student is a 2-rectified flow of the first."""
     shrink = ["train.loop.steps=300", "train.network.hidden=64", "train.network.depth=2", "train.eval_samples=0",
@@ -183,3 +184,28 @@ def test_toy2d_reflow_recipe_runs_two_rounds(cli, tmp_path):
     assert sorted(m["summary"]["rounds"] for m in students) == [1, 2]
     for m in students:
         assert m["summary"]["straightness"]["student"] < 0.5 * m["summary"]["straightness"]["teacher"]
+
+
+def test_time_densities_match_their_cdfs():
+    import math
+
+    from accelkit.objectives import sample_times
+
+    g = torch.Generator().manual_seed(0)
+    a = 4.0
+    t = sample_times("u-shaped", g, 200_000, u_shape=a)
+    for x in (0.05, 0.25, 0.5, 0.8):
+        cdf = (math.sinh(a * (x - 0.5)) + math.sinh(a / 2)) / (2 * math.sinh(a / 2))
+        assert abs(float((t <= x).double().mean()) - cdf) < 0.005, x
+    ln = sample_times("logit-normal", g, 200_000, logit_mean=1.0, logit_std=0.5)
+    logit = torch.log(ln / (1 - ln))
+    assert abs(float(logit.mean()) - 1.0) < 0.01 and abs(float(logit.std()) - 0.5) < 0.01
+
+
+def test_pseudo_huber_and_u_shaped_times_train_a_one_step_student(flow_run, fresh, tmp_path):
+    train, couple, _ = flow_run
+    data, noise = fresh
+    out = reflow(couple, tmp_path / "ph", "rectified-flow", steps=300, loss="pseudo-huber", timesteps="u-shaped")
+    teacher, student = load_teacher(train), load_teacher(out)
+    s1, t1 = sw(student, noise, data, "euler", 1), best_teacher_sw(teacher, noise, data, 1)
+    assert s1 < 0.5 * t1, (s1, t1)
