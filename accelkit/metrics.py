@@ -51,3 +51,38 @@ def mmd(x: Tensor, y: Tensor, bandwidth: float | None = None) -> float:
     sxx = (kxx.sum() - kxx.diagonal().sum()) / (n * (n - 1))
     syy = (kyy.sum() - kyy.diagonal().sum()) / (m * (m - 1))
     return float(sxx + syy - 2 * kxy.mean())
+
+
+def feature_statistics(features: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and (unbiased) covariance of feature rows, float64: the Gaussian that the Frechet distance compares."""
+    f = features.reshape(features.shape[0], -1).double()
+    if f.shape[0] < 2:
+        raise ValueError(f"feature statistics need at least 2 samples, got {f.shape[0]}")
+    mu = f.mean(0)
+    centred = f - mu
+    return mu, centred.T @ centred / (f.shape[0] - 1)
+
+
+def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> float:
+    """Frechet (Wasserstein-2) distance squared between N(mu1, cov1) and N(mu2, cov2) (Dowson & Landau 1982; the
+    FID of Heusel et al. 2017 on Inception features):
+
+        d^2 = |mu1 - mu2|^2 + tr(cov1 + cov2 - 2 (cov1^1/2 cov2 cov1^1/2)^1/2).
+
+    The trace of the cross term is computed through the symmetric matrix cov1^1/2 cov2 cov1^1/2, whose square root
+    comes from an eigendecomposition (its eigenvalues are those of cov1 cov2, clipped at 0 against round-off).
+    """
+    mu1, mu2 = torch.as_tensor(mu1).double().reshape(-1), torch.as_tensor(mu2).double().reshape(-1)
+    cov1, cov2 = torch.as_tensor(cov1).double(), torch.as_tensor(cov2).double()
+    if mu1.shape != mu2.shape or cov1.shape != cov2.shape or cov1.shape != (len(mu1), len(mu1)):
+        raise ValueError(f"frechet_distance: shapes {tuple(mu1.shape)}, {tuple(cov1.shape)} and {tuple(mu2.shape)}, "
+                         f"{tuple(cov2.shape)} do not describe two Gaussians of one dimension")
+
+    def psd_sqrt(m: Tensor) -> Tensor:
+        w, v = torch.linalg.eigh((m + m.T) / 2)
+        return (v * w.clamp(min=0).sqrt()) @ v.T
+
+    s1 = psd_sqrt(cov1)
+    cross = torch.linalg.eigvalsh(s1 @ ((cov2 + cov2.T) / 2) @ s1).clamp(min=0).sqrt().sum()
+    d2 = float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * cross)
+    return max(d2, 0.0)

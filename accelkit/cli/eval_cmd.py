@@ -1,0 +1,166 @@
+"""``accelkit eval ARTIFACT...``: teachers, students and solvers compared on the same noise, quality against NFE."""
+
+from __future__ import annotations
+
+import typer
+
+from .main import app
+
+DEFAULT_SAMPLES = 1000
+
+
+def parse_nfes(text: str) -> list[int]:
+    """``"1,2,4,8"`` -> [1, 2, 4, 8]: positive integers, no repeats."""
+    from ..errors import AccelkitError
+
+    try:
+        nfes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        nfes = []
+    if not nfes or any(n < 1 for n in nfes) or len(set(nfes)) != len(nfes):
+        raise AccelkitError(f"--nfe {text!r}: expected distinct positive integers separated by commas, e.g. 1,2,4,8")
+    return nfes
+
+
+@app.command("eval")
+def eval_command(
+    paths: list[str] = typer.Argument(None, help="Teachers / students to compare (any checkpoint accelkit sample "
+                                      "takes); missing or '-': one path from stdin."),
+    nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
+    solver: str = typer.Option("euler,dpm++2m", "--solver", help="Comma-separated ODE solvers: euler, heun, "
+                               "midpoint, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v."),
+    reference: str = typer.Option(None, "--reference", help="A couple artifact: its first N noises and the "
+                                  "teacher's ODE endpoints from them (default: noise of (seed, i), endpoints of the "
+                                  "first model solved with heun at --reference-nfe)."),
+    reference_nfe: int = typer.Option(200, "--reference-nfe", help="NFE of the heun reference solve without "
+                                      "--reference."),
+    data: str = typer.Option(None, "--data", help="Data to measure distribution distances against: a data set "
+                             "name or a .safetensors/.npy file (default: the data set of a train artifact)."),
+    features: str = typer.Option(None, "--features", help="TorchScript feature network for the Frechet distance on "
+                                 "images (default: on the pixels)."),
+    n: int = typer.Option(None, "-n", "--num-samples", help="Samples per (model, solver, NFE) (default 1000, or "
+                          "every pair of a smaller --reference)."),
+    seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i); also draws the data."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list on stdout."),
+    plot: str = typer.Option(None, "--plot", help="Write a PNG of RMSE against NFE to this file."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Samples per batch."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled checkpoints (weights_only)."),
+) -> None:
+    """Quality against NFE of every model with every solver on the same noise: RMSE / PSNR to the teacher's ODE
+    endpoint, distribution distance to data, path straightness and samples per second (table on stderr)."""
+    from ..errors import AccelkitError
+    from .common import emit, input_path
+
+    paths = list(dict.fromkeys(input_path(p, "model") for p in (paths or [None])))  # each model once
+    nfes = parse_nfes(nfe)
+    solvers = [s.strip() for s in solver.split(",") if s.strip()]
+    n_given = n is not None
+    n = DEFAULT_SAMPLES if n is None else n
+    if n < 2:
+        raise AccelkitError(f"-n {n}: expected at least 2 samples")
+    if batch_size < 1:
+        raise AccelkitError(f"--batch-size {batch_size}: expected at least 1")
+    if reference_nfe < 2:
+        raise AccelkitError(f"--reference-nfe {reference_nfe}: expected at least 2")
+    if plot is not None and not plot.lower().endswith(".png"):
+        raise AccelkitError(f"--plot {plot}: expected a file name ending in .png")
+
+    import json
+
+    import torch
+
+    from .. import evaluation as ev
+    from ..console import log
+    from ..data import load_dataset
+    from ..models.loading import load_teacher
+    from ..solvers import get_solver, solver_names
+
+    for s in solvers or [""]:
+        if s not in solver_names():
+            raise AccelkitError(f"--solver {s!r}: unknown solver; expected one of {', '.join(solver_names())}")
+    runs: dict[str, list[int]] = {}
+    for s in solvers:
+        ok = []
+        for k in nfes:
+            try:
+                get_solver(s).steps(k)
+                ok.append(k)
+            except AccelkitError:
+                log(f"note: {s} cannot take {k} NFE; left out")
+        if ok:
+            runs[s] = ok
+    if not runs:
+        raise AccelkitError(f"--nfe {nfe}: none of the solvers {', '.join(solvers)} can take these NFEs")
+
+    teachers = {p: load_teacher(p, device=device, allow_pickle=allow_pickle) for p in paths}
+    shape = tuple(teachers[paths[0]].sample_shape)
+    for p, t in teachers.items():
+        if tuple(t.sample_shape) != shape:
+            raise AccelkitError(f"{p}: makes samples of shape {list(t.sample_shape)}, {paths[0]} makes "
+                                f"{list(shape)}; models compared must share a sample shape")
+    if reference is not None and not n_given:
+        n = min(n, ev.couplings_size(reference))
+    feature_net = ev.load_feature_network(features, device) if features is not None else None
+    data_name = data
+    if data is None:
+        data_name = next((d for d in (ev.train_data_name(p) for p in [*paths, *([reference] if reference else [])])
+                          if d), None)
+    data_samples = None
+    if data_name is not None:
+        ds = load_dataset(data_name, size=n, seed=seed)
+        if ds.sample_shape != shape:
+            raise AccelkitError(f"--data {data_name}: samples of shape {list(ds.sample_shape)}, the models make "
+                                f"{list(shape)}")
+        g = torch.Generator().manual_seed(seed)
+        pick = torch.randperm(len(ds), generator=g)[:n] if len(ds) > n else torch.arange(len(ds))
+        data_samples = ds.samples[pick].to(device)
+
+    if reference is not None:
+        noise, ref, cond, ref_text = ev.reference_from_couplings(reference, n, shape)
+    else:
+        from ..noise import sample_noise
+        from .sample_cmd import _condition
+
+        noise = sample_noise(seed, range(n), shape)
+        cond_fn = _condition(teachers[paths[0]], paths[0], None, None)  # class models: labels 0, 1, ... cycled
+        cond = cond_fn(list(range(n))) if cond_fn is not None else None
+        ref = ev.sample_batched(teachers[paths[0]], noise.to(device), ev.REFERENCE_SOLVER, reference_nfe,
+                                cond=_to(cond, device), batch_size=batch_size)
+        ref_text = f"{paths[0]} solved with {ev.REFERENCE_SOLVER} at {reference_nfe} NFE"
+    cond = _to(cond, device)
+    noise, ref = noise.to(device), ref.to(device)
+
+    rows: list[ev.QualityRow] = []
+    for p, teacher in teachers.items():
+        for s, ks in runs.items():
+            rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=cond,
+                                batch_size=batch_size, features=feature_net, straightness=True)
+    distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
+                                             f"; FD to {data_name} on " + (f"features of {features}" if features
+                                                                           else "pixels"))
+    ev.print_quality_table(rows, f"RMSE, PSNR (dB) to {ref_text}{distance}; n = {n}")
+    if plot is not None:
+        from ..plots import plot_quality
+
+        curves: dict[str, tuple[list[int], list[float]]] = {}
+        for r in sorted(rows, key=lambda r: r.nfe):  # each line from few NFE to many, whatever order --nfe gave
+            key = r.solver if len(teachers) == 1 else f"{r.solver}, {r.method}"
+            curves.setdefault(key, ([], []))
+            curves[key][0].append(r.nfe)
+            curves[key][1].append(max(r.rmse, 1e-12))  # log axis: an exact match is drawn at 1e-12
+        plot_quality(curves, plot, "RMSE to the teacher's ODE endpoint", "quality against NFE")
+        log(f"plot: {plot}")
+    if as_json:
+        emit(json.dumps([{k: _json_value(v) for k, v in r.as_dict().items()} for r in rows]))
+
+
+def _json_value(v):
+    """JSON has no infinity or NaN: a PSNR of identical samples (inf) or an undefined value becomes null."""
+    import math
+
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _to(cond, device: str):
+    return cond.map(lambda v: v.to(device)) if cond is not None else None
