@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .artifacts import Artifact
-from .data import BatchSampler
+from .data import BatchSampler, seeded_generator
 from .errors import AccelkitError
 
 
@@ -106,23 +106,32 @@ class Couplings:
                 out[k][where] = v
         return out
 
-    def sampler(self, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1) -> CouplingBatches:
-        """Infinite, seeded, resumable shuffled batches (see the module docstring)."""
-        return CouplingBatches(self, batch_size, seed, rank, world)
+    def sampler(self, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                noise: Callable[[torch.Generator, int], dict[str, Tensor]] | None = None) -> CouplingBatches:
+        """Infinite, seeded, resumable shuffled batches (see the module docstring); ``noise(generator, n)`` adds
+        per-sample draws (e.g. the training times) from a generator seeded with (seed, batch), as in
+        :class:`accelkit.data.BatchSampler`."""
+        return CouplingBatches(self, batch_size, seed, rank, world, noise)
 
 
 class CouplingBatches(BatchSampler):
     """:class:`accelkit.data.BatchSampler` over couplings rows: the same seeded epochs, cursor and rank slices; each
     batch is the dict of this rank's rows (``index``, ``noise``, ``sample``, ...)."""
 
-    def __init__(self, data: Couplings, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1):
-        super().__init__(data, batch_size, seed, rank, world)  # type: ignore[arg-type]  (needs len and rows only)
+    def __init__(self, data: Couplings, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1,
+                 noise: Callable[[torch.Generator, int], dict[str, Tensor]] | None = None):
+        super().__init__(data, batch_size, seed, rank, world, noise)  # type: ignore[arg-type]  (len and rows only)
 
     def __next__(self) -> dict[str, Tensor]:
         per = self.batch_size // self.world
-        idx = self._global_indices()[self.rank * per:(self.rank + 1) * per]
+        lo, hi = self.rank * per, (self.rank + 1) * per
+        idx = self._global_indices()[lo:hi]
+        batch = self.data.get(idx)
+        if self.noise is not None:
+            extra = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
+            batch.update({k: v[lo:hi] for k, v in extra.items()})
         self.batches += 1
-        return self.data.get(idx)
+        return batch
 
 
 def open_couplings(path: str | os.PathLike, verify: bool = True, keys: Sequence[str] | None = None) -> Couplings:

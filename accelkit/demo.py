@@ -3,7 +3,9 @@
 1. ``train``: a flow-matching MLP on the checkerboard set (no download);
 2. ``couple``: (noise, sample) pairs from its ODE solved accurately; the samples are the reference endpoints;
 3. ``rescale``: the same ODE under the VP-cosine schedule (its r = 1 is the teacher's t = 1, so the noise corresponds);
-4. every solver at 1-16 NFE on the couplings' noise: RMSE / PSNR to the reference endpoint, sliced Wasserstein and
+4. ``couple`` + ``reflow``: a 1-rectified-flow student (Liu et al. 2022) trained from the teacher's weights on other
+   couplings (seed 2), so the reference endpoints of step 2 stay held out from it;
+5. every solver at 1-16 NFE on the couplings' noise: RMSE / PSNR to the reference endpoint, sliced Wasserstein and
    MMD to fresh data; a table on stderr, ``quality.json``, ``quality.png`` and ``samples.png`` in the demo artifact.
 
 The stages are the recipe :data:`DEMO_RECIPE` (also ``recipes/demo.yaml``) run by the same pipeline runner as
@@ -18,7 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 DEMO_RECIPE = """\
-# accelkit demo: a 2-D flow-matching teacher trained on the CPU, couplings from its ODE, and a rescaled copy.
+# accelkit demo: a 2-D flow-matching teacher trained on the CPU, couplings from its ODE (held-out reference
+# endpoints), a rescaled copy, and a 1-rectified-flow student trained on a second, separate set of couplings.
 # `accelkit run recipes/demo.yaml` runs the same stages; `accelkit demo` also compares the solvers on them.
 stages:
   - train:
@@ -37,11 +40,27 @@ stages:
   - rescale:
       teacher: "@train"
       to: vp-cosine
+  - couple:
+      teacher: "@train"
+      n: 4000
+      solver: dpm++2m
+      nfe: 32
+      seed: 2
+      micro_batch: 250
+      shard_size: 2000
+  - reflow:
+      couplings: "@couple"
+      method: rectified-flow
+      batch_size: 256
+      loop: {steps: 500, lr: 1.0e-3, warmup_steps: 20}
 """
 
 SOLVERS = ("euler", "heun", "midpoint", "dpm++2m", "dpm++3m", "unipc", "ipndm")
 RESCALED_SOLVERS = ("euler", "heun")
 NFES = (1, 2, 4, 8, 16)
+STUDENT_SOLVER = "euler"
+STUDENT_NFES = (1, 2, 4)
+STUDENT = "rectified flow"
 KIND = "demo"
 
 
@@ -85,13 +104,14 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
     plan = _plan(sets)
     outputs: dict[int, Path] = {}
     run_pipeline(plan, force=force, outputs=outputs)
-    by_name = {p.name: outputs[p.index] for p in plan}
+    by_name = {p.name: outputs[p.index] for p in reversed(plan)}  # the first stage of each name
     train = next(p.recipe for p in plan if p.name == "train")
 
     recipe = {"pipeline": pipeline_as_data(plan), "solvers": list(SOLVERS), "rescaled_solvers": list(RESCALED_SOLVERS),
-              "nfes": list(NFES), "data_seed": 12345}
-    with Artifact.open(output, KIND, recipe, {k: str(v) for k, v in by_name.items()}, force=force,
-                       seeds={"data_seed": 12345}) as art:
+              "nfes": list(NFES), "student": {"solver": STUDENT_SOLVER, "nfes": list(STUDENT_NFES)},
+              "data_seed": 12345}
+    inputs = {p.label: str(outputs[p.index]) for p in plan}
+    with Artifact.open(output, KIND, recipe, inputs, force=force, seeds={"data_seed": 12345}) as art:
         if art.state == "complete":
             log(f"reusing {art.path}")
             rows = [QualityRow(**r) for r in json.loads(art.file("quality.json").read_text())["rows"]]
@@ -99,6 +119,7 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
             return art.path
         teacher = load_teacher(by_name["train"])
         rescaled = load_teacher(by_name["rescale"])
+        student = load_teacher(by_name["reflow"])
         pairs = open_couplings(by_name["couple"])[:]
         noise, reference = pairs["noise"], pairs["sample"]
         data = load_dataset(train.data, size=len(noise), seed=recipe["data_seed"]).samples
@@ -109,8 +130,10 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
         for solver in RESCALED_SOLVERS:
             rows += evaluate(rescaled, noise, reference, [solver], _supported(solver, NFES), data=data,
                              method=rescaled.schedule.name)
+        rows += evaluate(student, noise, reference, [STUDENT_SOLVER], STUDENT_NFES, data=data, method=STUDENT)
         print_quality_table(rows, f"quality against NFE: RMSE, PSNR (dB) to the teacher's ODE endpoint; SW2, MMD² to "
-                                  f"fresh data; ({rescaled.schedule.name}): the teacher rescaled to that schedule")
+                                  f"fresh data; ({rescaled.schedule.name}): the teacher rescaled to that schedule; "
+                                  f"({STUDENT}): the reflow student")
         art.write_json("quality.json", {"rows": [r.as_dict() for r in rows],
                                         "reference": {"solver": "heun", "nfe": int(plan[1].recipe.nfe)}})
 
@@ -129,12 +152,17 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
 
         panels = {"data": data.numpy(), "teacher ODE (heun, 200 NFE)": reference.numpy(),
                   "euler, 4 NFE": sample_batched(teacher, noise, "euler", 4).numpy(),
-                  f"{best4.solver}, 4 NFE": sample_batched(teacher, noise, best4.solver, 4).numpy()}
+                  f"{best4.solver}, 4 NFE": sample_batched(teacher, noise, best4.solver, 4).numpy(),
+                  f"{STUDENT}, euler, 1 NFE": sample_batched(student, noise, "euler", 1).numpy()}
         plot_scatter_panels(panels, art.file("samples.png"))
         art.record_file("samples.png")
         euler4 = next(r for r in rows if r.nfe == 4 and r.method == "teacher" and r.solver == "euler")
         log(f"at 4 NFE the best solver, {best4.solver}, is {euler4.rmse / best4.rmse:.1f}x closer to the teacher's "
             f"ODE endpoint than euler; plots: {art.file('quality.png')}, {art.file('samples.png')}")
+        best1 = min((r for r in rows if r.nfe == 1 and r.method == "teacher"), key=lambda r: r.sliced_w2)
+        student1 = next(r for r in rows if r.nfe == 1 and r.method == STUDENT)
+        log(f"at 1 NFE the {STUDENT} student's samples are {best1.sliced_w2 / student1.sliced_w2:.1f}x closer to the "
+            f"data (sliced Wasserstein) than the teacher's with its best solver, {best1.solver}")
         art.complete({"best_at_4_nfe": best4.solver, "rmse_at_4_nfe": {r.solver: r.rmse for r in rows
                                                                         if r.nfe == 4 and r.method == "teacher"}})
         return art.path

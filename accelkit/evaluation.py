@@ -161,6 +161,13 @@ def evaluate(teacher: Teacher, noise: Tensor, reference: Tensor, solvers: Sequen
 
 
 @torch.no_grad()
+def straightness(teacher: Teacher, noise: Tensor, nfe: int = 64, cond: Condition | None = None) -> float:
+    """Straightness of ``teacher``'s own ODE trajectories from ``noise`` (Liu et al. 2022): the normalised S of
+    :func:`path_straightness` along Euler paths of ``nfe`` steps (fine enough to follow the ODE). A rectified flow's S
+    falls towards 0, where one Euler step solves its ODE exactly."""
+    return sample_with_straightness(teacher, noise, "euler", nfe, cond)[1]
+
+
 def _features(features: Callable[[Tensor], Tensor] | None, x: Tensor, batch_size: int) -> Tensor:
     if features is None:
         return x.reshape(x.shape[0], -1)

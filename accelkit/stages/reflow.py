@@ -1,0 +1,253 @@
+"""reflow: a student trained on a teacher's couplings (noise eps_i, ODE sample x0*_i), starting from the teacher.
+
+Both methods regress the student's output at x_t = alpha(t) x0* + sigma(t) eps on the target of its prediction type
+built from the pair (eps, x0*) (:class:`accelkit.objectives.DenoisingObjective` on the pairs instead of on data and
+fresh noise):
+
+* ``rectified-flow`` (Liu et al. 2022, "Flow straight and fast"): the straight path x_t = (1 - t) x0* + t eps with
+  the constant velocity eps - x0* as target (the linear schedule). The teacher must be on the linear schedule (a
+  flow-matching / rectified-flow model): its network is the student's start and keeps its prediction type (a flow
+  network regresses eps - x0*; an x0, eps or v network on the linear schedule the same line in its own terms). A
+  teacher on another schedule is refused: train it with ``--method rectified-diffusion``, which keeps its schedule.
+  Repeating couple + reflow on the student gives k-rectified flow (``recipes/toy2d-reflow.yaml``).
+* ``rectified-diffusion`` (Wang et al. 2024, "Rectified Diffusion: straightness is not your need"): the teacher's
+  own schedule and prediction type: x_t = alpha_t x0* + sigma_t eps* with the pair's own noise, target in the
+  teacher's parameterisation (an eps model stays an eps model; on a discrete schedule t stays on its grid).
+
+The student's trajectories from eps_i are then (close to) the first-order ODE solution that lands on x0*_i, so one
+or two solver steps reach what the teacher needed many for. Times come from ``timesteps`` (uniform, logit-normal or
+U-shaped), the loss is L2 or pseudo-Huber (:mod:`accelkit.objectives`).
+
+The teacher is the ``teacher`` input of the couplings artifact (its recorded path, checked against the recorded
+content hash). Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9``,
+EMA, NaN guard, DDP under torchrun). The artifact holds ``teacher.safetensors`` (the student's EMA weights in
+accelkit's teacher format, so ``accelkit sample`` / ``couple`` / ``load_teacher`` take the artifact) and
+``history.json``; its summary gives the straightness (:func:`accelkit.evaluation.straightness`) of teacher and
+student on ``eval_samples`` seeded noises.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..artifacts import Artifact, content_hash
+from ..console import log
+from ..data import seeded_generator
+from ..errors import AccelkitError
+from ..jobs import barrier, broadcast_object
+from ..recipes import StageRecipe, register_stage
+from ..training import LoopConfig, Trainer, init_distributed
+
+KIND = "reflow"
+METHODS = ("rectified-flow", "rectified-diffusion")
+LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
+                         "validate_every")
+
+
+def default_loop() -> LoopConfig:
+    return LoopConfig(steps=2000, lr=2e-4, warmup_steps=50, ema_rates=[0.999], checkpoint_every=500)
+
+
+class ReflowRecipe(StageRecipe):
+    """reflow: a rectified-flow / rectified-diffusion student trained on a teacher's couplings."""
+
+    input_fields = ("couplings",)
+    execution_fields = frozenset({"device", "eval_samples"})
+
+    couplings: str = Field(description="a complete couple artifact (its teacher is the student's start)")
+    method: Literal["rectified-flow", "rectified-diffusion"] = Field(
+        "rectified-flow", description="rectified-flow: straight paths, linear schedule; rectified-diffusion: the "
+                                      "teacher's own schedule and prediction type")
+    timesteps: Literal["uniform", "logit-normal", "u-shaped"] = Field("uniform", description="training time density")
+    logit_mean: float = Field(0.0, description="logit-normal: mean of the logit")
+    logit_std: float = Field(1.0, gt=0, description="logit-normal: standard deviation of the logit")
+    u_shape: float = Field(4.0, gt=0, description="u-shaped: a in the density cosh(a (t - 1/2))")
+    loss: Literal["l2", "pseudo-huber"] = Field("l2", description="l2 or pseudo-huber on the network output")
+    huber_c: float | None = Field(None, gt=0, description="pseudo-Huber c (None: 0.00054 sqrt(elements per sample))")
+    batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
+    seed: int = Field(0, ge=0, description="seeds the pair order and the training times")
+    loop: LoopConfig = Field(default_factory=default_loop)
+    eval_samples: int = Field(1000, ge=0, description="noises for the final straightness check (0: skip)")
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ReflowRecipe:
+        if self.batch_size % self.loop.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of loop.grad_accum "
+                             f"{self.loop.grad_accum}")
+        if self.loop.lora is not None:
+            raise ValueError("reflow trains the teacher's full weights; loop.lora is not supported by reflow")
+        return self
+
+    def identity_dict(self) -> dict[str, Any]:
+        d = super().identity_dict()
+        d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
+        return d
+
+
+# ----------------------------------------------------------------------------------------------------- teacher
+
+
+def couplings_teacher_path(couplings: Artifact) -> Path:
+    """The teacher a couple artifact was made from, checked against the content hash recorded there."""
+    entry = couplings.manifest.get("inputs", {}).get("teacher")
+    if not entry or "path" not in entry:
+        raise AccelkitError(f"{couplings.path}: the couple manifest records no teacher input")
+    path = Path(entry["path"])
+    if not path.exists():
+        raise AccelkitError(f"{couplings.path}: its teacher {str(path)!r} no longer exists; reflow starts the "
+                            "student from the teacher's weights")
+    if entry.get("sha256") and content_hash(path) != entry["sha256"]:
+        raise AccelkitError(f"{couplings.path}: its teacher {str(path)!r} changed since the couplings were made "
+                            "(content hash differs); run couple again")
+    return path
+
+
+def load_student_start(recipe: ReflowRecipe, couplings: Artifact):
+    """The teacher of the couplings as a trainable :class:`accelkit.teacher.NetworkTeacher` in fp32, on the CPU."""
+    from ..models.loading import load_teacher
+    from ..teacher import NetworkTeacher
+
+    path = couplings_teacher_path(couplings)
+    teacher = load_teacher(path, dtype="fp32")
+    if not isinstance(teacher, NetworkTeacher):
+        raise AccelkitError(f"{path}: a {type(teacher).__name__} teacher (e.g. a rescale artifact) has no network of "
+                            "its own schedule to start a student from; couple from the network teacher instead")
+    if recipe.method == "rectified-flow" and teacher.schedule.name != "linear":
+        raise AccelkitError(f"{path}: --method rectified-flow needs a teacher on the linear schedule; this one is on "
+                            f"{teacher.schedule.name!r} (use --method rectified-diffusion, which keeps its schedule)")
+    teacher.network.requires_grad_(True).train()
+    teacher.guidance_scale = 1.0  # the student learns the (possibly guided) couplings' map with one pass
+    return teacher
+
+
+# ----------------------------------------------------------------------------------------------------------- run
+
+
+def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = False) -> Path:
+    """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
+    from ..couplings import open_couplings
+    from ..objectives import DenoisingObjective
+    from .train import resolve_device
+
+    device = resolve_device(recipe.device)
+    rank, world = init_distributed(device)
+    couplings_art = Artifact.read(recipe.couplings, "couple")
+    art: Artifact | None = None
+    opened: Any = None
+    if rank == 0:
+        try:
+            art = Artifact.open(output, KIND, recipe, recipe.inputs(), force=force, seeds={"seed": recipe.seed})
+            opened = (str(art.path), art.state)
+        except AccelkitError as e:
+            opened = e
+    opened = broadcast_object(opened)
+    if isinstance(opened, AccelkitError):
+        raise opened
+    path, state = Path(opened[0]), opened[1]
+    try:
+        if state == "complete":
+            if rank == 0:
+                log(f"reflow: reusing the complete artifact {path}")
+            return path
+        if recipe.batch_size % (world * recipe.loop.grad_accum):
+            raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
+                                f"grad_accum {recipe.loop.grad_accum}")
+        teacher = load_student_start(recipe, couplings_art)
+        reference = copy.deepcopy(teacher).eval().requires_grad_(False)
+        couplings = open_couplings(recipe.couplings)
+        keys = ["noise", "sample", *[k for k in couplings.keys if k.startswith("cond.")]]
+        couplings = open_couplings(recipe.couplings, keys=keys)
+        if tuple(couplings.sample_shape) != tuple(teacher.sample_shape):
+            raise AccelkitError(f"{recipe.couplings}: samples of shape {list(couplings.sample_shape)}, but the "
+                                f"teacher's are {list(teacher.sample_shape)}")
+        objective = DenoisingObjective(teacher.schedule, teacher.prediction, teacher.call, teacher.time_input,
+                                       times=recipe.timesteps, loss_kind=recipe.loss, huber_c=recipe.huber_c,
+                                       logit_mean=recipe.logit_mean, logit_std=recipe.logit_std,
+                                       u_shape=recipe.u_shape)
+        def draw_times(generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
+            return {"t": objective.draw_times(generator, n)}
+
+        sampler = couplings.sampler(recipe.batch_size, recipe.seed, rank, world, noise=draw_times)
+
+        def loss_fn(network: torch.nn.Module, batch: dict[str, torch.Tensor]):
+            pairs = {"x": batch["sample"], "eps": batch["noise"], "t": batch["t"]}
+            pairs.update({k: v for k, v in batch.items() if k.startswith("cond.")})
+            return objective.loss(network, pairs)
+
+        def on_log(step: int, values: dict[str, float]) -> None:
+            if art is not None:
+                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
+
+        trainer = Trainer(teacher.network, loss_fn, sampler, recipe.loop, checkpoint_dir=path / "checkpoint",
+                          device=device, on_log=on_log)
+        if art is not None:
+            art.progress = {"step": 0, "steps": recipe.loop.steps}
+        start = time.perf_counter()
+        logs = trainer.fit()
+        seconds = time.perf_counter() - start
+        barrier()
+        if rank == 0:
+            assert art is not None
+            finish(art, recipe, couplings_art, reference, trainer, logs, seconds, world, device)
+            shutil.rmtree(path / "checkpoint", ignore_errors=True)
+        barrier()
+        return path
+    finally:
+        if art is not None:
+            art.close()
+
+
+def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, trainer: Trainer,
+           logs: dict[str, float], seconds: float, world: int, device: torch.device) -> None:
+    """Write the student (EMA weights) as teacher.safetensors and history.json, measure straightness, complete."""
+    from ..evaluation import straightness
+    from ..models.loading import ARTIFACT_TEACHER_FILE, save_teacher
+    from ..teacher import NetworkTeacher
+
+    ema_rate = trainer.ema.rates[0] if trainer.ema.rates else None
+    network = copy.deepcopy(trainer.model)
+    network.load_state_dict(trainer.ema_weights(ema_rate))
+    network.eval().requires_grad_(False)
+    info = {"trained_by": "accelkit reflow", "method": recipe.method, "steps": trainer.step,
+            "weights": f"ema {ema_rate}" if ema_rate is not None else "raw", "seed": recipe.seed,
+            "couplings": str(couplings.path), "rounds": int(reference.info.get("rounds", 0)) + 1}
+    student = NetworkTeacher(network, reference.call, reference.prediction, reference.schedule,
+                             reference.sample_shape, reference.time_input, 1.0, reference.null_condition, info)
+    summary: dict[str, Any] = {
+        "method": recipe.method, "prediction_type": student.prediction, "schedule": student.schedule.config(),
+        "sample_shape": list(student.sample_shape), "couplings": couplings.manifest["summary"].get("samples"),
+        "steps": trainer.step, "final_loss": logs.get("loss"), "weights": info["weights"], "processes": world,
+        "rounds": info["rounds"], "seconds_last_run": round(seconds, 3),
+    }
+    conditional = any(k.startswith("cond.") for k in couplings.manifest["summary"].get("keys", []))
+    if recipe.eval_samples > 0 and not conditional:  # a conditional student's straightness needs its conditions
+        noise = torch.randn(recipe.eval_samples, *student.sample_shape,
+                            generator=seeded_generator(recipe.seed, 5)).to(device)
+        summary["straightness"] = {"teacher": straightness(reference.to(device), noise),
+                                   "student": straightness(student.to(device), noise),
+                                   "samples": recipe.eval_samples, "nfe": 64}
+        s = summary["straightness"]
+        log(f"reflow: straightness {s['student']:.4g} (teacher {s['teacher']:.4g})")
+    student.network.cpu()
+    art.write_with(ARTIFACT_TEACHER_FILE, lambda tmp: save_teacher(student, tmp))
+    art.write_json("history.json", trainer.history)
+    art.progress = {"step": trainer.step, "steps": recipe.loop.steps}
+    art.complete(summary)
+
+
+def _run(recipe: StageRecipe, output: Path | None, force: bool) -> Path:
+    assert isinstance(recipe, ReflowRecipe)
+    return run_reflow(recipe, output, force)
+
+
+register_stage(KIND, ReflowRecipe, _run)
+
+__all__ = ["ReflowRecipe", "run_reflow", "KIND", "METHODS"]
