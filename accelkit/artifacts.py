@@ -566,6 +566,27 @@ class Artifact:
 
 # ---------------------------------------------------------------------------------------------------- verification
 
+def open_on_rank0(rank: int, path: str | os.PathLike | None, kind: str, recipe: Any, *, force: bool = False,
+                  seeds: Mapping[str, Any] | None = None) -> tuple[Artifact | None, Path, str, dict[str, Any]]:
+    """Open a stage's artifact under torchrun: rank 0 opens it (create, resume or reuse, holding the lock) and every
+    rank gets (the artifact on rank 0 else None, its path, its state, its recorded files). An error on rank 0 is
+    raised on every rank, so no process is left waiting. Without torch.distributed this is :meth:`Artifact.open`."""
+    from .jobs import broadcast_object
+
+    art: Artifact | None = None
+    opened: Any = None
+    if rank == 0:
+        try:
+            art = Artifact.open(path, kind, recipe, recipe.inputs(), force=force, seeds=seeds)
+            opened = (str(art.path), art.state, art.files)
+        except AccelkitError as e:
+            opened = e
+    opened = broadcast_object(opened)
+    if isinstance(opened, AccelkitError):
+        raise opened
+    return art, Path(opened[0]), opened[1], opened[2]
+
+
 def file_problem(directory: Path, name: str, entry: Mapping[str, Any] | None) -> str | None:
     """None when ``directory/name`` matches its manifest entry, else a one-line description of what is wrong."""
     p = Path(directory) / name

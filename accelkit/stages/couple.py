@@ -31,10 +31,10 @@ import torch
 from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
-from ..artifacts import Artifact, file_problem, save_safetensors
+from ..artifacts import Artifact, file_problem, open_on_rank0, save_safetensors
 from ..console import log
 from ..errors import AccelkitError
-from ..jobs import Checkpointer, barrier, broadcast_object, init_distributed, progress_bar
+from ..jobs import Checkpointer, barrier, init_distributed, progress_bar
 from ..recipes import StageRecipe, register_stage
 from ..teacher import Condition, Teacher
 
@@ -312,20 +312,7 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
     rank, world = init_distributed(recipe.device)
     if recipe.device == "cuda" and world > 1:  # one GPU per process
         recipe = recipe.model_copy(update={"device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"})
-    art: Artifact | None = None
-    opened: Any
-    if rank == 0:
-        try:
-            art = Artifact.open(output, KIND, recipe, recipe.inputs(), force=force, seeds={"seed": recipe.seed})
-            opened = (str(art.path), art.state, art.files)
-        except AccelkitError as e:
-            opened = e
-    else:
-        opened = None
-    opened = broadcast_object(opened)
-    if isinstance(opened, AccelkitError):
-        raise opened
-    path, state, recorded = Path(opened[0]), opened[1], opened[2]
+    art, path, state, recorded = open_on_rank0(rank, output, KIND, recipe, force=force, seeds={"seed": recipe.seed})
     try:
         if art is None:
             art = Artifact.attach(path)

@@ -37,11 +37,11 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..artifacts import Artifact, content_hash
+from ..artifacts import Artifact, content_hash, open_on_rank0
 from ..console import log
 from ..data import seeded_generator
 from ..errors import AccelkitError
-from ..jobs import barrier, broadcast_object
+from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import LoopConfig, Trainer, init_distributed
 
@@ -140,18 +140,7 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
     device = resolve_device(recipe.device)
     rank, world = init_distributed(device)
     couplings_art = Artifact.read(recipe.couplings, "couple")
-    art: Artifact | None = None
-    opened: Any = None
-    if rank == 0:
-        try:
-            art = Artifact.open(output, KIND, recipe, recipe.inputs(), force=force, seeds={"seed": recipe.seed})
-            opened = (str(art.path), art.state)
-        except AccelkitError as e:
-            opened = e
-    opened = broadcast_object(opened)
-    if isinstance(opened, AccelkitError):
-        raise opened
-    path, state = Path(opened[0]), opened[1]
+    art, path, state, _ = open_on_rank0(rank, output, KIND, recipe, force=force, seeds={"seed": recipe.seed})
     try:
         if state == "complete":
             if rank == 0:

@@ -27,11 +27,11 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ..artifacts import Artifact
+from ..artifacts import Artifact, open_on_rank0
 from ..console import log
 from ..data import DATA_NAMES, TOY_2D, BatchSampler, DataSet, load_dataset, seeded_generator, stream_seed
 from ..errors import AccelkitError
-from ..jobs import barrier, broadcast_object
+from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import LoopConfig, Trainer, init_distributed
 
@@ -201,18 +201,7 @@ def run_train(recipe: TrainRecipe, output: Path | None = None, force: bool = Fal
 
     device = resolve_device(recipe.device)
     rank, world = init_distributed(device)
-    art: Artifact | None = None
-    opened: Any = None
-    if rank == 0:
-        try:
-            art = Artifact.open(output, KIND, recipe, recipe.inputs(), force=force, seeds={"seed": recipe.seed})
-            opened = (str(art.path), art.state)
-        except AccelkitError as e:
-            opened = e
-    opened = broadcast_object(opened)
-    if isinstance(opened, AccelkitError):
-        raise opened
-    path, state = Path(opened[0]), opened[1]
+    art, path, state, _ = open_on_rank0(rank, output, KIND, recipe, force=force, seeds={"seed": recipe.seed})
     try:
         if state == "complete":
             if rank == 0:
