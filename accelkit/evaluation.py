@@ -269,26 +269,3 @@ def train_data_name(path: str) -> str | None:
             return None
         p = Path(nxt)
     return None
-
-
-def load_feature_network(path: str, device: str = "cpu") -> Callable[[Tensor], Tensor]:
-    """A local feature network for the Frechet distance: a TorchScript module (``torch.jit.save``) mapping a batch of
-    samples to a batch of feature vectors. Nothing is downloaded."""
-    from pathlib import Path
-
-    from .errors import AccelkitError
-
-    p = Path(path)
-    if not p.is_file():
-        raise AccelkitError(f"--features {path}: no such file; expected a TorchScript feature network")
-    try:
-        net = torch.jit.load(str(p), map_location=device).eval()
-    except Exception as e:  # torch raises RuntimeError / ValueError with long messages for non-TorchScript files
-        first = " ".join(str(e).split())[:200]
-        raise AccelkitError(f"--features {path}: not a TorchScript module ({first})") from None
-
-    @torch.no_grad()
-    def features(x: Tensor) -> Tensor:
-        return net(x.to(device=device, dtype=torch.float32)).reshape(x.shape[0], -1).double().cpu()
-
-    return features

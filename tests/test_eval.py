@@ -154,10 +154,13 @@ def test_image_frechet_distance_on_pixels_equals_an_identity_feature_network(tmp
     ident.save(str(tmp_path / "flat.pt"))
     args = ("eval", teacher, "--solver", "euler", "--nfe", "1", "-n", "24", "--reference-nfe", "2", "--data",
             "digits", "--json")
-    pixels = json_rows(run_cli(*args))[0]
+    pixels = json_rows(run_cli(*args, "--features", "pixels"))[0]
     feats = json_rows(run_cli(*args, "--features", tmp_path / "flat.pt"))[0]
     assert pixels["frechet"] > 0 and pixels["sliced_w2"] is None
     assert feats["frechet"] == pytest.approx(pixels["frechet"], rel=1e-6)
+    # on digits the default is the shipped digits classifier's features, a different (and smaller-scale) distance
+    default, builtin = (json_rows(run_cli(*args, *extra))[0] for extra in ((), ("--features", "builtin:digits")))
+    assert default["frechet"] == builtin["frechet"] and default["frechet"] != pytest.approx(pixels["frechet"])
 
 
 def run_in_process(args, monkeypatch, capsys):

@@ -36,8 +36,10 @@ def eval_command(
                                       "--reference."),
     data: str = typer.Option(None, "--data", help="Data to measure distribution distances against: a data set "
                              "name or a .safetensors/.npy file (default: the data set of a train artifact)."),
-    features: str = typer.Option(None, "--features", help="TorchScript feature network for the Frechet distance on "
-                                 "images (default: on the pixels)."),
+    features: str = typer.Option(None, "--features", help="Feature network for the Frechet distance on images: "
+                                 "builtin:digits, builtin:fashion-mnist, inception:FILE (the TorchScript FID "
+                                 "Inception) or a TorchScript FILE, or pixels (default: builtin for those "
+                                 "data sets, else pixels)."),
     n: int = typer.Option(None, "-n", "--num-samples", help="Samples per (model, solver, NFE) (default 1000, or "
                           "every pair of a smaller --reference)."),
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i); also draws the data."),
@@ -73,6 +75,7 @@ def eval_command(
     from .. import evaluation as ev
     from ..console import log
     from ..data import load_dataset
+    from ..features import BUILTIN_SETS, feature_network
     from ..models.loading import load_teacher
     from ..solvers import get_solver, solver_names
 
@@ -101,7 +104,6 @@ def eval_command(
                                 f"{list(shape)}; models compared must share a sample shape")
     if reference is not None and not n_given:
         n = min(n, ev.couplings_size(reference))
-    feature_net = ev.load_feature_network(features, device) if features is not None else None
     data_name = data
     if data is None:
         data_name = next((d for d in (ev.train_data_name(p) for p in [*paths, *([reference] if reference else [])])
@@ -115,15 +117,18 @@ def eval_command(
         g = torch.Generator().manual_seed(seed)
         pick = torch.randperm(len(ds), generator=g)[:n] if len(ds) > n else torch.arange(len(ds))
         data_samples = ds.samples[pick].to(device)
+        if features is None and data_name in BUILTIN_SETS:
+            features = f"builtin:{data_name}"
+    feature_net = feature_network(features, device) if features not in (None, "pixels") else None
 
     if reference is not None:
         noise, ref, cond, ref_text = ev.reference_from_couplings(reference, n, shape)
     else:
         from ..noise import sample_noise
-        from .sample_cmd import _condition
+        from ..sampling import condition_from_options
 
         noise = sample_noise(seed, range(n), shape)
-        cond_fn = _condition(teachers[paths[0]], paths[0], None, None)  # class models: labels 0, 1, ... cycled
+        cond_fn = condition_from_options(teachers[paths[0]], paths[0], None, None)  # class labels cycled
         cond = cond_fn(list(range(n))) if cond_fn is not None else None
         ref = ev.sample_batched(teachers[paths[0]], noise.to(device), ev.REFERENCE_SOLVER, reference_nfe,
                                 cond=_to(cond, device), batch_size=batch_size)
@@ -137,7 +142,7 @@ def eval_command(
             rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=cond,
                                 batch_size=batch_size, features=feature_net, straightness=True)
     distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
-                                             f"; FD to {data_name} on " + (f"features of {features}" if features
+                                             f"; FD to {data_name} on " + (f"features of {features}" if feature_net
                                                                            else "pixels"))
     ev.print_quality_table(rows, f"RMSE, PSNR (dB) to {ref_text}{distance}; n = {n}")
     if plot is not None:

@@ -93,6 +93,7 @@ def sample_command(
 
     from ..console import err
     from ..models.loading import load_teacher
+    from ..sampling import condition_from_options, read_condition
     from ..solvers import GRID_NAMES, solver_grid, solver_names
 
     if solver not in solver_names():
@@ -102,9 +103,9 @@ def sample_command(
                             "or comma-separated times")
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
-    condition = _condition(teacher, path, labels, cond)
+    condition = condition_from_options(teacher, path, labels, cond)
     if null_cond is not None:
-        teacher.null_condition = _read_condition(null_cond, batch_one=True)
+        teacher.null_condition = read_condition(null_cond, batch_one=True)
     guidance = teacher.guidance_scale if guidance is None else guidance
     if guidance != 1.0:
         _check_guidance(teacher, path, guidance, condition is not None)
@@ -143,70 +144,6 @@ def sample_command(
                      "grid": time_grid, **grid_kw, "batch_size": batch_size, "labels": labels, "cond": cond,
                      "null_cond": null_cond})
     emit(str(out))
-
-
-def _read_condition(file: str, batch_one: bool = False):
-    """A Condition from a .safetensors file whose tensors are named after its fields."""
-    from ..errors import AccelkitError
-    from ..models.loading import read_safetensors
-    from ..teacher import Condition
-
-    if not file.endswith(".safetensors"):
-        raise AccelkitError(f"{file}: expected a .safetensors file of conditioning tensors")
-    from pathlib import Path
-
-    if not Path(file).is_file():
-        raise AccelkitError(f"{file}: no such file; expected a .safetensors file of conditioning tensors")
-    tensors, _ = read_safetensors(file)
-    if not tensors:
-        raise AccelkitError(f"{file}: holds no tensors; expected encoder_hidden_states, pooled_projections, ...")
-    known = ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
-    cond = Condition(**{k: v for k, v in tensors.items() if k in known},
-                     extra={k: v for k, v in tensors.items() if k not in known})
-    rows = {v.shape[0] if v.ndim else 0 for v in tensors.values()}
-    if len(rows) != 1 or 0 in rows:
-        raise AccelkitError(f"{file}: tensors must share their first (batch) dimension; got {sorted(rows)}")
-    if batch_one and rows != {1}:
-        raise AccelkitError(f"{file}: a null condition must have batch size 1; got {rows.pop()}")
-    return cond
-
-
-def _condition(teacher, path: str, labels, cond_file):
-    """The per-sample condition function from --label / --cond, checked against the teacher's conditioning."""
-    from ..errors import AccelkitError
-    from ..sampling import class_label_condition, cycled_condition
-
-    info = teacher.info.get("conditioning", {"kind": "none"}) if hasattr(teacher, "info") else {"kind": "none"}
-    kind = info.get("kind", "none")
-    if cond_file is not None:
-        if kind == "none":
-            raise AccelkitError(f"{path}: the model is unconditional; --cond is not used")
-        cond = _read_condition(cond_file)
-        if kind == "text":
-            ehs = cond.encoder_hidden_states
-            if ehs is None or ehs.ndim != 3:
-                raise AccelkitError(f"{cond_file}: expected encoder_hidden_states of shape (batch, tokens, "
-                                    f"{info.get('embedding_dim')})")
-            if info.get("embedding_dim") and ehs.shape[-1] != info["embedding_dim"]:
-                raise AccelkitError(f"{cond_file}: encoder_hidden_states has width {ehs.shape[-1]}, the model "
-                                    f"takes {info['embedding_dim']}")
-            pooled = cond.pooled_projections
-            if info.get("pooled_dim") and (pooled is None or pooled.shape[-1] != info["pooled_dim"]):
-                raise AccelkitError(f"{cond_file}: expected pooled_projections of width {info['pooled_dim']}")
-        if labels is not None:
-            raise AccelkitError("give class labels either with --label or in the --cond file, not both")
-        return cycled_condition(cond)
-    if labels is not None:
-        if kind != "class" and "num_classes" not in info:
-            raise AccelkitError(f"{path}: the model takes no class labels; --label is not used")
-        n_classes = info.get("num_classes")
-        bad = [lab for lab in labels if lab < 0 or (n_classes is not None and lab >= n_classes)]
-        if bad:
-            raise AccelkitError(f"--label {bad[0]}: expected a class label in 0..{n_classes - 1}")
-        return class_label_condition(labels)
-    if kind == "class" and info.get("num_classes"):
-        return class_label_condition(list(range(int(info["num_classes"]))))
-    return None
 
 
 def _check_guidance(teacher, path: str, guidance: float, conditioned: bool) -> None:
