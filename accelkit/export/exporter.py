@@ -48,6 +48,8 @@ PIPELINES = {"UNet2DModel": "DDPMPipeline", "UNet2DConditionModel": "StableDiffu
              "DiTTransformer2DModel": "DiTPipeline", "SD3Transformer2DModel": "StableDiffusion3Pipeline"}
 COMPONENTS = {"UNet2DModel": "unet", "UNet2DConditionModel": "unet", "DiTTransformer2DModel": "transformer",
               "SD3Transformer2DModel": "transformer"}
+#: Facts of a loaded teacher's source folder (its pipeline and scheduler) that do not describe an exported file.
+SOURCE_FOLDER_INFO = ("pipeline", "component", "scheduler", "sampling")
 MODELSPEC_PREDICTION = {"eps": "epsilon", "v": "v", "x0": "sample", "flow": "flow", "flow_to_data": "flow_to_data"}
 
 
@@ -307,10 +309,11 @@ def single_file_contents(source: Source, sampling: Sampling) -> tuple[dict[str, 
     from ..models.loading import teacher_file_contents
 
     net = network_of(source.teacher)
+    info = {k: v for k, v in net.info.items() if k not in SOURCE_FOLDER_INFO}
     if isinstance(source.teacher, RescaledTeacher):
-        net = NetworkTeacher(net.network, net.call, net.prediction, net.schedule, net.sample_shape, net.time_input,
-                             net.guidance_scale, net.null_condition,
-                             {**net.info, "rescaled_to": source.teacher.schedule.config()})
+        info["rescaled_to"] = source.teacher.schedule.config()
+    net = NetworkTeacher(net.network, net.call, net.prediction, net.schedule, net.sample_shape, net.time_input,
+                         net.guidance_scale, net.null_condition, info)
     tensors, meta = teacher_file_contents(net)
     stock = stock_scheduler(source.teacher, sampling.solver, sampling.nfe)
     exact_stock = stock is not None and max(abs(a - b) for a, b in zip(stock[1], sampling.grid, strict=True)) < 1e-9
@@ -330,7 +333,8 @@ def single_file_contents(source: Source, sampling: Sampling) -> tuple[dict[str, 
         "modelspec.prediction_type": MODELSPEC_PREDICTION[net.prediction],
     })
     for key, value in record.items():
-        meta[f"accelkit.{key}"] = value if isinstance(value, str) else json.dumps(value)
+        if value is not None:
+            meta[f"accelkit.{key}"] = value if isinstance(value, str) else json.dumps(value)
     return tensors, meta
 
 
