@@ -2,6 +2,7 @@
 .safetensors file, sample with plain diffusers (from_pretrained + a plain loop, and DDPMPipeline) exactly as accelkit
 samples them; the single file's header reads back; outputs are never overwritten without --force."""
 
+import hashlib
 import importlib
 import json
 
@@ -22,6 +23,17 @@ from accelkit.teacher import NetworkTeacher, RescaledTeacher
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 NOISE = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
+
+
+def run_in_process(monkeypatch, capsys, *args):
+    """The console-script entry in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from accelkit.cli.main import run
+
+    monkeypatch.setattr("sys.argv", ["accelkit", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        run()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err
 
 
 def rel(a, b):
@@ -147,9 +159,9 @@ def test_reflow_student_exports_with_euler_at_few_nfe(flow_student, tmp_path):
     assert one.grid == [1.0, 0.0]
 
 
-def test_cli_single_file_inspect_and_overwrite(ddpm, tmp_path, cli):
+def test_cli_single_file_inspect_and_overwrite(ddpm, tmp_path, cli, monkeypatch, capsys):
     out = tmp_path / "t.safetensors"
-    r = cli("export", ddpm, "-o", out, "--format", "safetensors", "--nfe", "4", env=ONE_THREAD)
+    r = cli("export", ddpm, "-o", out, "--format", "safetensors", "--nfe", "4", env=ONE_THREAD)  # the real CLI
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(out)
     meta = read_safetensors_metadata(out)
@@ -157,7 +169,6 @@ def test_cli_single_file_inspect_and_overwrite(ddpm, tmp_path, cli):
     assert meta["modelspec.prediction_type"] == "epsilon" and meta["format"] == "accelkit.teacher/1"
     assert all(isinstance(v, str) for v in meta.values())
     data = out.read_bytes()
-    import hashlib
     n = int.from_bytes(data[:8], "little")
     assert meta["modelspec.hash_sha256"] == "0x" + hashlib.sha256(data[8 + n:]).hexdigest()
     r = cli("inspect", out, "--json", env=ONE_THREAD)
@@ -165,31 +176,34 @@ def test_cli_single_file_inspect_and_overwrite(ddpm, tmp_path, cli):
     desc = json.loads(r.stdout)
     assert desc["metadata"]["accelkit.nfe"] == "4" and desc["metadata"]["accelkit.solver"] == "dpm++2m"
     assert desc["metadata"]["modelspec.hash_sha256"] == meta["modelspec.hash_sha256"]
-    r = cli("inspect", out, env=ONE_THREAD)
-    assert "modelspec.prediction_type" in r.stderr and "accelkit.grid" in r.stderr
+    code, _, err = run_in_process(monkeypatch, capsys, "inspect", out)
+    assert code == 0 and "modelspec.prediction_type" in err and "accelkit.grid" in err
 
     before = out.read_bytes()
-    r = cli("export", ddpm, "-o", out, "--format", "safetensors", "--nfe", "2", env=ONE_THREAD)
-    assert r.returncode == 2 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    code, stdout, err = run_in_process(monkeypatch, capsys, "export", ddpm, "-o", out, "--format", "safetensors",
+                                       "--nfe", "2")
+    assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1 and stdout == ""
     assert out.read_bytes() == before
-    r = cli("export", ddpm, "-o", out, "--format", "safetensors", "--nfe", "2", "--force", env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    code, stdout, err = run_in_process(monkeypatch, capsys, "export", ddpm, "-o", out, "--format", "safetensors",
+                                       "--nfe", "2", "--force")
+    assert code == 0, err
     assert read_safetensors_metadata(out)["accelkit.nfe"] == "2"
 
     folder = tmp_path / "d"
-    assert cli("export", ddpm, "-o", folder, env=ONE_THREAD).returncode == 0
+    assert run_in_process(monkeypatch, capsys, "export", ddpm, "-o", folder)[0] == 0
     stamp = (folder / "unet" / "config.json").stat().st_mtime_ns
-    r = cli("export", ddpm, "-o", folder, "--solver", "euler", env=ONE_THREAD)
-    assert r.returncode == 2 and "--force" in r.stderr
+    code, _, err = run_in_process(monkeypatch, capsys, "export", ddpm, "-o", folder, "--solver", "euler")
+    assert code == 2 and "--force" in err
     assert (folder / "unet" / "config.json").stat().st_mtime_ns == stamp
     assert json.loads((folder / "accelkit_export.json").read_text())["solver"] == "dpm++2m"
-    r = cli("export", ddpm, "-o", folder, "--solver", "euler", "--force", env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    code, stdout, err = run_in_process(monkeypatch, capsys, "export", ddpm, "-o", folder, "--solver", "euler",
+                                       "--force")
+    assert code == 0 and stdout.strip() == str(folder), err
     assert json.loads((folder / "accelkit_export.json").read_text())["solver"] == "euler"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
 
 
-def test_bad_input_is_one_line_exit_2(ddpm, tmp_path, cli):
+def test_bad_input_is_one_line_exit_2(ddpm, tmp_path, monkeypatch, capsys):
     from accelkit.models.builtin import MLP
     from accelkit.models.loading import save_teacher
     from accelkit.schedules import LinearSchedule
@@ -207,14 +221,15 @@ def test_bad_input_is_one_line_exit_2(ddpm, tmp_path, cli):
         (("export", ddpm, "-o", tmp_path / "f", "--grid", "1,0.5,0"), "steps"),
     ]
     for args, expected in cases:
-        r = cli(*args, env=ONE_THREAD)
-        assert r.returncode == 2, (args, r.stderr)
-        assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
-        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+        code, stdout, err = run_in_process(monkeypatch, capsys, *args)
+        assert code == 2 and stdout == "", (args, err)
+        assert expected in err and "Traceback" not in err, (args, err)
+        assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert not (tmp_path / "b").exists()
     # the builtin MLP exports as one file, which loads back
-    r = cli("export", builtin, "-o", tmp_path / "mlp-out.safetensors", "--format", "safetensors", env=ONE_THREAD)
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_in_process(monkeypatch, capsys, "export", builtin, "-o", tmp_path / "mlp-out.safetensors",
+                                  "--format", "safetensors")
+    assert code == 0, err
     back = load_teacher(tmp_path / "mlp-out.safetensors")
     x = torch.randn(4, 2)
     assert torch.equal(back.network(x, torch.full((4,), 0.5)), mlp.eval()(x, torch.full((4,), 0.5)))
