@@ -233,3 +233,30 @@ def test_bad_input_is_one_line_exit_2(ddpm, tmp_path, monkeypatch, capsys):
     back = load_teacher(tmp_path / "mlp-out.safetensors")
     x = torch.randn(4, 2)
     assert torch.equal(back.network(x, torch.full((4,), 0.5)), mlp.eval()(x, torch.full((4,), 0.5)))
+
+
+def test_model_without_a_stock_pipeline_exports_its_components(tmp_path):
+    """A class-conditional UNet2DModel: no diffusers pipeline runs it, so no model_index.json; unet/ and scheduler/
+    load on their own, and accelkit loads the folder back."""
+    from diffusers import DDIMScheduler
+
+    source = write_pipeline(tmp_path / "cls", "DDPMPipeline", "unet", tiny_unet2d(num_class_embeds=3),
+                            DDIMScheduler(clip_sample=False))
+    folder, sampling = export(source, tmp_path / "out", "diffusers", nfe=4)
+    assert not (folder / "model_index.json").exists()
+    assert json.loads((folder / "accelkit_export.json").read_text())["pipeline"] is None
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    scheduler = diffusers.DPMSolverMultistepScheduler.from_pretrained(folder / "scheduler")
+    labels = torch.tensor([0, 2, 1])
+    scheduler.set_timesteps(4)
+    x = NOISE.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            x = scheduler.step(unet(x, t, class_labels=labels).sample, t, x).prev_sample
+    from accelkit.teacher import Condition
+
+    cond = Condition(class_labels=labels)
+    ours = sample_batched(load_teacher(source), NOISE, sampling.solver, 4, cond=cond, grid=sampling.grid)
+    assert rel(x, ours) < 1e-5
+    back = sample_batched(load_teacher(folder), NOISE, sampling.solver, 4, cond=cond, grid=sampling.grid)
+    assert torch.equal(back, ours)

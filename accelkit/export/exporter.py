@@ -274,10 +274,11 @@ def export_diffusers(source: Source, sampling: Sampling, output: str | os.PathLi
     with atomic_directory(out, replace=force) as tmp:
         net.network.save_pretrained(tmp / component, safe_serialization=True)
         scheduler.save_pretrained(tmp / "scheduler")
-        index = {"_class_name": pipeline or "DiffusionPipeline", "_diffusers_version": _diffusers_version(),
-                 component: ["diffusers", class_name],
-                 "scheduler": [_library_of(scheduler), type(scheduler).__name__]}
-        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if pipeline is not None:  # otherwise no stock pipeline runs this model: its components load on their own
+            index = {"_class_name": pipeline, "_diffusers_version": _diffusers_version(),
+                     component: ["diffusers", class_name],
+                     "scheduler": [_library_of(scheduler), type(scheduler).__name__]}
+            (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
         record = export_record(source, sampling, type(scheduler).__name__)
         record["pipeline"] = pipeline
         (tmp / RECORD_FILE).write_text(json.dumps(record, indent=2) + "\n")

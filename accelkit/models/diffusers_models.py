@@ -425,6 +425,12 @@ def _time_input_for(schedule: Schedule) -> TimeInput:
     return TimeInput.for_schedule(schedule)
 
 
+def _bare_component(folder: Path) -> str | None:
+    """The one denoiser subfolder (unet/ or transformer/ with config.json) of a folder without model_index.json."""
+    found = [c for c in DENOISER_COMPONENTS if (folder / c / "config.json").is_file()]
+    return found[0] if len(found) == 1 else None
+
+
 def load_diffusers_folder(
     folder: Path,
     *,
@@ -443,6 +449,10 @@ def load_diffusers_folder(
     elif (folder / "config.json").is_file():
         config, sched, info = _resolve_config(folder / "config.json")
         model_dir = folder
+    elif (comp := _bare_component(folder)) is not None:  # e.g. accelkit export of a model no pipeline runs
+        model_dir, config = folder / comp, folder / comp / "config.json"
+        sched_path = folder / "scheduler" / "scheduler_config.json"
+        sched, info = (sched_path if sched_path.is_file() else None), {"component": comp}
     else:
         hint = " (this is a scheduler folder)" if (folder / "scheduler_config.json").is_file() else ""
         raise AccelkitError(f"{folder}: not a model{hint}: expected a diffusers model folder (config.json + weights), "
