@@ -260,3 +260,28 @@ def test_model_without_a_stock_pipeline_exports_its_components(tmp_path):
     assert rel(x, ours) < 1e-5
     back = sample_batched(load_teacher(folder), NOISE, sampling.solver, 4, cond=cond, grid=sampling.grid)
     assert torch.equal(back, ours)
+
+
+def test_recorded_sampler_wins_and_distill_artifacts_are_students(flow_student, tmp_path):
+    """An artifact's summary.sampling is the default; a distill artifact holding teacher.safetensors is a student."""
+    import shutil
+
+    from accelkit.export.exporter import open_source, resolve_sampling
+
+    art = tmp_path / "distill-x"
+    shutil.copytree(flow_student, art)
+    manifest = json.loads((art / "manifest.json").read_text())
+    manifest["kind"] = "distill"
+    manifest["summary"] = {}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    sampling = resolve_sampling(open_source(art))
+    assert (sampling.solver, sampling.nfe, sampling.grid) == ("euler", 2, [1.0, 0.5, 0.0])
+    assert sampling.origin == "distill student (default)"
+    manifest["summary"] = {"sampling": {"solver": "heun", "nfe": 3, "grid": [1.0, 0.4, 0.0]}}
+    (art / "manifest.json").write_text(json.dumps(manifest))
+    sampling = resolve_sampling(open_source(art))
+    assert (sampling.solver, sampling.nfe, sampling.grid) == ("heun", 3, [1.0, 0.4, 0.0])
+    assert sampling.origin == "recorded by the distill artifact"
+    heun5 = resolve_sampling(open_source(art), nfe=5)  # the recorded grid has 2 steps: heun at 5 NFE needs 3
+    assert heun5.grid == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0], abs=1e-15) and heun5.grid_name == "uniform"
+    check_round_trip(art, tmp_path, NetworkTeacher, "AccelkitScheduler")

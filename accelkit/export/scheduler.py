@@ -98,8 +98,12 @@ class AccelkitScheduler(SchedulerMixin, ConfigMixin):
     def set_timesteps(self, num_inference_steps: int | None = None, device: str | torch.device | None = None,
                       **kwargs) -> None:
         """Start a new batch. The grid and coefficients are fixed at export: ``num_inference_steps`` must be the
-        exported NFE (or None)."""
+        exported NFE (or None); custom ``timesteps`` / ``sigmas`` are refused."""
         n = self.config.num_inference_steps
+        custom = [k for k in ("timesteps", "sigmas") if kwargs.get(k) is not None]
+        if custom:
+            raise ValueError(f"AccelkitScheduler has the grid it was exported with; custom {custom[0]} are not "
+                             "supported (export again with accelkit export --grid)")
         if num_inference_steps is not None and int(num_inference_steps) != n:
             raise ValueError(f"this AccelkitScheduler was exported for {n} network evaluations; got "
                              f"num_inference_steps={num_inference_steps} (export again with accelkit export --nfe "
