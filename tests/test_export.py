@@ -285,3 +285,42 @@ def test_recorded_sampler_wins_and_distill_artifacts_are_students(flow_student, 
     heun5 = resolve_sampling(open_source(art), nfe=5)  # the recorded grid has 2 steps: heun at 5 NFE needs 3
     assert heun5.grid == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0], abs=1e-15) and heun5.grid_name == "uniform"
     check_round_trip(art, tmp_path, NetworkTeacher, "AccelkitScheduler")
+
+
+def test_an_unregistered_solver_object_exports_through_its_coefficients(ddpm, tmp_path):
+    """A learned solver (here: a stand-in that scales Heun's correction, registered under no name) exports with no
+    scheduler code of its own; the single file carries its AccelkitScheduler config, which replays it too."""
+    from accelkit.export.scheduler import AccelkitScheduler
+    from accelkit.solvers import Heun, solve
+
+    class Damped(Heun):
+        name = "damped-heun"
+
+        def sample(self, teacher, x, ts, nfe, cond=None):
+            h, b = ts.diff().tolist(), x.shape[0]
+            for i in range(len(h)):
+                d = teacher.velocity(x, ts[i].expand(b).to(x.device), cond)
+                x_next = x + h[i] * d
+                if i < len(h) - 1:
+                    d2 = teacher.velocity(x_next, ts[i + 1].expand(b).to(x.device), cond)
+                    x_next = x + h[i] * (0.4 * d + 0.6 * d2)
+                x = x_next
+            return x
+
+    solver = Damped()
+    folder, sampling = export(ddpm, tmp_path / "f", "diffusers", solver=solver, nfe=5)
+    assert sampling.solver == "damped-heun" and sampling.grid_name == "uniform"
+    teacher = load_teacher(ddpm)
+    ours = solve(teacher, teacher.prior_sample(NOISE), solver, 5, grid=sampling.grid)
+    theirs, scheduler = plain_diffusers_samples(folder, NOISE)
+    assert scheduler == "AccelkitScheduler" and rel(theirs, ours) < 1e-5
+    file, _ = export(ddpm, tmp_path / "f.safetensors", "safetensors", solver=solver, nfe=5)
+    config = json.loads(read_safetensors_metadata(file)["accelkit.scheduler_config"])
+    replay = AccelkitScheduler(**config)
+    replay.set_timesteps(5)
+    unet = UNet2DModel.from_pretrained(folder / "unet").eval()
+    x = NOISE * replay.init_noise_sigma
+    with torch.no_grad():
+        for t in replay.timesteps:
+            x = replay.step(unet(x, t).sample, t, x).prev_sample
+    assert torch.equal(x, theirs)

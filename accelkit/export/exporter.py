@@ -21,7 +21,7 @@ import datetime
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from .. import __version__
 from ..artifacts import MANIFEST, atomic_directory, content_hash, read_manifest, safetensors_bytes
 from ..errors import AccelkitError
 from ..schedules import DiscreteVPSchedule, LinearSchedule
+from ..solvers.base import Solver
 from ..teacher import NetworkTeacher, RescaledTeacher, Teacher
 from .linear_form import network_of, scheduler_config
 
@@ -100,9 +101,16 @@ class Sampling:
     grid: list[float]
     grid_name: str
     origin: str
+    #: A solver object not registered by name (e.g. a learned bespoke solver), run in place of ``solver``.
+    solver_object: Solver | None = field(default=None, compare=False, repr=False)
 
     def record(self) -> dict[str, Any]:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "solver_object"}
+
+    @property
+    def runnable(self) -> str | Solver:
+        """What :func:`accelkit.solvers.get_solver` takes: the object, else the registered name."""
+        return self.solver_object if self.solver_object is not None else self.solver
 
 
 def _is_diffusers_flow(teacher: Teacher) -> bool:
@@ -119,7 +127,7 @@ def _is_diffusers_vp(teacher: Teacher) -> bool:
             and teacher.time_input.num_train_timesteps == teacher.schedule.num_train_timesteps)
 
 
-def stock_scheduler(teacher: Teacher, solver: str, nfe: int):
+def stock_scheduler(teacher: Teacher, solver: str | Solver, nfe: int):
     """A stock diffusers scheduler that computes exactly ``solver`` on its own grid for this teacher, and that grid
     as accelkit times (the training step k is t = (k + 1) / N, the final sigma 0 is t = 0); or None.
 
@@ -127,6 +135,8 @@ def stock_scheduler(teacher: Teacher, solver: str, nfe: int):
     final first-order step onto sigma = 0 (tests/test_solvers_diffusers.py); Euler on a flow-matching model equals
     FlowMatchEulerDiscreteScheduler, whose grid includes its shift.
     """
+    if not isinstance(solver, str):
+        return None
     if _is_diffusers_vp(teacher) and solver in ("dpm++2m", "dpm++3m", "unipc2"):
         from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
@@ -162,9 +172,12 @@ def _default_solver(teacher: Teacher) -> str:
     return "euler" if isinstance(teacher.schedule, LinearSchedule) else "dpm++2m"
 
 
-def resolve_sampling(source: Source, solver: str | None = None, nfe: int | None = None,
+def resolve_sampling(source: Source, solver: str | Solver | None = None, nfe: int | None = None,
                      grid: str | list[float] | None = None, shift: float | None = None) -> Sampling:
-    """The sampler to export: the user's choices over the artifact's recorded or kind-given ones over defaults."""
+    """The sampler to export: the user's choices over the artifact's recorded or kind-given ones over defaults.
+
+    ``solver`` may be a :class:`accelkit.solvers.Solver` object (a learned solver that is not registered by name).
+    """
     from ..solvers import GRID_NAMES, default_grid, solver_grid, solver_names
 
     teacher = source.teacher
@@ -183,9 +196,10 @@ def resolve_sampling(source: Source, solver: str | None = None, nfe: int | None 
         base_solver, base_nfe, base_grid = _default_solver(teacher), DEFAULT_TEACHER_NFE, None
     if solver is not None or nfe is not None or grid is not None:
         origin += " with user overrides"
-    solver = solver if solver is not None else base_solver
+    solver_object = solver if isinstance(solver, Solver) else None
+    solver = solver_object.name if solver_object is not None else solver if solver is not None else base_solver
     nfe = nfe if nfe is not None else int(base_nfe or DEFAULT_TEACHER_NFE)
-    if solver not in solver_names():
+    if solver_object is None and solver not in solver_names():
         raise AccelkitError(f"solver {solver!r}: unknown; expected one of {', '.join(solver_names())}")
     if isinstance(nfe, bool) or not isinstance(nfe, int) or nfe < 1:
         raise AccelkitError(f"NFE {nfe!r}: expected an integer of at least 1")
@@ -194,7 +208,7 @@ def resolve_sampling(source: Source, solver: str | None = None, nfe: int | None 
         grid = base_grid
     grid_kw: dict[str, float] = {}
     if grid is None:
-        stock = stock_scheduler(teacher, solver, nfe)
+        stock = stock_scheduler(teacher, solver_object or solver, nfe)
         if stock is not None:
             return Sampling(solver, nfe, stock[1], f"{type(stock[0]).__name__}'s own", origin)
         grid = default_grid(teacher.schedule)
@@ -205,11 +219,11 @@ def resolve_sampling(source: Source, solver: str | None = None, nfe: int | None 
             grid_kw["shift"] = shift if shift is not None else float(getattr(teacher, "info", {}).get("shift", 3.0))
     elif shift is not None:
         raise AccelkitError(f"--shift {shift}: only used with the 'shift' grid")
-    ts = solver_grid(teacher, solver, nfe, grid, **grid_kw)
+    ts = solver_grid(teacher, solver_object or solver, nfe, grid, **grid_kw)
     name = grid if isinstance(grid, str) else "times"
     if grid_kw:
         name += f" (shift {grid_kw['shift']:g})"
-    return Sampling(solver, nfe, [float(t) for t in ts], name, origin)
+    return Sampling(solver, nfe, [float(t) for t in ts], name, origin, solver_object)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -240,20 +254,33 @@ def export_record(source: Source, sampling: Sampling, scheduler: str) -> dict[st
 # diffusers folder
 
 
-def diffusers_scheduler(source: Source, sampling: Sampling):
-    """The scheduler for the folder: stock when it reproduces ``sampling`` exactly, else AccelkitScheduler."""
-    stock = stock_scheduler(source.teacher, sampling.solver, sampling.nfe)
+def exact_stock_scheduler(source: Source, sampling: Sampling):
+    """The stock diffusers scheduler that reproduces ``sampling`` exactly (its own grid is the sampling's), or None."""
+    stock = stock_scheduler(source.teacher, sampling.runnable, sampling.nfe)
     if stock is not None and max(abs(a - b) for a, b in zip(stock[1], sampling.grid, strict=True)) < 1e-9:
         return stock[0]
-    from .scheduler import AccelkitScheduler
+    return None
 
+
+def accelkit_scheduler_config(source: Source, sampling: Sampling) -> dict[str, Any]:
+    """The :class:`AccelkitScheduler` config that replays ``sampling`` on the source's network."""
     net = network_of(source.teacher)
     record = {"solver": sampling.solver, "nfe": sampling.nfe, "grid": sampling.grid, "grid_name": sampling.grid_name,
               "schedule": source.teacher.schedule.config(),
               "network": {"prediction_type": net.prediction, "schedule": net.schedule.config(),
                           "time_input": net.time_input.config()}}
     grid = torch.tensor(sampling.grid, dtype=torch.float64)
-    return AccelkitScheduler(**scheduler_config(source.teacher, sampling.solver, sampling.nfe, grid, record))
+    return scheduler_config(source.teacher, sampling.runnable, sampling.nfe, grid, record)
+
+
+def diffusers_scheduler(source: Source, sampling: Sampling):
+    """The scheduler for the folder: stock when it reproduces ``sampling`` exactly, else AccelkitScheduler."""
+    stock = exact_stock_scheduler(source, sampling)
+    if stock is not None:
+        return stock
+    from .scheduler import AccelkitScheduler
+
+    return AccelkitScheduler(**accelkit_scheduler_config(source, sampling))
 
 
 def export_diffusers(source: Source, sampling: Sampling, output: str | os.PathLike, force: bool = False) -> Path:
@@ -316,9 +343,10 @@ def single_file_contents(source: Source, sampling: Sampling) -> tuple[dict[str, 
     net = NetworkTeacher(net.network, net.call, net.prediction, net.schedule, net.sample_shape, net.time_input,
                          net.guidance_scale, net.null_condition, info)
     tensors, meta = teacher_file_contents(net)
-    stock = stock_scheduler(source.teacher, sampling.solver, sampling.nfe)
-    exact_stock = stock is not None and max(abs(a - b) for a, b in zip(stock[1], sampling.grid, strict=True)) < 1e-9
-    record = export_record(source, sampling, type(stock[0]).__name__ if exact_stock else "AccelkitScheduler")
+    stock = exact_stock_scheduler(source, sampling)
+    record = export_record(source, sampling, type(stock).__name__ if stock is not None else "AccelkitScheduler")
+    if stock is None:  # the sampler's coefficients, for tools (and learned solvers) without accelkit's solvers
+        record["scheduler_config"] = accelkit_scheduler_config(source, sampling)
     architecture = record["architecture"]
     title = source.path.name if source.path.is_dir() else source.path.stem
     meta.update({
@@ -367,7 +395,8 @@ def export_safetensors(source: Source, sampling: Sampling, output: str | os.Path
 # The one entry point
 
 
-def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str = "diffusers", *, solver: str | None = None,
+def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str = "diffusers", *,
+           solver: str | Solver | None = None,
            nfe: int | None = None, grid: str | list[float] | None = None, shift: float | None = None,
            force: bool = False, **load_kwargs: Any) -> tuple[Path, Sampling]:
     """Export ``path`` to ``output`` in format ``fmt``; returns the written path and the sampler it carries."""

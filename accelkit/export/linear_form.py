@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..errors import AccelkitError
 from ..schedules import Schedule, as_time
+from ..solvers.base import Solver
 from ..teacher import NetworkTeacher, RescaledTeacher, Teacher, broadcast_to, output_to_x0_eps
 
 F64 = torch.float64
@@ -86,28 +87,29 @@ class LinearForm:
         return len(self.times)
 
 
-def linear_form(teacher: Teacher, solver: str, nfe: int, grid: Tensor) -> LinearForm:
+def linear_form(teacher: Teacher, solver: str | Solver, nfe: int, grid: Tensor) -> LinearForm:
     """The coefficients of ``solver`` with ``nfe`` evaluations on the time grid ``grid`` for ``teacher``."""
     from ..solvers import get_solver
 
+    solver = get_solver(solver)
     probe = SymbolicTeacher(teacher, nfe)
     x_init = torch.zeros(1, 1 + nfe, dtype=F64)
     x_init[0, 0] = 1.0
     with torch.no_grad():
-        final = get_solver(solver).sample(probe, x_init, grid.to(F64), nfe)
+        final = solver.sample(probe, x_init, grid.to(F64), nfe)
     if len(probe.points) != nfe:
-        raise AccelkitError(f"solver {solver!r} evaluated the teacher {len(probe.points)} times, not its NFE {nfe}; "
-                            "it cannot be exported")
+        raise AccelkitError(f"solver {solver.name!r} evaluated the teacher {len(probe.points)} times, not its NFE "
+                            f"{nfe}; it cannot be exported")
     form = LinearForm(probe.times, probe.points, final[0].clone())
     for row in [*form.points, form.final]:
         if not bool(torch.isfinite(row).all()):
-            raise AccelkitError(f"solver {solver!r} on this grid evaluates the teacher where sigma = 0 (coefficients "
-                                "are not finite); choose a grid that ends there without an evaluation")
+            raise AccelkitError(f"solver {solver.name!r} on this grid evaluates the teacher where sigma = 0 "
+                                "(coefficients are not finite); choose a grid that ends there without an evaluation")
     for j, row in enumerate(form.points):  # evaluation j may only use predictions made before it
         if bool((row[1 + j:] != 0).any()):
-            raise AccelkitError(f"solver {solver!r} is not explicit (evaluation {j} depends on later predictions)")
+            raise AccelkitError(f"solver {solver.name!r} is not explicit (evaluation {j} depends on later predictions)")
     if float(form.points[0][0]) == 0.0:
-        raise AccelkitError(f"solver {solver!r} does not start from the initial state")
+        raise AccelkitError(f"solver {solver.name!r} does not start from the initial state")
     return form
 
 
@@ -127,8 +129,8 @@ def network_of(teacher: Teacher) -> NetworkTeacher:
     return base
 
 
-def scheduler_config(teacher: Teacher, solver: str, nfe: int, grid: Tensor, record: dict[str, Any] | None = None
-                     ) -> dict[str, Any]:
+def scheduler_config(teacher: Teacher, solver: str | Solver, nfe: int, grid: Tensor,
+                     record: dict[str, Any] | None = None) -> dict[str, Any]:
     """The :class:`accelkit.export.scheduler.AccelkitScheduler` config that replays ``solver`` on ``teacher``.
 
     The table is re-expressed over the state of the first evaluation (x_0 = a_0 x_init), which is what the pipeline
