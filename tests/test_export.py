@@ -184,8 +184,7 @@ def test_cli_single_file_inspect_and_overwrite(ddpm, tmp_path, cli, monkeypatch,
                                        "--nfe", "2")
     assert code == 2 and "--force" in err and len(err.strip().splitlines()) == 1 and stdout == ""
     assert out.read_bytes() == before
-    code, stdout, err = run_in_process(monkeypatch, capsys, "export", ddpm, "-o", out, "--format", "safetensors",
-                                       "--nfe", "2", "--force")
+    code, stdout, err = run_in_process(monkeypatch, capsys, "export", ddpm, "-o", out, "--nfe", "2", "--force")
     assert code == 0, err
     assert read_safetensors_metadata(out)["accelkit.nfe"] == "2"
 

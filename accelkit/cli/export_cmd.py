@@ -13,8 +13,9 @@ def export_command(
                                "'-' or missing: read it from stdin."),
     output: str = typer.Option(..., "-o", "--output", help="Output: a folder (diffusers), or a .safetensors file "
                                "(or a folder to put NAME.safetensors in)."),
-    fmt: str = typer.Option("diffusers", "--format", help="diffusers (a folder diffusers loads with "
-                            "from_pretrained) or safetensors (one file with modelspec.* and accelkit.* metadata)."),
+    fmt: str = typer.Option(None, "--format", help="diffusers (a folder diffusers loads with from_pretrained) or "
+                            "safetensors (one file with modelspec.* and accelkit.* metadata); default: safetensors "
+                            "when -o ends in .safetensors, else diffusers."),
     solver: str = typer.Option(None, "--solver", help="Solver to export (default: the artifact's recorded one, "
                                "else euler for the linear schedule, dpm++2m otherwise)."),
     nfe: int = typer.Option(None, "--nfe", help="Network evaluations per sample (default: recorded, else 2 for "
@@ -43,6 +44,8 @@ def export_command(
     from .common import emit, input_path
     from .sample_cmd import _parse_grid
 
+    if fmt is None:
+        fmt = "safetensors" if output.endswith(".safetensors") else "diffusers"
     if fmt not in ("diffusers", "safetensors"):
         raise AccelkitError(f"--format {fmt!r}: expected diffusers or safetensors")
     if nfe is not None and nfe < 1:
