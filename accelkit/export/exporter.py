@@ -206,6 +206,8 @@ def resolve_sampling(source: Source, solver: str | Solver | None = None, nfe: in
     if grid is None and base_grid is not None and (isinstance(base_grid, str) or (
             solver == base_solver and nfe == base_nfe)):
         grid = base_grid
+    if grid is None and shift is not None:
+        grid = "shift"
     grid_kw: dict[str, float] = {}
     if grid is None:
         stock = stock_scheduler(teacher, solver_object or solver, nfe)
