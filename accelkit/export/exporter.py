@@ -192,7 +192,7 @@ def resolve_sampling(source: Source, solver: str | Solver | None = None, nfe: in
         base_solver = "dpm++2m" if method == "rectified-diffusion" else _default_solver(teacher)
         base_nfe, base_grid = DEFAULT_STUDENT_NFE, "uniform"
     else:
-        origin = "teacher default"
+        origin = "teacher default" if source.kind == "teacher" else f"teacher default ({source.kind} artifact)"
         base_solver, base_nfe, base_grid = _default_solver(teacher), DEFAULT_TEACHER_NFE, None
     if solver is not None or nfe is not None or grid is not None:
         origin += " with user overrides"
