@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
+from safetensors.torch import load_file
 from tiny_models import ddpm_pipeline, tiny_unet2d, write_pipeline
 
 from accelkit.evaluation import sample_batched
@@ -200,6 +201,28 @@ def test_cli_single_file_inspect_and_overwrite(ddpm, tmp_path, cli, monkeypatch,
     assert code == 0 and stdout.strip() == str(folder), err
     assert json.loads((folder / "accelkit_export.json").read_text())["solver"] == "euler"
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp-")] == []
+    code, _, err = run_in_process(monkeypatch, capsys, "export", ddpm, "-o", tmp_path / "h.safetensors", "--dtype",
+                                  "fp16")
+    assert code == 0, err
+    assert {v.dtype for v in load_file(tmp_path / "h.safetensors").values()} == {torch.float16}
+
+
+def test_atomic_directory_keeps_the_old_folder_until_the_new_one_is_complete(tmp_path):
+    from accelkit.artifacts import atomic_directory
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(RuntimeError), atomic_directory(out, replace=True) as tmp:
+        (tmp / "new.txt").write_text("half")
+        raise RuntimeError("killed while writing")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"] and (out / "old.txt").read_text() == "old"
+    with pytest.raises(Exception, match="--force"), atomic_directory(out):
+        pass
+    with atomic_directory(out, replace=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert [p.name for p in out.iterdir()] == ["new.txt"]
 
 
 def test_bad_input_is_one_line_exit_2(ddpm, tmp_path, monkeypatch, capsys):

@@ -24,6 +24,8 @@ def export_command(
                              "from 1 to 0 (default: recorded, else the stock diffusers scheduler's own)."),
     shift: float = typer.Option(None, "--shift", help="Shift of the 'shift' grid (default: the recorded shift, "
                                 "else 3)."),
+    dtype: str = typer.Option(None, "--dtype", help="Weights' dtype in the export: fp32, fp16, bf16 (default: as "
+                              "stored)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing output."),
     config: str = typer.Option(None, "--config", help="config.json (or its folder) of a single-file diffusers "
                                "state dict."),
@@ -56,8 +58,8 @@ def export_command(
     from ..console import log
     from ..export.exporter import export
 
-    load = {k: v for k, v in {"config": config, "prediction_type": prediction_type, "schedule": schedule}.items()
-            if v is not None}
+    load = {k: v for k, v in {"config": config, "prediction_type": prediction_type, "schedule": schedule,
+                              "dtype": dtype}.items() if v is not None}
     written, sampling = export(path, output, fmt, solver=solver, nfe=nfe, grid=time_grid, shift=shift, force=force,
                                allow_pickle=allow_pickle, **load)
     log(f"export: {sampling.solver} at {sampling.nfe} NFE on the {sampling.grid_name} grid ({sampling.origin})")
