@@ -298,7 +298,7 @@ def export_diffusers(source: Source, sampling: Sampling, output: str | os.PathLi
     class_name = architecture.removeprefix("diffusers.")
     component = COMPONENTS[class_name]
     scheduler = diffusers_scheduler(source, sampling)
-    unconditional = not getattr(net.network, "class_embedding", None)
+    unconditional = getattr(net.network, "class_embedding", None) is None
     pipeline = PIPELINES[class_name] if (class_name != "UNet2DModel" or unconditional) else None
     with atomic_directory(out, replace=force) as tmp:
         net.network.save_pretrained(tmp / component, safe_serialization=True)
