@@ -161,6 +161,44 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             tmp.unlink()
 
 
+@contextlib.contextmanager
+def atomic_directory(path: str | os.PathLike, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary directory beside ``path``; on success fsync its files and rename it to ``path``.
+
+    An existing ``path`` is kept unless ``replace``: then it is moved aside first and deleted only after the new
+    directory is in place (a crash in between leaves the old one under a ``.tmp-`` name, never half of the new).
+    On an exception the temporary directory is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    if path.exists() and not replace:
+        raise AccelkitError(f"{path} exists; pass --force to replace it")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    tmp.mkdir()
+    old = None
+    try:
+        yield tmp
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                with open(Path(root) / name, "rb+") as f:
+                    os.fsync(f.fileno())
+            _fsync_dir(Path(root))
+        if path.exists() or path.is_symlink():
+            old = _tmp_name(path)
+            os.replace(path, old)
+        try:
+            os.replace(tmp, path)
+        except OSError:
+            os.replace(old, path) if old is not None else None  # put the old one back
+            raise
+        _fsync_dir(path.parent)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() and not old.is_symlink() else old.unlink()
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically (temp name in the same directory, fsync, rename)."""
     with atomic_path(path) as tmp:
@@ -615,7 +653,7 @@ def verify(path: str | os.PathLike) -> list[str]:
 
 
 __all__ = [
-    "Artifact", "FORMAT_VERSION", "MANIFEST", "content_hash", "file_sha256", "atomic_path", "atomic_write_bytes",
-    "atomic_write_json", "save_safetensors", "read_manifest", "verify", "file_problem", "identity_of",
-    "default_output", "runs_root", "probe", "canonical_json", "DirectoryLock",
+    "Artifact", "FORMAT_VERSION", "MANIFEST", "content_hash", "file_sha256", "atomic_path", "atomic_directory",
+    "atomic_write_bytes", "atomic_write_json", "save_safetensors", "read_manifest", "verify", "file_problem",
+    "identity_of", "default_output", "runs_root", "probe", "canonical_json", "DirectoryLock",
 ]

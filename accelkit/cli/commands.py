@@ -7,6 +7,7 @@ from . import config_cmd  # noqa: F401
 from . import couple_cmd  # noqa: F401
 from . import demo_cmd  # noqa: F401
 from . import eval_cmd  # noqa: F401
+from . import export_cmd  # noqa: F401
 from . import inspect_cmd  # noqa: F401
 from . import run_cmd  # noqa: F401
 from . import reflow_cmd  # noqa: F401

@@ -31,11 +31,24 @@ def inspect_command(
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, prediction_type=prediction_type,
                            schedule=schedule)
     desc = {"path": path, **teacher.describe()}
+    header = exported_header(path)
+    if header:
+        desc["metadata"] = header
     if json_out:
         emit(json.dumps(desc, sort_keys=True, default=str))
         return
     print_description(desc)
     emit(path)
+
+
+def exported_header(path: str) -> dict[str, str]:
+    """The ``modelspec.*`` and ``accelkit.*`` keys of a single file's header (written by ``accelkit export``)."""
+    if not path.endswith(".safetensors"):
+        return {}
+    from ..models.loading import read_safetensors_metadata
+
+    meta = read_safetensors_metadata(path)
+    return {k: v for k, v in sorted(meta.items()) if k.startswith(("modelspec.", "accelkit."))}
 
 
 def _schedule_text(cfg: dict) -> str:
@@ -93,6 +106,7 @@ def print_description(desc: dict) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")
     table.add_column()
+    rows += [(key, value) for key, value in desc.get("metadata", {}).items()]
     for key, value in rows:
         if value is not None and value != "":
             table.add_row(key, str(value))

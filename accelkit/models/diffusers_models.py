@@ -227,6 +227,8 @@ def schedule_from_scheduler_config(
     """(prediction type, schedule, time input, info) of a diffusers scheduler config."""
     name = cfg.get("_class_name", "?")
     info: dict[str, Any] = {"scheduler": name}
+    if name == "AccelkitScheduler":
+        return _accelkit_scheduler_config(cfg, source, info)
     flow = name.startswith("FlowMatch") or bool(cfg.get("use_flow_sigmas"))
     if flow:
         n = int(cfg.get("num_train_timesteps", 1000))
@@ -254,6 +256,30 @@ def schedule_from_scheduler_config(
                                   float(cfg.get("beta_end", 0.02)))
     pred = parse_prediction_type(cfg.get("prediction_type", "epsilon"), f"{source}: prediction_type")
     return pred, schedule, TimeInput("discrete", n), info
+
+
+def _accelkit_scheduler_config(
+    cfg: dict[str, Any], source: str | os.PathLike, info: dict[str, Any]
+) -> tuple[str, Schedule, TimeInput, dict[str, Any]]:
+    """The network of an ``accelkit export`` folder (AccelkitScheduler's ``sampler`` record): its prediction type,
+    schedule and time input; the sampler, and the schedule it samples under when the export is a rescaled teacher
+    (``rescaled_to`` in the info: :func:`accelkit.models.loading.load_teacher` wraps it)."""
+    from ..schedules import schedule_from_config
+
+    sampler = cfg.get("sampler") or {}
+    network = sampler.get("network") or {}
+    try:
+        schedule = schedule_from_config(network["schedule"])
+        time_input = TimeInput(**network["time_input"])
+        pred = parse_prediction_type(network["prediction_type"], f"{source}: prediction_type")
+        sampling_schedule = schedule_from_config(sampler.get("schedule") or network["schedule"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise AccelkitError(f"{source}: AccelkitScheduler config lacks a valid sampler.network record ({e}); "
+                            "expected a folder written by accelkit export") from e
+    info["sampling"] = {k: sampler.get(k) for k in ("solver", "nfe", "grid", "grid_name") if k in sampler}
+    if sampling_schedule != schedule:
+        info["rescaled_to"] = sampling_schedule.config()
+    return pred, schedule, time_input, info
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -399,6 +425,12 @@ def _time_input_for(schedule: Schedule) -> TimeInput:
     return TimeInput.for_schedule(schedule)
 
 
+def _bare_component(folder: Path) -> str | None:
+    """The one denoiser subfolder (unet/ or transformer/ with config.json) of a folder without model_index.json."""
+    found = [c for c in DENOISER_COMPONENTS if (folder / c / "config.json").is_file()]
+    return found[0] if len(found) == 1 else None
+
+
 def load_diffusers_folder(
     folder: Path,
     *,
@@ -417,6 +449,10 @@ def load_diffusers_folder(
     elif (folder / "config.json").is_file():
         config, sched, info = _resolve_config(folder / "config.json")
         model_dir = folder
+    elif (comp := _bare_component(folder)) is not None:  # e.g. accelkit export of a model no pipeline runs
+        model_dir, config = folder / comp, folder / comp / "config.json"
+        sched_path = folder / "scheduler" / "scheduler_config.json"
+        sched, info = (sched_path if sched_path.is_file() else None), {"component": comp}
     else:
         hint = " (this is a scheduler folder)" if (folder / "scheduler_config.json").is_file() else ""
         raise AccelkitError(f"{folder}: not a model{hint}: expected a diffusers model folder (config.json + weights), "

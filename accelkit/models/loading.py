@@ -483,7 +483,24 @@ def load_teacher(
     move_network(teacher.network, device=device, dtype=dt)
     if guidance is not None:
         teacher.guidance_scale = float(guidance)
-    return teacher
+    return rescaled_if_recorded(teacher)
+
+
+def rescaled_if_recorded(teacher: NetworkTeacher) -> Teacher:
+    """A rescaled teacher exported by ``accelkit export`` records its sampling schedule as ``rescaled_to`` in its
+    info: the network under :class:`accelkit.teacher.RescaledTeacher` to that schedule; other teachers as they are."""
+    target = teacher.info.get("rescaled_to")
+    if not target:
+        return teacher
+    from ..teacher import RescaledTeacher
+
+    try:
+        schedule = schedule_from_config(target)
+    except (TypeError, ValueError) as e:
+        raise AccelkitError(f"{teacher.info.get('source')}: recorded rescaled_to schedule {target!r} is not valid "
+                            f"({_one_line(e)})") from e
+    teacher.info = {k: v for k, v in teacher.info.items() if k != "rescaled_to"}
+    return RescaledTeacher(teacher, schedule)
 
 
 def as_teacher(obj: Teacher | str | os.PathLike, **kwargs: Any) -> Teacher:
