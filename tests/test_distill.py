@@ -170,8 +170,6 @@ def test_bad_input_is_one_line_exit_2(flow, cli, tmp_path):
     cases = [
         (("distill", couple, "--method", "direct", "--nfe", "3", "-o", tmp_path / "a"), "expected one of 1, 2, 4"),
         (("distill", couple, "--start-nfe", "12", "--nfe", "2", "-o", tmp_path / "b"), "power of two"),
-        (("distill", couple, "--start-nfe", "2", "--nfe", "2", "-o", tmp_path / "c"), "power of two"),
-        (("distill", couple, "--method", "consistency", "-o", tmp_path / "d"), "progressive"),
         (("distill", train, "-o", tmp_path / "e"), "expected a 'couple' artifact"),
     ]
     for args, expected in cases:
@@ -180,6 +178,15 @@ def test_bad_input_is_one_line_exit_2(flow, cli, tmp_path):
         assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not (tmp_path / args[-1]).exists()
+    # the same checks in the recipe, without a process each
+    from pydantic import ValidationError
+
+    for kw, expected in [({"nfe": 2, "start_nfe": 2}, "power of two"), ({"nfe": 1, "start_nfe": 6}, "power of two"),
+                         ({"method": "direct", "nfe": 8}, "expected one of 1, 2, 4"),
+                         ({"method": "consistency"}, "progressive")]:
+        with pytest.raises(ValidationError, match=expected):
+            DistillRecipe(couplings=str(couple), **kw)
+    assert DistillRecipe(couplings=str(couple), nfe=2, start_nfe=16).round_nfes() == [8, 4, 2]
 
 
 @pytest.mark.slow
