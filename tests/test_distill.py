@@ -200,6 +200,6 @@ def test_toy2d_distill_recipe_runs(cli, tmp_path):
     assert r.returncode == 0, r.stderr
     (art,) = (tmp_path / "runs").glob("distill-*")
     summary = json.loads((art / "manifest.json").read_text())["summary"]
-    assert summary["nfe_per_round"] == [8, 4, 2, 1] and r.stdout.strip() == str(art)
+    assert summary["nfe_per_round"] == [8, 4, 2, 1] and (tmp_path / r.stdout.strip()).resolve() == art.resolve()
     q = summary["quality"]
     assert q["student"]["1"] < 0.5 * q["teacher"]["1"], q
