@@ -252,7 +252,6 @@ class DistillJob:
         self.history: list[dict[str, Any]] = []
         n = min(recipe.eval_samples, len(couplings))
         self.eval_pairs = couplings.get(torch.arange(n)) if n > 0 else None
-        self.steps_run = 0
 
     def model(self, network: torch.nn.Module, info: dict[str, Any] | None = None) -> NetworkTeacher:
         return students.student_of(self.reference, network, info)
@@ -268,9 +267,9 @@ class DistillJob:
 
     def run_round(self, r: int, nfe: int, network: torch.nn.Module) -> torch.nn.Module:
         """Train round ``r`` (an ``nfe``-step student) from ``network``; returns the round's frozen student network."""
-        name = f"round-{r}.safetensors"
         from ..models.loading import load_teacher, save_teacher
 
+        name = f"round-{r}.safetensors"
         if r <= self.done:
             if self.art is not None:
                 self.art.check_file(name)
@@ -292,7 +291,6 @@ class DistillJob:
                           f"round-{r}", device=self.device, on_log=on_log)
         self._set_progress(r, 0)
         trainer.fit()
-        self.steps_run += recipe.loop.steps
         barrier()
         student, weights = students.averaged_network(trainer)
         if self.rank == 0:
