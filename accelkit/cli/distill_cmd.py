@@ -18,6 +18,9 @@ def distill(
     nfe: int | None = typer.Option(None, "--nfe", help="The student's steps (direct: 1, 2 or 4; default 1)."),
     start_nfe: int | None = typer.Option(None, "--start-nfe", help="progressive: the teacher's steps in the first "
                                                                    "round, nfe times a power of two (default 8)."),
+    data: str | None = typer.Option(None, "--data", help="progressive: noise this data set (a 2-D set's name, digits, "
+                                                         "fashion-mnist or a .safetensors/.npy file) instead of the "
+                                                         "couplings' samples."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (per round for progressive; recipe key "
                                                            "distill.loop.steps)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (over all processes)."),
@@ -40,7 +43,8 @@ def distill(
     path_arg = couplings if couplings not in (None, "-") else None
     if path_arg is None and not (recipe is not None and couplings is None):
         path_arg = input_path(couplings, "couplings")
-    flags = {"couplings": path_arg, "method": method, "nfe": nfe, "start_nfe": start_nfe, "batch_size": batch_size,
+    flags = {"couplings": path_arg, "method": method, "nfe": nfe, "start_nfe": start_nfe, "data": data,
+             "batch_size": batch_size,
              "seed": seed, "loss": loss, "device": device}
     loop_sets = [f"distill.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("distill", recipe, flags, [*loop_sets, *set_])

@@ -17,7 +17,8 @@ update (Song et al. 2021, eta = 0), which on the linear schedule is exactly Eule
   rounds that halve the step count, from the teacher at ``start_nfe`` = N_0 down to ``nfe``. In round r the student
   of N = N_{r-1} / 2 steps starts from the previous round's model (the round's teacher, eta) and learns to do in one
   step from t to t'' = t - 1/N what two teacher steps t -> t' = t - 1/(2N) -> t'' do. Training points come from the
-  couplings' samples x0* noised with fresh seeded noise: t = i / N with i ~ U{1..N}, z_t = alpha_t x0* + sigma_t eps.
+  couplings' samples x0* (or, with ``data``, the data set the teacher was trained on) noised with fresh seeded noise:
+  t = i / N with i ~ U{1..N}, z_t = alpha_t x0 + sigma_t eps.
   The target is the x0 for which one DDIM step from z_t lands on the teacher's z_t'':
 
       z_t'  = ddim_step(eta, z_t, t, t'),   z_t'' = ddim_step(eta, z_t', t', t''),
@@ -54,7 +55,7 @@ from torch import Tensor
 
 from ..artifacts import Artifact, open_on_rank0
 from ..console import log
-from ..data import stream_seed
+from ..data import DATA_NAMES, BatchSampler, load_dataset, stream_seed
 from ..errors import AccelkitError
 from ..jobs import barrier, broadcast_object
 from ..recipes import StageRecipe, register_stage
@@ -76,7 +77,7 @@ def default_loop() -> LoopConfig:
 class DistillRecipe(StageRecipe):
     """distill: a direct or progressive few-step student trained on a teacher's couplings."""
 
-    input_fields = ("couplings",)
+    input_fields = ("couplings", "data")
     execution_fields = frozenset({"device", "eval_samples"})
 
     couplings: str = Field(description="a complete couple artifact (its teacher is the student's start)")
@@ -85,6 +86,9 @@ class DistillRecipe(StageRecipe):
                                    "steps round by round (Salimans & Ho 2022)")
     nfe: int = Field(1, ge=1, description="the student's steps (direct: 1, 2 or 4)")
     start_nfe: int = Field(8, ge=2, description="progressive: the teacher's steps in the first round (nfe x 2^k)")
+    data: str | None = Field(None, description="progressive: noise this data set instead of the couplings' samples "
+                                               f"(one of {', '.join(DATA_NAMES)} or a .safetensors/.npy file)")
+    data_size: int = Field(100_000, ge=16, description="points drawn for a 2-D toy set given as data")
     loss: Literal["l2", "pseudo-huber"] = Field("l2", description="l2 or pseudo-huber")
     huber_c: float | None = Field(None, gt=0, description="pseudo-Huber c (None: 0.00054 sqrt(elements per sample))")
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
@@ -104,6 +108,13 @@ class DistillRecipe(StageRecipe):
                 raise ValueError(f"start_nfe {self.start_nfe} with nfe {self.nfe}: progressive distillation halves "
                                  f"the steps each round, so start_nfe must be nfe times a power of two (e.g. "
                                  f"{2 * self.nfe}, {4 * self.nfe}, {8 * self.nfe})")
+        if self.data is not None and self.method != "progressive":
+            raise ValueError(f"data {self.data!r}: direct distillation learns the couplings' noise-to-sample map; "
+                             "data applies to --method progressive")
+        if self.data is not None and self.data not in DATA_NAMES and not self.data.endswith((".safetensors",
+                                                                                            ".npy")):
+            raise ValueError(f"data {self.data!r}: expected one of {', '.join(DATA_NAMES)} or a .safetensors/.npy "
+                             "file")
         if self.batch_size % self.loop.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of loop.grad_accum "
                              f"{self.loop.grad_accum}")
@@ -111,8 +122,19 @@ class DistillRecipe(StageRecipe):
             raise ValueError("distill trains the teacher's full weights; loop.lora is not supported by distill")
         return self
 
+    @property
+    def data_is_file(self) -> bool:
+        return self.data is not None and self.data not in DATA_NAMES
+
+    def inputs(self) -> dict[str, str]:
+        return {"couplings": self.couplings, **({"data": self.data} if self.data_is_file else {})}
+
     def identity_dict(self) -> dict[str, Any]:
         d = super().identity_dict()
+        if self.data is not None and not self.data_is_file:
+            d["data"] = self.data  # a named set is part of the recipe, a file enters through its content hash
+        if self.data is None or self.data_is_file:
+            d.pop("data_size")
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
         if self.method == "direct":
             d.pop("start_nfe")  # only progressive uses it
@@ -250,6 +272,16 @@ class DistillJob:
         self.records: list[dict[str, Any]] = list(art.progress.get("rounds", [])) if art is not None else []
         self.done = int(broadcast_object(len(self.records)))
         self.history: list[dict[str, Any]] = []
+        self.data: Tensor | None = None
+        if recipe.data is not None:
+            if any(k.startswith("cond.") for k in couplings.keys):
+                raise AccelkitError(f"data {recipe.data!r}: the couplings are conditional and the data has no "
+                                    "conditions; distill on the couplings (leave data out)")
+            ds = load_dataset(recipe.data, recipe.data_size, recipe.seed)
+            if tuple(ds.sample_shape) != tuple(reference.sample_shape):
+                raise AccelkitError(f"data {recipe.data!r}: samples of shape {list(ds.sample_shape)}, but the "
+                                    f"teacher's are {list(reference.sample_shape)}")
+            self.data = ds.samples
         n = min(recipe.eval_samples, len(couplings))
         self.eval_pairs = couplings.get(torch.arange(n)) if n > 0 else None
 
@@ -281,8 +313,11 @@ class DistillJob:
         teacher = self.teacher_of_round(r, network).to(self.device)
         trainable = copy.deepcopy(network).requires_grad_(True).train()
         loss_fn, draw = self.objective(teacher, nfe)
-        sampler = self.couplings.sampler(recipe.batch_size, stream_seed(recipe.seed, r), self.rank, self.world,
-                                         noise=draw)
+        seed = stream_seed(recipe.seed, r)
+        if self.data is not None:
+            sampler = BatchSampler(self.data, recipe.batch_size, seed, self.rank, self.world, noise=draw)
+        else:
+            sampler = self.couplings.sampler(recipe.batch_size, seed, self.rank, self.world, noise=draw)
 
         def on_log(step: int, values: dict[str, float]) -> None:
             self._set_progress(r, step, values.get("loss"))
@@ -347,7 +382,8 @@ class DistillJob:
         schedule = self.reference.schedule
 
         def progressive_loss(network: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
-            cond, t, x0 = condition_of(batch), batch["t"], batch["sample"].float()
+            x0 = (batch["sample"] if "sample" in batch else batch["x"]).float()  # couplings' x0* or data
+            cond, t = condition_of(batch), batch["t"]
             z_t = broadcast_to(schedule.alpha(t), x0) * x0 + broadcast_to(schedule.sigma(t), x0) * batch["eps"]
             target, weight = progressive_target(teacher, z_t, t, nfe, cond)
             x0_hat = self.model(network).predict_x0(z_t, t, cond)
