@@ -111,15 +111,23 @@ class DenoisingObjective:
         xt = broadcast_to(self.schedule.alpha(t), x0) * x0 + broadcast_to(self.schedule.sigma(t), x0) * eps
         target = x0_eps_to_output(self.prediction, x0, eps, t, self.schedule)
         out = self.call(network, xt, self.time_input(t).to(torch.float32), condition_of(batch))
-        diff = out.float() - target
-        if self.loss_kind == "l2":
-            return torch.mean(diff**2), {}
-        if self.loss_kind == "pseudo-huber":
-            dim = diff[0].numel()
-            c = self.huber_c if self.huber_c is not None else 0.00054 * math.sqrt(dim)
-            sq = diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1)
-            return torch.mean(torch.sqrt(sq + c * c) - c), {}
-        raise ValueError(f"loss {self.loss_kind!r}: expected one of {', '.join(LOSSES)}")
+        return regression_loss(out.float() - target, self.loss_kind, self.huber_c), {}
+
+
+def regression_loss(diff: Tensor, kind: str = "l2", huber_c: float | None = None) -> Tensor:
+    """The batch mean of a per-sample regression loss on ``diff`` = prediction - target (batch along dim 0).
+
+    ``l2``: the mean of diff^2 over all elements; ``pseudo-huber``: per sample sqrt(||diff||^2 + c^2) - c with
+    c = 0.00054 sqrt(D) for D elements per sample unless ``huber_c`` is given (Song & Dhariwal 2023).
+    """
+    if kind == "l2":
+        return torch.mean(diff**2)
+    if kind == "pseudo-huber":
+        dim = diff[0].numel()
+        c = huber_c if huber_c is not None else 0.00054 * math.sqrt(dim)
+        sq = diff.reshape(diff.shape[0], -1).pow(2).sum(dim=1)
+        return torch.mean(torch.sqrt(sq + c * c) - c)
+    raise ValueError(f"loss {kind!r}: expected one of {', '.join(LOSSES)}")
 
 
 def condition_of(batch: dict[str, Tensor]) -> Condition | None:
@@ -132,4 +140,4 @@ def condition_of(batch: dict[str, Tensor]) -> Condition | None:
                      extra={k: v for k, v in fields.items() if k not in known})
 
 
-__all__ = ["DenoisingObjective", "sample_times", "condition_of", "TIME_DENSITIES", "LOSSES"]
+__all__ = ["DenoisingObjective", "sample_times", "regression_loss", "condition_of", "TIME_DENSITIES", "LOSSES"]

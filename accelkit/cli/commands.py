@@ -6,6 +6,7 @@ from __future__ import annotations
 from . import config_cmd  # noqa: F401
 from . import couple_cmd  # noqa: F401
 from . import demo_cmd  # noqa: F401
+from . import distill_cmd  # noqa: F401
 from . import eval_cmd  # noqa: F401
 from . import export_cmd  # noqa: F401
 from . import inspect_cmd  # noqa: F401

@@ -36,7 +36,7 @@ def sample_command(
     output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
                                "points) or .safetensors (the raw samples)."),
     solver: str = typer.Option("euler", "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
-                               "unipc, unipc2, ipndm, ipndm-v."),
+                               "ddim, unipc, unipc2, ipndm, ipndm-v."),
     nfe: int = typer.Option(8, "--nfe", help="Network evaluations per sample."),
     n: int = typer.Option(16, "-n", "--num-samples", help="Number of samples."),
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i)."),

@@ -90,3 +90,4 @@ class DPMSolverPP(Solver):
 
 register_solver("dpm++2m", lambda: DPMSolverPP(2))
 register_solver("dpm++3m", lambda: DPMSolverPP(3))
+register_solver("ddim", lambda: DPMSolverPP(1))  # first order: DDIM, eta = 0 (Euler on the linear schedule)

@@ -28,7 +28,6 @@ student on ``eval_samples`` seeded noises.
 
 from __future__ import annotations
 
-import copy
 import shutil
 import time
 from pathlib import Path
@@ -37,13 +36,14 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..artifacts import Artifact, content_hash, open_on_rank0
+from ..artifacts import Artifact, open_on_rank0
 from ..console import log
 from ..data import seeded_generator
 from ..errors import AccelkitError
 from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import LoopConfig, Trainer, init_distributed
+from . import student as students
 
 KIND = "reflow"
 METHODS = ("rectified-flow", "rectified-diffusion")
@@ -95,37 +95,15 @@ class ReflowRecipe(StageRecipe):
 # ----------------------------------------------------------------------------------------------------- teacher
 
 
-def couplings_teacher_path(couplings: Artifact) -> Path:
-    """The teacher a couple artifact was made from, checked against the content hash recorded there."""
-    entry = couplings.manifest.get("inputs", {}).get("teacher")
-    if not entry or "path" not in entry:
-        raise AccelkitError(f"{couplings.path}: the couple manifest records no teacher input")
-    path = Path(entry["path"])
-    if not path.exists():
-        raise AccelkitError(f"{couplings.path}: its teacher {str(path)!r} no longer exists; reflow starts the "
-                            "student from the teacher's weights")
-    if entry.get("sha256") and content_hash(path) != entry["sha256"]:
-        raise AccelkitError(f"{couplings.path}: its teacher {str(path)!r} changed since the couplings were made "
-                            "(content hash differs); run couple again")
-    return path
-
-
 def load_student_start(recipe: ReflowRecipe, couplings: Artifact):
-    """The teacher of the couplings as a trainable :class:`accelkit.teacher.NetworkTeacher` in fp32, on the CPU."""
-    from ..models.loading import load_teacher
-    from ..teacher import NetworkTeacher
-
-    path = couplings_teacher_path(couplings)
-    teacher = load_teacher(path, dtype="fp32")
-    if not isinstance(teacher, NetworkTeacher):
-        raise AccelkitError(f"{path}: a {type(teacher).__name__} teacher (e.g. a rescale artifact) has no network of "
-                            "its own schedule to start a student from; couple from the network teacher instead")
+    """(student, reference) from :func:`accelkit.stages.student.load_student_start`; rectified-flow also needs the
+    linear schedule."""
+    teacher, reference = students.load_student_start(couplings, "reflow")
     if recipe.method == "rectified-flow" and teacher.schedule.name != "linear":
+        path = students.couplings_teacher_path(couplings, "reflow")
         raise AccelkitError(f"{path}: --method rectified-flow needs a teacher on the linear schedule; this one is on "
                             f"{teacher.schedule.name!r} (use --method rectified-diffusion, which keeps its schedule)")
-    teacher.network.requires_grad_(True).train()
-    teacher.guidance_scale = 1.0  # the student learns the (possibly guided) couplings' map with one pass
-    return teacher
+    return teacher, reference
 
 
 # ----------------------------------------------------------------------------------------------------------- run
@@ -149,8 +127,7 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
         if recipe.batch_size % (world * recipe.loop.grad_accum):
             raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
                                 f"grad_accum {recipe.loop.grad_accum}")
-        teacher = load_student_start(recipe, couplings_art)
-        reference = copy.deepcopy(teacher).eval().requires_grad_(False)
+        teacher, reference = load_student_start(recipe, couplings_art)
         couplings = open_couplings(recipe.couplings)
         keys = ["noise", "sample", *[k for k in couplings.keys if k.startswith("cond.")]]
         couplings = open_couplings(recipe.couplings, keys=keys)
@@ -198,38 +175,28 @@ def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, 
            logs: dict[str, float], seconds: float, world: int, device: torch.device) -> None:
     """Write the student (EMA weights) as teacher.safetensors and history.json, measure straightness, complete."""
     from ..evaluation import straightness
-    from ..models.loading import ARTIFACT_TEACHER_FILE, save_teacher
-    from ..teacher import NetworkTeacher
 
-    ema_rate = trainer.ema.rates[0] if trainer.ema.rates else None
-    network = copy.deepcopy(trainer.model)
-    network.load_state_dict(trainer.ema_weights(ema_rate))
-    network.eval().requires_grad_(False)
-    info = {"trained_by": "accelkit reflow", "method": recipe.method, "steps": trainer.step,
-            "weights": f"ema {ema_rate}" if ema_rate is not None else "raw", "seed": recipe.seed,
-            "couplings": str(couplings.path), "rounds": int(reference.info.get("rounds", 0)) + 1}
-    student = NetworkTeacher(network, reference.call, reference.prediction, reference.schedule,
-                             reference.sample_shape, reference.time_input, 1.0, reference.null_condition, info)
+    network, weights = students.averaged_network(trainer)
+    info = {"trained_by": "accelkit reflow", "method": recipe.method, "steps": trainer.step, "weights": weights,
+            "seed": recipe.seed, "couplings": str(couplings.path), "rounds": int(reference.info.get("rounds", 0)) + 1}
+    model = students.student_of(reference, network, info)
     summary: dict[str, Any] = {
-        "method": recipe.method, "prediction_type": student.prediction, "schedule": student.schedule.config(),
-        "sample_shape": list(student.sample_shape), "couplings": couplings.manifest["summary"].get("samples"),
+        "method": recipe.method, "prediction_type": model.prediction, "schedule": model.schedule.config(),
+        "sample_shape": list(model.sample_shape), "couplings": couplings.manifest["summary"].get("samples"),
         "steps": trainer.step, "final_loss": logs.get("loss"), "weights": info["weights"], "processes": world,
         "rounds": info["rounds"], "seconds_last_run": round(seconds, 3),
     }
     conditional = any(k.startswith("cond.") for k in couplings.manifest["summary"].get("keys", []))
     if recipe.eval_samples > 0 and not conditional:  # a conditional student's straightness needs its conditions
-        noise = torch.randn(recipe.eval_samples, *student.sample_shape,
+        noise = torch.randn(recipe.eval_samples, *model.sample_shape,
                             generator=seeded_generator(recipe.seed, 5)).to(device)
         summary["straightness"] = {"teacher": straightness(reference.to(device), noise),
-                                   "student": straightness(student.to(device), noise),
+                                   "student": straightness(model.to(device), noise),
                                    "samples": recipe.eval_samples, "nfe": 64}
         s = summary["straightness"]
         log(f"reflow: straightness {s['student']:.4g} (teacher {s['teacher']:.4g})")
-    student.network.cpu()
-    art.write_with(ARTIFACT_TEACHER_FILE, lambda tmp: save_teacher(student, tmp))
-    art.write_json("history.json", trainer.history)
     art.progress = {"step": trainer.step, "steps": recipe.loop.steps}
-    art.complete(summary)
+    students.save_student(art, model, trainer.history, summary)
 
 
 def _run(recipe: StageRecipe, output: Path | None, force: bool) -> Path:
