@@ -1,0 +1,230 @@
+"""`accelkit bespoke`: learned solvers (bespoke scale-time, BNS) start exactly at their base solvers, beat the best
+standard solver at the same NFE on an exact (analytic) teacher, improve with NFE, resume exactly after kill -9, and
+are refused for a teacher they were not trained for."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO, run_cli
+from safetensors.torch import load_file
+
+from accelkit.models.analytic import gaussian_mixture_2d
+from accelkit.models.builtin import MLP, builtin_call
+from accelkit.models.loading import load_teacher, save_teacher
+from accelkit.noise import sample_noise
+from accelkit.schedules import CosineSchedule, LinearSchedule
+from accelkit.solvers import get_solver, solve, solver_grid
+from accelkit.solvers.bespoke import ScaleTimeSolver
+from accelkit.solvers.bns import NonStationarySolver, trace_linear_solver
+from accelkit.stages.bespoke import (
+    STANDARD_SOLVERS,
+    GroundTruthPaths,
+    compute_paths,
+    default_loop,
+    fit_solver,
+    initial_solver,
+    path_times,
+)
+from accelkit.teacher import NetworkTeacher
+
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
+#: Training settings of the quality tests (a few seconds per solver on one core).
+TRAIN = {"bespoke": {"steps": 150, "lr": 0.1}, "bns": {"steps": 150, "lr": 0.04}}
+#: A learned solver must beat the best of the standard solvers at its NFE by at least this factor in held-out RMSE.
+MARGIN = 0.85
+
+
+@pytest.mark.parametrize("schedule", [LinearSchedule(), CosineSchedule()], ids=["linear", "cosine"])
+def test_identity_init_is_exactly_the_base_solver(schedule):
+    teacher = gaussian_mixture_2d(schedule)
+    x = teacher.prior_sample(torch.randn(256, 2, generator=torch.Generator().manual_seed(1)))
+    for base, name, nfe in (("rk1", "euler", 5), ("rk2", "midpoint", 6)):
+        module = ScaleTimeSolver(base, solver_grid(teacher, name, nfe))
+        with torch.no_grad():
+            assert torch.equal(module.sample(teacher, x), solve(teacher, x, name, nfe)), base
+    # a non-stationary solver traced from a standard solver is that solver (float32 rounding of x apart)
+    for name in ("euler", "heun", "dpm++2m", "unipc", "ipndm"):
+        module = NonStationarySolver(*trace_linear_solver(teacher, name, 6), (1e-3, 1.0))
+        with torch.no_grad():
+            diff = (module.sample(teacher, x) - solve(teacher, x, name, 6)).abs().max()
+        assert diff < 1e-5, (name, float(diff))
+
+
+@pytest.fixture(scope="module")
+def gmm_paths():
+    """The 8-Gaussian ring under the linear schedule (exact velocity) and 768 ground-truth paths from DOP853:
+    512 to train on, 256 held out."""
+    teacher = gaussian_mixture_2d(LinearSchedule())
+    noise = sample_noise(0, range(768), (2,))
+    paths = compute_paths(teacher, noise, path_times(1.0, 0.0, 48), "adaptive", tol=1e-8)
+    train = GroundTruthPaths(paths.times, paths.x[:512], paths.v[:512])
+    val = GroundTruthPaths(paths.times, paths.x[512:], paths.v[512:])
+    return teacher, train, val
+
+
+def best_standard(teacher, val, nfe):
+    from accelkit.metrics import rmse
+
+    scores = {}
+    for s in STANDARD_SOLVERS:
+        if s in ("heun", "midpoint") and nfe < 2:
+            continue
+        scores[s] = rmse(solve(teacher, val.noise_state, s, nfe), val.endpoint)
+    name = min(scores, key=scores.get)
+    return name, scores[name]
+
+
+_TRAINED: dict = {}
+
+
+def trained(gmm_paths, kind, nfe):
+    """(held-out RMSE of the trained solver, of its start) — trained once per (kind, NFE) in this module."""
+    from accelkit.metrics import rmse
+
+    if (kind, nfe) not in _TRAINED:
+        teacher, train, val = gmm_paths
+        module, _ = initial_solver(kind, teacher, nfe, "rk2" if kind == "bespoke" else None, "best", 1.0, val)
+        with torch.no_grad():
+            start = rmse(module.sample(teacher, val.noise_state), val.endpoint)
+        loop = default_loop().model_copy(update={**TRAIN[kind], "checkpoint_every": 0})
+        trainer = fit_solver(module, kind, teacher, train, None, loop, batch_size=64, seed=0, progress=False)
+        with torch.no_grad():
+            final = rmse(trainer.model.solver.sample(teacher, val.noise_state), val.endpoint)
+        _TRAINED[(kind, nfe)] = (final, start)
+    return _TRAINED[(kind, nfe)]
+
+
+@pytest.mark.parametrize("kind", ["bespoke", "bns"])
+@pytest.mark.parametrize("nfe", [4, 6, 8])
+def test_learned_solver_beats_the_best_standard_solver(gmm_paths, kind, nfe):
+    teacher, _, val = gmm_paths
+    name, best = best_standard(teacher, val, nfe)
+    final, start = trained(gmm_paths, kind, nfe)
+    ratio = final / best
+    print(f"{kind} NFE {nfe}: held-out RMSE {final:.4g} (start {start:.4g}), best standard {name} {best:.4g}, "
+          f"ratio {ratio:.3f}")
+    assert ratio < MARGIN, f"{kind} at NFE {nfe}: RMSE {final:.4g} vs {name} {best:.4g} (ratio {ratio:.3f})"
+    if kind == "bns":
+        assert start <= best * (1 + 1e-6), "BNS starts at the best standard solver"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["bespoke", "bns"])
+def test_learned_solver_beats_the_best_standard_solver_at_nfe_10(gmm_paths, kind):
+    test_learned_solver_beats_the_best_standard_solver(gmm_paths, kind, 10)
+
+
+def test_bespoke_error_falls_as_nfe_grows(gmm_paths):
+    errors = [trained(gmm_paths, "bespoke", nfe)[0] for nfe in (4, 6, 8)]
+    print("bespoke held-out RMSE at NFE 4, 6, 8:", [f"{e:.4g}" for e in errors])
+    assert errors[0] > errors[1] > errors[2], errors
+
+
+# ------------------------------------------------------------------------------------------------------------ CLI
+
+
+def mlp_teacher(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    save_teacher(NetworkTeacher(MLP(dim=2, hidden=32, depth=2), builtin_call, "flow", LinearSchedule(), (2,)), path)
+    return path
+
+
+SMALL = ["--train-samples", "64", "--val-samples", "32", "--batch-size", "32", "--device", "cpu",
+         "--set", "bespoke.path_points=12", "--set", "bespoke.reference=heun", "--set", "bespoke.reference_nfe=3"]
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bespoke-cli")
+    teacher = mlp_teacher(root / "teacher.safetensors", 0)
+    other = mlp_teacher(root / "other.safetensors", 1)
+    out = run_cli("bespoke", teacher, "--nfe", "4", "--steps", "20", *SMALL, "-o", root / "solver", env=ONE_THREAD)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == str(root / "solver")
+    return teacher, other, root / "solver"
+
+
+def test_artifact_records_kind_base_nfe_and_teacher(cli_run):
+    teacher, _, solver = cli_run
+    from accelkit.artifacts import content_hash
+
+    config = json.loads((solver / "solver.json").read_text())
+    assert (config["kind"], config["base"], config["nfe"]) == ("bespoke", "rk2", 4)
+    assert config["teacher_sha256"] == content_hash(teacher)
+    assert config["teacher"] == str(Path(teacher).resolve())
+    assert set(load_file(solver / "solver.safetensors")) >= {"log_increments", "log_speed", "log_scale", "scale_rate"}
+    summary = json.loads((solver / "manifest.json").read_text())["summary"]
+    assert summary["cost"]["training_teacher_evaluations"] == 20 * 32 * 4
+
+
+def test_sample_and_eval_take_the_artifact_as_solver(cli_run, tmp_path):
+    teacher, _, solver = cli_run
+    out = run_cli("sample", teacher, "--solver", solver, "-n", "8", "-o", tmp_path / "s.safetensors")
+    assert out.returncode == 0, out.stderr
+    got = load_file(tmp_path / "s.safetensors")
+    x = next(iter(got.values()))
+    t = load_teacher(teacher)
+    want = solve(t, t.prior_sample(sample_noise(0, range(8), (2,))), get_solver(str(solver)), 4)
+    assert torch.allclose(x, want, atol=1e-6)
+    ev = run_cli("eval", teacher, "--solver", f"euler,{solver}", "--nfe", "4", "-n", "64", "--json",
+                 "--reference-nfe", "20")
+    assert ev.returncode == 0, ev.stderr
+    rows = json.loads(ev.stdout)
+    assert {r["solver"] for r in rows} == {"euler", str(solver)}
+
+
+def test_solver_of_another_teacher_is_refused_unless_forced(cli_run, tmp_path):
+    _, other, solver = cli_run
+    out = run_cli("sample", other, "--solver", solver, "-n", "4", "-o", tmp_path / "s.safetensors")
+    assert out.returncode == 2
+    assert out.stderr.strip().count("\n") == 0 and "content hash" in out.stderr and "--force" in out.stderr
+    assert not (tmp_path / "s.safetensors").exists()
+    ev = run_cli("eval", other, "--solver", solver, "--nfe", "4", "-n", "8")
+    assert ev.returncode == 2 and "content hash" in ev.stderr
+    forced = run_cli("sample", other, "--solver", solver, "-n", "4", "-o", tmp_path / "s.safetensors", "--force")
+    assert forced.returncode == 0, forced.stderr
+    wrong_nfe = run_cli("sample", cli_run[0], "--solver", solver, "--nfe", "6", "-n", "4", "-o", tmp_path / "t.png")
+    assert wrong_nfe.returncode == 2 and "trained for NFE 4" in wrong_nfe.stderr
+
+
+def test_kill9_then_same_command_equals_uninterrupted(cli_run, tmp_path):
+    teacher = cli_run[0]
+    args = ["--nfe", "4", "--kind", "bns", "--steps", "120", *SMALL, "--set", "bespoke.loop.checkpoint_every=5"]
+    full = run_cli("bespoke", teacher, *args, "-o", tmp_path / "full", env=ONE_THREAD)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
+    proc = subprocess.Popen([sys.executable, "-m", "accelkit", "bespoke", str(teacher), *args, "-o", str(out)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoint" / "latest.json").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    delay = random.uniform(0.0, 0.3)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    step = json.loads((out / "checkpoint" / "latest.json").read_text())["step"]
+    resumed = run_cli("bespoke", teacher, *args, "-o", out, env=ONE_THREAD)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stderr, f"killed at step >= {step} after {delay:.2f}s but did not resume"
+    a, b = load_file(tmp_path / "full" / "solver.safetensors"), load_file(out / "solver.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 at step >= {step} (delay {delay:.2f}s)"
+
+
+def test_bad_input_is_one_line_exit_2(cli_run, cli):
+    teacher = cli_run[0]
+    out = cli("bespoke", teacher, "--nfe", "5", "--base", "rk2")
+    assert out.returncode == 2 and "even NFE" in out.stderr and out.stderr.strip().count("\n") == 0
+    out = cli("bespoke", teacher, "--nfe", "4", "--kind", "bns", "--init", "rk45")
+    assert out.returncode == 2 and "init" in out.stderr
