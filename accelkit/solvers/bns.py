@@ -10,8 +10,9 @@ Every explicit linear solver of n evaluations (Euler, Heun, midpoint, DPM-Solver
 of this family: it is linear in x_0 and the network outputs, with coefficients that depend on the times only. So
 :func:`trace_linear_solver` reads its (t_k, a_k, b_kj) off by running it on a symbolic teacher whose states are
 coefficient vectors over the basis (x_0, u_0, ..., u_{n-1}), and :class:`NonStationarySolver` initialised from them
-*is* that solver. Training (end to end through the sampler) minimises the mean over samples of log || z_n - x(t_min)
-||^2, i.e. maximises the mean PSNR. Parameters: n times, n scalars a_k and n (n + 1) / 2 weights b_kj.
+*is* that solver. Training (end to end through the sampler) minimises log of the mean squared error of z_n against
+the ground truth x(t_min) over a batch, i.e. maximises its PSNR. Parameters: n times, n scalars a_k and n (n + 1) / 2
+weights b_kj (times and weights stored in units of the mean step).
 
 Times stay inside [t_lo, t_max] (clamped; t_lo a little above t_min, where a VP teacher's velocity is undefined).
 """
@@ -38,9 +39,12 @@ class NonStationarySolver(nn.Module):
         self.n = n
         self.register_buffer("t_range", torch.tensor(t_range, dtype=F64))
         self.register_buffer("mask", torch.ones(n, n, dtype=F64).tril())
-        self.times = nn.Parameter(torch.as_tensor(times, dtype=F64).clone())
+        # times and weights are stored in units of the mean step h = (t_max - t_min) / n, so that one optimizer step
+        # moves them by a similar fraction of a step whatever the NFE
+        self.h = float(t_range[1] - t_range[0]) / n
+        self.times_h = nn.Parameter(torch.as_tensor(times, dtype=F64).clone() / self.h)
         self.a = nn.Parameter(torch.as_tensor(a, dtype=F64).clone())
-        self.b = nn.Parameter(torch.as_tensor(b, dtype=F64).clone() * self.mask)
+        self.b_h = nn.Parameter(torch.as_tensor(b, dtype=F64).clone() * self.mask / self.h)
 
     @property
     def nfe(self) -> int:
@@ -48,10 +52,14 @@ class NonStationarySolver(nn.Module):
 
     def clamped_times(self) -> Tensor:
         lo, hi = self.t_range[0], self.t_range[1]
-        return torch.minimum(torch.maximum(self.times, lo), hi)
+        return torch.minimum(torch.maximum(self.times_h * self.h, lo), hi)
+
+    def weights(self) -> Tensor:
+        """b_kj (lower triangular)."""
+        return self.b_h * self.mask * self.h
 
     def sample(self, teacher: Teacher, x0: Tensor, cond: Condition | None = None) -> Tensor:
-        t, a, b = self.clamped_times(), self.a.to(x0.dtype), (self.b * self.mask).to(x0.dtype)
+        t, a, b = self.clamped_times(), self.a.to(x0.dtype), self.weights().to(x0.dtype)
         n_batch = x0.shape[0]
         us: list[Tensor] = []
         z = x0
@@ -64,13 +72,14 @@ class NonStationarySolver(nn.Module):
 
     def describe(self) -> dict[str, list]:
         with torch.no_grad():
-            return {"t": self.clamped_times().tolist(), "a": self.a.tolist(), "b": (self.b * self.mask).tolist()}
+            return {"t": self.clamped_times().tolist(), "a": self.a.tolist(), "b": self.weights().tolist()}
 
 
 def psnr_loss(x: Tensor, target: Tensor) -> Tensor:
-    """Mean over samples of log of the per-sample mean squared error (-PSNR up to scale and offset)."""
-    mse = (x.double() - target.double()).flatten(1).pow(2).mean(1)
-    return torch.log(mse + 1e-20).mean()
+    """log of the batch's mean squared error: -PSNR of the batch (as :func:`accelkit.metrics.psnr` measures it) up
+    to the factor 10 / ln 10 and an offset. Its gradient is the MSE's divided by the MSE itself, so the step size
+    stays the same as the error falls by orders of magnitude."""
+    return torch.log((x.double() - target.double()).pow(2).mean() + 1e-30)
 
 
 class _SymbolicTeacher(Teacher):

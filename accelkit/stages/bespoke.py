@@ -52,7 +52,7 @@ LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_chec
 
 
 def default_loop() -> LoopConfig:
-    return LoopConfig(steps=600, lr=2e-2, warmup_steps=10, lr_schedule="cosine", ema_rates=[], grad_clip=None,
+    return LoopConfig(steps=300, lr=3e-2, warmup_steps=10, lr_schedule="cosine", ema_rates=[], grad_clip=None,
                       checkpoint_every=100, validate_every=0, log_every=20)
 
 
