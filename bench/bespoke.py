@@ -41,10 +41,12 @@ from accelkit.stages.bespoke import (  # noqa: E402
     default_loop,
     fit_solver,
     initial_solver,
+    keep_better,
     path_times,
 )
 
 NFES = (4, 6, 8, 10, 16)
+VAL = 256
 
 
 def takes(solver: str, nfe: int) -> bool:
@@ -64,11 +66,14 @@ def main() -> None:
 
     teacher = gaussian_mixture_2d(LinearSchedule())
     start = time.perf_counter()
-    noise = sample_noise(0, range(args.train + args.test), (2,))
+    noise = sample_noise(0, range(args.train + VAL + args.test), (2,))
     paths = compute_paths(teacher, noise, path_times(1.0, 0.0, 64), "adaptive", tol=1e-8)
     gt_seconds = time.perf_counter() - start
-    train = GroundTruthPaths(paths.times, paths.x[:args.train], paths.v[:args.train])
-    test = GroundTruthPaths(paths.times, paths.x[args.train:], paths.v[args.train:])
+    a, b = args.train, args.train + VAL
+    train = GroundTruthPaths(paths.times, paths.x[:a], paths.v[:a])
+    # the stage's validation paths (its choices: BNS's starting solver, keeping the start), apart from the test ones
+    train_val = GroundTruthPaths(paths.times, paths.x[a:b], paths.v[a:b])
+    test = GroundTruthPaths(paths.times, paths.x[b:], paths.v[b:])
     data = teacher.sample_data(args.test, torch.Generator().manual_seed(7)).float()
 
     def measure(x: torch.Tensor) -> dict[str, float]:
@@ -82,7 +87,8 @@ def main() -> None:
         results[kind] = {}
         for n in nfes:
             base = None if kind == "bns" else ("rk2" if n % 2 == 0 else "rk1")
-            module, config = initial_solver(kind, teacher, n, base, "best", 1.0, test)
+            module, config = initial_solver(kind, teacher, n, base, "best", 1.0, train_val)
+            initial_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
             loop = default_loop()
             if args.steps:
                 loop = loop.model_copy(update={"steps": args.steps})
@@ -91,13 +97,18 @@ def main() -> None:
             t0 = time.perf_counter()
             trainer = fit_solver(module, kind, teacher, train, None, loop, batch_size=batch, progress=False)
             seconds = time.perf_counter() - t0
+            # as the stage does: keep the start if training raised the error on the validation paths
+            solver, trained_rmse, start_rmse, kept = keep_better(trainer.model.solver, initial_state, teacher,
+                                                                 train_val)
             with torch.no_grad():
-                row = measure(trainer.model.solver.sample(teacher, test.noise_state))
-            row.update({"train_seconds": round(seconds, 2), "train_teacher_evaluations": loop.steps * batch * n,
+                row = measure(solver.sample(teacher, test.noise_state))
+            row.update({"kept": "initial" if kept else "trained", "val_rmse_trained": trained_rmse,
+                        "val_rmse_initial": start_rmse, "train_seconds": round(seconds, 2),
+                        "train_teacher_evaluations": loop.steps * batch * n,
                         "steps": loop.steps, "lr": loop.lr, "parameters": config["parameters"],
                         "base": config.get("base"), "init": config.get("init")})
             results[kind][n] = row
-            err.print(f"{kind} NFE {n}: RMSE {row['rmse']:.3e} in {seconds:.1f} s")
+            err.print(f"{kind} NFE {n}: RMSE {row['rmse']:.3e} in {seconds:.1f} s ({row['kept']} kept)")
 
     best = {n: min(results[s][n]["rmse"] for s in STANDARD_SOLVERS if n in results[s]) for n in nfes}
     for metric, fmt in (("rmse", "{:.2e}"), ("psnr", "{:.1f}"), ("sw2", "{:.3f}")):
@@ -122,7 +133,8 @@ def main() -> None:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps({
-            "settings": {"teacher": "gaussian_mixture_2d(LinearSchedule())", "train": args.train, "test": args.test,
+            "settings": {"teacher": "gaussian_mixture_2d(LinearSchedule())", "train": args.train, "val": VAL,
+                         "test": args.test,
                          "path_points": 64, "reference": "DOP853 rtol=atol=1e-8", "nfes": nfes,
                          "ground_truth_seconds": round(gt_seconds, 2)},
             "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,

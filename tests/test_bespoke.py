@@ -31,6 +31,7 @@ from accelkit.stages.bespoke import (
     default_loop,
     fit_solver,
     initial_solver,
+    keep_better,
     path_times,
 )
 from accelkit.teacher import NetworkTeacher
@@ -135,6 +136,20 @@ def test_bespoke_error_falls_as_nfe_grows(gmm_paths):
     assert errors[0] > errors[1] > errors[2], errors
 
 
+def test_the_start_is_kept_when_training_made_it_worse(gmm_paths):
+    teacher, _, val = gmm_paths
+    module, _ = initial_solver("bespoke", teacher, 8, "rk2", "best", 1.0, val)
+    start = {k: v.clone() for k, v in module.state_dict().items()}
+    with torch.no_grad():
+        module.log_scale.add_(0.3)  # a "trained" solver that is worse than the midpoint rule it started from
+    solver, trained_rmse, start_rmse, kept = keep_better(module, start, teacher, val)
+    assert kept and start_rmse < trained_rmse
+    assert all(torch.equal(solver.state_dict()[k], start[k]) for k in start)
+    solver, *_, kept = keep_better(solver, {k: v + 0.3 if k == "log_scale" else v for k, v in start.items()},
+                                   teacher, val)
+    assert not kept
+
+
 # ------------------------------------------------------------------------------------------------------------ CLI
 
 
@@ -170,6 +185,8 @@ def test_artifact_records_kind_base_nfe_and_teacher(cli_run):
     assert set(load_file(solver / "solver.safetensors")) >= {"log_increments", "log_speed", "log_scale", "scale_rate"}
     summary = json.loads((solver / "manifest.json").read_text())["summary"]
     assert summary["cost"]["training_teacher_evaluations"] == 20 * 32 * 4
+    assert summary["val_rmse"] == min(summary["val_rmse_trained"], summary["val_rmse_initial"])
+    assert summary["kept"] == ("initial" if summary["val_rmse_initial"] < summary["val_rmse_trained"] else "trained")
 
 
 def test_sample_and_eval_take_the_artifact_as_solver(cli_run, tmp_path):

@@ -20,7 +20,8 @@ Training runs on :class:`accelkit.training.Trainer` (the solver's parameters are
 ``kill -9``). The artifact holds ``solver.safetensors`` + ``solver.json`` (kind, base, NFE, the teacher's path and
 content hash; :mod:`accelkit.solvers.learned` loads it as a solver: ``accelkit sample T --solver runs/bespoke-...``)
 and ``history.json``; its summary gives the held-out RMSE of the learned solver and of the standard solvers at the
-same NFE, and the training cost in seconds and teacher evaluations.
+same NFE, and the training cost in seconds and teacher evaluations. Where training raised the held-out RMSE (the
+bespoke loss is a bound, not the error), the artifact keeps the starting solver and says so (``kept: initial``).
 """
 
 from __future__ import annotations
@@ -317,6 +318,20 @@ class _Objective(nn.Module):
         return psnr_loss(self.solver.sample(teacher, paths.noise_state[rows]), paths.endpoint[rows])
 
 
+def keep_better(trained: nn.Module, initial_state: dict[str, Tensor], teacher: Teacher, val: GroundTruthPaths
+                ) -> tuple[nn.Module, float, float, bool]:
+    """The trained solver, or its starting point when training raised the held-out RMSE (the bespoke loss is an
+    upper bound, not the error itself, and can move away from a start that is already good, e.g. the midpoint rule
+    at NFE >= 10 on a smooth teacher). Returns (solver, trained RMSE, starting RMSE, whether the start was kept)."""
+    import copy
+
+    final = learned_rmse(trained, teacher, val)
+    start = copy.deepcopy(trained)
+    start.load_state_dict(initial_state)
+    initial = learned_rmse(start, teacher, val)
+    return (start if initial < final else trained), final, initial, initial < final
+
+
 def fit_solver(module: nn.Module, kind: str, teacher: Teacher, train: GroundTruthPaths, val: GroundTruthPaths | None,
                loop: LoopConfig, batch_size: int = 128, seed: int = 0, checkpoint_dir: Path | None = None,
                device: torch.device | str = "cpu", on_log=None, progress: bool = True) -> Trainer:
@@ -386,7 +401,7 @@ def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool =
         module, config = initial_solver(recipe.kind, teacher, recipe.nfe, recipe.base, recipe.init, recipe.lipschitz,
                                         val)
         config.update({"teacher": str(Path(recipe.teacher).resolve()), "teacher_sha256": teacher_hash})
-        initial_rmse = learned_rmse(module, teacher, val)
+        initial_state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
         def on_log(step: int, values: dict[str, float]) -> None:
             art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
@@ -395,14 +410,19 @@ def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool =
         trainer = fit_solver(module, recipe.kind, teacher, train, val, recipe.loop, recipe.batch_size, recipe.seed,
                              path / "checkpoint", device, on_log)
         train_seconds = time.perf_counter() - start
-        solver = trainer.model.solver.cpu()
-        standard = {s: standard_rmse(teacher.cpu(), _cpu(val), s, recipe.nfe) for s in STANDARD_SOLVERS
-                    if _takes(s, recipe.nfe)}
-        final = learned_rmse(solver, teacher.cpu(), _cpu(val))
+        teacher, val = teacher.cpu(), _cpu(val)
+        solver, trained_rmse, initial_rmse, kept_start = keep_better(trainer.model.solver.cpu(), initial_state,
+                                                                     teacher, val)
+        final = min(trained_rmse, initial_rmse)
+        if kept_start:
+            log(f"bespoke: training raised the held-out RMSE ({initial_rmse:.4g} -> {trained_rmse:.4g}); keeping the "
+                "starting solver")
+        standard = {s: standard_rmse(teacher, val, s, recipe.nfe) for s in STANDARD_SOLVERS if _takes(s, recipe.nfe)}
         evals_per_step = recipe.nfe * min(recipe.batch_size, recipe.train_samples)
         summary = {
             "kind": recipe.kind, "base": config.get("base"), "init": config.get("init"), "nfe": recipe.nfe,
             "parameters": config["parameters"], "val_rmse": final, "val_rmse_initial": initial_rmse,
+            "val_rmse_trained": trained_rmse, "kept": "initial" if kept_start else "trained",
             "val_rmse_standard": standard, "best_standard": min(standard, key=lambda s: standard[s]),
             "ratio_to_best_standard": final / min(standard.values()) if standard else None,
             "steps": trainer.step, "final_loss": trainer.history[-1].get("loss") if trainer.history else None,
@@ -434,5 +454,5 @@ def _run(recipe: StageRecipe, output: Path | None, force: bool) -> Path:
 
 register_stage(KIND, BespokeRecipe, _run)
 
-__all__ = ["BespokeRecipe", "run_bespoke", "fit_solver", "initial_solver", "compute_paths", "GroundTruthPaths",
-           "path_times", "KIND", "STANDARD_SOLVERS"]
+__all__ = ["BespokeRecipe", "run_bespoke", "fit_solver", "keep_better", "initial_solver", "compute_paths",
+           "GroundTruthPaths", "path_times", "KIND", "STANDARD_SOLVERS"]
