@@ -130,6 +130,28 @@ def test_learned_solvers_at_nfe_10(gmm_paths):
     assert bespoke < 0.95 and bns < 0.5, (bespoke, bns)
 
 
+@pytest.mark.slow
+def test_learned_solvers_on_an_image_teacher():
+    """8x8 images: the analytic mixture of four Gaussian images (exact velocity), paths from DOP853."""
+    from accelkit.metrics import rmse
+    from accelkit.models.analytic import gaussian_mixture_images
+
+    teacher = gaussian_mixture_images(LinearSchedule())
+    paths = compute_paths(teacher, sample_noise(1, range(384), (1, 8, 8)), path_times(1.0, 0.0, 32), "adaptive",
+                          tol=1e-7)
+    train = GroundTruthPaths(paths.times, paths.x[:256], paths.v[:256])
+    val = GroundTruthPaths(paths.times, paths.x[256:], paths.v[256:])
+    name, best = best_standard(teacher, val, 6)
+    for kind in ("bespoke", "bns"):
+        module, _ = initial_solver(kind, teacher, 6, "rk2" if kind == "bespoke" else None, "best", 1.0, val)
+        loop = default_loop().model_copy(update={**TRAIN[kind], "checkpoint_every": 0})
+        trainer = fit_solver(module, kind, teacher, train, None, loop, batch_size=64, seed=0, progress=False)
+        with torch.no_grad():
+            ratio = rmse(trainer.model.solver.sample(teacher, val.noise_state), val.endpoint) / best
+        print(f"8x8 images, NFE 6: {kind} / {name} = {ratio:.3f}")
+        assert ratio < MARGIN, (kind, ratio)
+
+
 def test_bespoke_error_falls_as_nfe_grows(gmm_paths):
     errors = [trained(gmm_paths, "bespoke", nfe)[0] for nfe in (4, 6, 8)]
     print("bespoke held-out RMSE at NFE 4, 6, 8:", [f"{e:.4g}" for e in errors])
@@ -244,6 +266,26 @@ def test_kill9_then_same_command_equals_uninterrupted(cli_run, tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 at step >= {step} (delay {delay:.2f}s)"
+
+
+def test_trains_on_couplings_with_trajectories(cli_run, tmp_path):
+    from accelkit.stages.bespoke import BespokeRecipe, couplings_paths, run_bespoke
+    from accelkit.stages.couple import CoupleRecipe, run_couple
+
+    teacher, other, _ = cli_run
+    couple = run_couple(CoupleRecipe(teacher=str(teacher), n=96, solver="dpm++2m", nfe=16, save_trajectory=6,
+                                     micro_batch=32, shard_size=96, batch_size=96), tmp_path / "couple")
+    t = load_teacher(teacher)
+    paths = couplings_paths(t, str(couple), 96, torch.device("cpu"))
+    assert paths.x.shape == (96, 8, 2) and float(paths.times[0]) == 1.0 and float(paths.times[-1]) == 0.0
+    recipe = BespokeRecipe(teacher=str(teacher), couplings=str(couple), nfe=3, train_samples=64, val_samples=32,
+                           batch_size=32, device="cpu", loop={"steps": 5, "checkpoint_every": 0})
+    out = run_bespoke(recipe, tmp_path / "solver")
+    assert json.loads((out / "solver.json").read_text())["base"] == "rk1"
+    from accelkit.errors import AccelkitError
+
+    with pytest.raises(AccelkitError, match="content hashes differ"):
+        run_bespoke(recipe.model_copy(update={"teacher": str(other)}), tmp_path / "other")
 
 
 def test_bad_input_is_one_line_exit_2(cli_run, cli):

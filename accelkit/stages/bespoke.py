@@ -360,11 +360,14 @@ def fit_solver(module: nn.Module, kind: str, teacher: Teacher, train: GroundTrut
 
 def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the learned solver of ``recipe``; returns the artifact directory."""
+    from ..jobs import dist_env
     from ..models.loading import load_teacher
     from ..noise import sample_noise
     from ..solvers.learned import save_learned_solver
     from .train import resolve_device
 
+    if dist_env()[1] > 1:
+        raise AccelkitError("bespoke trains a few hundred parameters in one process; run it without torchrun")
     device = resolve_device(recipe.device)
     teacher_hash = content_hash(recipe.teacher)
     if recipe.couplings is not None:
