@@ -12,7 +12,7 @@ of this family: it is linear in x_0 and the network outputs, with coefficients t
 coefficient vectors over the basis (x_0, u_0, ..., u_{n-1}), and :class:`NonStationarySolver` initialised from them
 *is* that solver. Training (end to end through the sampler) minimises log of the mean squared error of z_n against
 the ground truth x(t_min) over a batch, i.e. maximises its PSNR. Parameters: n times, n scalars a_k and n (n + 1) / 2
-weights b_kj (times and weights stored in units of the mean step).
+weights b_kj (all stored in units of the mean step).
 
 Times stay inside [t_lo, t_max] (clamped; t_lo a little above t_min, where a VP teacher's velocity is undefined).
 """
@@ -39,11 +39,11 @@ class NonStationarySolver(nn.Module):
         self.n = n
         self.register_buffer("t_range", torch.tensor(t_range, dtype=F64))
         self.register_buffer("mask", torch.ones(n, n, dtype=F64).tril())
-        # times and weights are stored in units of the mean step h = (t_max - t_min) / n, so that one optimizer step
-        # moves them by a similar fraction of a step whatever the NFE
+        # times and coefficients are stored in units of the mean step h = (t_max - t_min) / n, so that one optimizer
+        # step moves them by a similar fraction of a step whatever the NFE
         self.h = float(t_range[1] - t_range[0]) / n
         self.times_h = nn.Parameter(torch.as_tensor(times, dtype=F64).clone() / self.h)
-        self.a = nn.Parameter(torch.as_tensor(a, dtype=F64).clone())
+        self.a_h = nn.Parameter(torch.as_tensor(a, dtype=F64).clone() / self.h)
         self.b_h = nn.Parameter(torch.as_tensor(b, dtype=F64).clone() * self.mask / self.h)
 
     @property
@@ -59,7 +59,7 @@ class NonStationarySolver(nn.Module):
         return self.b_h * self.mask * self.h
 
     def sample(self, teacher: Teacher, x0: Tensor, cond: Condition | None = None) -> Tensor:
-        t, a, b = self.clamped_times(), self.a.to(x0.dtype), self.weights().to(x0.dtype)
+        t, a, b = self.clamped_times(), (self.a_h * self.h).to(x0.dtype), self.weights().to(x0.dtype)
         n_batch = x0.shape[0]
         us: list[Tensor] = []
         z = x0
@@ -72,7 +72,7 @@ class NonStationarySolver(nn.Module):
 
     def describe(self) -> dict[str, list]:
         with torch.no_grad():
-            return {"t": self.clamped_times().tolist(), "a": self.a.tolist(), "b": self.weights().tolist()}
+            return {"t": self.clamped_times().tolist(), "a": (self.a_h * self.h).tolist(), "b": self.weights().tolist()}
 
 
 def psnr_loss(x: Tensor, target: Tensor) -> Tensor:
