@@ -301,3 +301,25 @@ def test_bad_input_is_one_line_exit_2(cli_run, cli):
     assert out.returncode == 2 and "even NFE" in out.stderr and out.stderr.strip().count("\n") == 0
     out = cli("bespoke", teacher, "--nfe", "4", "--kind", "bns", "--init", "rk45")
     assert out.returncode == 2 and "init" in out.stderr
+
+
+@pytest.mark.slow
+def test_toy2d_bespoke_recipe(cli, tmp_path):
+    """recipes/toy2d-bespoke.yaml, shrunk by --set: train -> couple with trajectories -> bespoke and BNS solvers,
+    each never worse than its start and BNS better than every standard solver at NFE 8 on held-out paths."""
+    shrink = ["train.loop.steps=300", "train.network.hidden=64", "train.network.depth=2", "train.eval_samples=0",
+              "train.device=cpu", "couple.n=512", "couple.shard_size=512", "couple.save_trajectory=24",
+              "stages[2].bespoke.train_samples=384", "stages[2].bespoke.val_samples=128",
+              "stages[3].bespoke.train_samples=384", "stages[3].bespoke.val_samples=128",
+              "stages[2].bespoke.loop.steps=100", "stages[3].bespoke.loop.steps=100",
+              "stages[2].bespoke.device=cpu", "stages[3].bespoke.device=cpu"]
+    args = [a for s in shrink for a in ("--set", s)]
+    r = cli("run", os.path.join(REPO, "recipes", "toy2d-bespoke.yaml"), *args, cwd=str(tmp_path), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    solvers = {m["summary"]["kind"]: m["summary"] for m in
+               (json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "runs").glob("bespoke-*"))}
+    assert set(solvers) == {"bespoke", "bns"}
+    for s in solvers.values():
+        print(s["kind"], "ratio to the best standard solver", s["ratio_to_best_standard"])
+        assert s["val_rmse"] <= s["val_rmse_initial"]
+    assert solvers["bns"]["ratio_to_best_standard"] < 1.0
