@@ -17,9 +17,10 @@ learned times (and differentiates in them). The first ``train_samples`` paths tr
 the held-out RMSE of the solver's endpoint during and after training.
 
 Training runs on :class:`accelkit.training.Trainer` (the solver's parameters are the model; exact resume after
-``kill -9``). The artifact holds ``solver.safetensors`` + ``solver.json`` (kind, base, NFE, the teacher's path and
-content hash; :mod:`accelkit.solvers.learned` loads it as a solver: ``accelkit sample T --solver runs/bespoke-...``)
-and ``history.json``; its summary gives the held-out RMSE of the learned solver and of the standard solvers at the
+``kill -9``; the ground-truth paths are kept beside the checkpoints, so a resumed run reads them back). The
+artifact holds ``solver.safetensors`` + ``solver.json`` (kind, base, NFE, the teacher's path and content hash;
+:mod:`accelkit.solvers.learned` loads it as a solver: ``accelkit sample T --solver runs/bespoke-...``) and
+``history.json``; its summary gives the held-out RMSE of the learned solver and of the standard solvers at the
 same NFE, and the training cost in seconds and teacher evaluations. Where training raised the held-out RMSE (the
 bespoke loss is a bound, not the error), the artifact keeps the starting solver and says so (``kept: initial``).
 """
@@ -198,23 +199,27 @@ def velocities_at(teacher: Teacher, x: Tensor, times: Tensor, batch: int = 4096)
 
 @torch.no_grad()
 def compute_paths(teacher: Teacher, noise: Tensor, times: Tensor, reference: str = "adaptive",
-                  reference_nfe: int = 16, tol: float = 1e-7, batch: int = 4096) -> GroundTruthPaths:
+                  reference_nfe: int = 16, tol: float = 1e-7, batch: int = 4096, progress: bool = False
+                  ) -> GroundTruthPaths:
     """The teacher's ODE paths from ``teacher.prior_sample(noise)`` at t = times[0], stored at every time."""
+    from ..jobs import progress_bar
     from ..solvers import get_solver, solve
     from ..solvers.reference import reference_solve
 
     states = [teacher.prior_sample(noise)]
-    for t0, t1 in zip(times[:-1].tolist(), times[1:].tolist(), strict=True):
-        x = states[-1]
-        if reference == "adaptive":
-            nxt = torch.cat([reference_solve(teacher, x[i:i + batch], t0, t1, rtol=tol, atol=tol).to(x)
-                             for i in range(0, x.shape[0], batch)])
-        else:
-            steps = get_solver(reference).steps(reference_nfe)
-            grid = torch.linspace(t0, t1, steps + 1, dtype=F64)
-            nxt = torch.cat([solve(teacher, x[i:i + batch], reference, reference_nfe, grid=grid)
-                             for i in range(0, x.shape[0], batch)])
-        states.append(nxt)
+    with progress_bar(len(times) - 1, "ground-truth paths", unit="segment", disable=not progress) as bar:
+        for t0, t1 in zip(times[:-1].tolist(), times[1:].tolist(), strict=True):
+            x = states[-1]
+            if reference == "adaptive":
+                nxt = torch.cat([reference_solve(teacher, x[i:i + batch], t0, t1, rtol=tol, atol=tol).to(x)
+                                 for i in range(0, x.shape[0], batch)])
+            else:
+                steps = get_solver(reference).steps(reference_nfe)
+                grid = torch.linspace(t0, t1, steps + 1, dtype=F64)
+                nxt = torch.cat([solve(teacher, x[i:i + batch], reference, reference_nfe, grid=grid)
+                                 for i in range(0, x.shape[0], batch)])
+            states.append(nxt)
+            bar.advance(1)
     x = torch.stack(states, 1)
     return GroundTruthPaths(times, x, velocities_at(teacher, x, times, batch))
 
@@ -388,17 +393,32 @@ def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool =
         counting = CountingTeacher(teacher)
         rows = recipe.train_samples + recipe.val_samples
         start = time.perf_counter()
-        if recipe.couplings is not None:
-            paths = couplings_paths(counting, recipe.couplings, rows, device)
-        else:
-            from ..solvers import solver_grid
+        cache = path / "checkpoint" / "ground-truth.safetensors"  # a resumed run reads its paths back
+        if cache.is_file():
+            from safetensors.torch import load_file
 
-            grid = solver_grid(teacher, "euler", 1)
-            noise = sample_noise(recipe.seed, range(rows), teacher.sample_shape, device=device)
-            log(f"bespoke: computing {rows} ground-truth paths ({recipe.reference} reference)")
-            paths = compute_paths(counting, noise, path_times(float(grid[0]), float(grid[-1]), recipe.path_points),
-                                  recipe.reference, recipe.reference_nfe, recipe.reference_tol)
-        gt_seconds, gt_evals = time.perf_counter() - start, counting.evaluations
+            saved = load_file(str(cache))
+            paths = GroundTruthPaths(saved["times"], saved["x"].to(device), saved["v"].to(device))
+            gt_seconds, gt_evals = float(saved["seconds"]), int(saved["evaluations"])
+        else:
+            if recipe.couplings is not None:
+                paths = couplings_paths(counting, recipe.couplings, rows, device)
+            else:
+                from ..solvers import solver_grid
+
+                grid = solver_grid(teacher, "euler", 1)
+                noise = sample_noise(recipe.seed, range(rows), teacher.sample_shape, device=device)
+                log(f"bespoke: computing {rows} ground-truth paths ({recipe.reference} reference)")
+                paths = compute_paths(counting, noise, path_times(float(grid[0]), float(grid[-1]),
+                                                                  recipe.path_points),
+                                      recipe.reference, recipe.reference_nfe, recipe.reference_tol, progress=True)
+            gt_seconds, gt_evals = time.perf_counter() - start, counting.evaluations
+            from ..artifacts import save_safetensors
+
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            save_safetensors(cache, {"times": paths.times, "x": paths.x.cpu(), "v": paths.v.cpu(),
+                                     "seconds": torch.tensor(gt_seconds, dtype=F64),
+                                     "evaluations": torch.tensor(gt_evals, dtype=torch.int64)})
         train = GroundTruthPaths(paths.times, paths.x[:recipe.train_samples], paths.v[:recipe.train_samples])
         val = GroundTruthPaths(paths.times, paths.x[recipe.train_samples:], paths.v[recipe.train_samples:])
         module, config = initial_solver(recipe.kind, teacher, recipe.nfe, recipe.base, recipe.init, recipe.lipschitz,
