@@ -18,7 +18,7 @@ RK2 (midpoint in r; m = i + 1/2):
 
 Parameters (float64): the node times t_k through positive increments (softmax of ``log_increments`` times
 t_0 - t_n, so t is monotone and both ends are fixed), the speeds dt_k < 0 at the evaluation nodes, the scales s_k > 0
-at every node but the first (s_0 = 1) and the free rates ds_k at the evaluation nodes: 4n tensors entries with
+at every node but the first (s_0 = 1) and the free rates ds_k at the evaluation nodes: 4n entries with
 4n - 1 degrees of freedom for RK1 (the increments sum to t_0 - t_n), 8n with 8n - 1 for RK2.
 
 Initialisation at the identity transform (s = 1, ds = 0) and at the base solver's own grid (dt_i = (t_{i+1} - t_i)
