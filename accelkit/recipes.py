@@ -134,7 +134,7 @@ class StageSpec:
 _STAGES: dict[str, StageSpec] = {}
 #: Modules under accelkit.stages that register a stage when imported (one line per stage).
 STAGE_MODULES: list[str] = ["accelkit.stages.couple", "accelkit.stages.rescale", "accelkit.stages.train",
-                            "accelkit.stages.reflow", "accelkit.stages.distill"]
+                            "accelkit.stages.reflow", "accelkit.stages.distill", "accelkit.stages.bespoke"]
 
 
 def register_stage(name: str, recipe: type[StageRecipe], run: RunFn, help: str = "") -> StageSpec:

@@ -28,7 +28,8 @@ def eval_command(
                                       "takes); missing or '-': one path from stdin."),
     nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
     solver: str = typer.Option("euler,dpm++2m", "--solver", help="Comma-separated ODE solvers: euler, heun, "
-                               "midpoint, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v."),
+                               "midpoint, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, or bespoke artifacts "
+                               "(learned solvers, at their own NFE)."),
     reference: str = typer.Option(None, "--reference", help="A couple artifact: its first N noises and the "
                                   "teacher's ODE endpoints from them (default: noise of (seed, i), endpoints of the "
                                   "first model solved with heun at --reference-nfe)."),
@@ -48,6 +49,7 @@ def eval_command(
     batch_size: int = typer.Option(1024, "--batch-size", help="Samples per batch."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled checkpoints (weights_only)."),
+    force: bool = typer.Option(False, "--force", help="Use a learned --solver trained for another teacher."),
 ) -> None:
     """Quality against NFE of every model with every solver on the same noise: RMSE / PSNR to the teacher's ODE
     endpoint, distribution distance to data, path straightness and samples per second (table on stderr)."""
@@ -77,11 +79,16 @@ def eval_command(
     from ..data import load_dataset
     from ..features import BUILTIN_SETS, feature_network
     from ..models.loading import load_teacher
-    from ..solvers import get_solver, solver_names
+    from ..solvers import get_solver, is_solver, solver_names
+    from ..solvers.learned import check_solver_teacher
 
     for s in solvers or [""]:
+        if not is_solver(s):
+            raise AccelkitError(f"--solver {s!r}: unknown solver; expected one of {', '.join(solver_names())} or a "
+                                "bespoke artifact")
         if s not in solver_names():
-            raise AccelkitError(f"--solver {s!r}: unknown solver; expected one of {', '.join(solver_names())}")
+            for p in paths:
+                check_solver_teacher(s, p, force)
     runs: dict[str, list[int]] = {}
     for s in solvers:
         ok = []

@@ -36,8 +36,9 @@ def sample_command(
     output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
                                "points) or .safetensors (the raw samples)."),
     solver: str = typer.Option("euler", "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
-                               "ddim, unipc, unipc2, ipndm, ipndm-v."),
-    nfe: int = typer.Option(8, "--nfe", help="Network evaluations per sample."),
+                               "ddim, unipc, unipc2, ipndm, ipndm-v, or a bespoke artifact (a learned solver)."),
+    nfe: int = typer.Option(None, "--nfe", help="Network evaluations per sample (default 8, or a learned "
+                            "solver's own)."),
     n: int = typer.Option(16, "-n", "--num-samples", help="Number of samples."),
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (1 = no guidance; "
@@ -62,7 +63,8 @@ def sample_command(
     schedule: str = typer.Option(None, "--schedule", help="Noise schedule, where the checkpoint does not say."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     dtype: str = typer.Option(None, "--dtype", help="Network dtype: fp32, fp16, bf16 (default: as stored)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing output file; use a learned --solver "
+                               "trained for another teacher."),
 ) -> None:
     """Draw samples from the teacher's ODE and write them to -o (atomically; nothing is written on error)."""
     import math
@@ -79,7 +81,7 @@ def sample_command(
         raise AccelkitError(f"-o {output}: file exists; pass --force to overwrite it")
     if n < 1:
         raise AccelkitError(f"-n {n}: expected at least 1 sample")
-    if nfe < 1:
+    if nfe is not None and nfe < 1:
         raise AccelkitError(f"--nfe {nfe}: expected at least 1 network evaluation")
     if batch_size < 1:
         raise AccelkitError(f"--batch-size {batch_size}: expected at least 1")
@@ -94,13 +96,24 @@ def sample_command(
     from ..console import err
     from ..models.loading import load_teacher
     from ..sampling import condition_from_options, read_condition
-    from ..solvers import GRID_NAMES, solver_grid, solver_names
+    from ..solvers import GRID_NAMES, get_solver, is_solver, solver_grid, solver_names
 
-    if solver not in solver_names():
-        raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(solver_names())}")
+    if not is_solver(solver):
+        raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(solver_names())} or "
+                            "a bespoke artifact")
+    learned = solver not in solver_names()
+    if learned:
+        if grid is not None or shift is not None:
+            raise AccelkitError(f"--grid / --shift: the learned solver {solver} steps on its own learned times")
+        nfe = getattr(get_solver(solver), "nfe", 8) if nfe is None else nfe
+    nfe = 8 if nfe is None else nfe
     if isinstance(time_grid, str) and time_grid not in GRID_NAMES:
         raise AccelkitError(f"--grid {time_grid!r}: unknown grid; expected one of {', '.join(GRID_NAMES)} "
                             "or comma-separated times")
+    if learned:
+        from ..solvers.learned import check_solver_teacher
+
+        check_solver_teacher(solver, path, force)
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
     condition = condition_from_options(teacher, path, labels, cond)

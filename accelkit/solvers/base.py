@@ -108,11 +108,25 @@ def solver_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
+def is_solver(name: str) -> bool:
+    """True for a registered solver name or the path of a learned solver (a ``bespoke`` artifact)."""
+    from .learned import is_learned_solver
+
+    return name in _REGISTRY or is_learned_solver(name)
+
+
 def get_solver(solver: str | Solver) -> Solver:
-    """A solver from its registered name, or the solver object itself."""
+    """A solver from its registered name, the path of a learned solver (a ``bespoke`` artifact, see
+    :mod:`.learned`), or the solver object itself."""
     if isinstance(solver, Solver):
         return solver
+    if isinstance(solver, str) and solver not in _REGISTRY:
+        from .learned import is_learned_solver, load_learned_solver
+
+        if is_learned_solver(solver):
+            return load_learned_solver(solver)
     if not isinstance(solver, str) or solver not in _REGISTRY:
-        raise AccelkitError(f"unknown solver {solver!r}: expected one of {', '.join(_REGISTRY)} or a Solver object")
+        raise AccelkitError(f"unknown solver {solver!r}: expected one of {', '.join(_REGISTRY)}, the path of a "
+                            "bespoke artifact, or a Solver object")
     entry = _REGISTRY[solver]
     return entry if isinstance(entry, Solver) else entry()
