@@ -6,7 +6,8 @@ t_max = 1 (noise) to t_min = 0 (data) in exactly ``nfe`` teacher evaluations.
 Solvers (registered by name; :func:`register_solver` adds more, e.g. learned bespoke solvers):
 
 * ``euler``, ``heun``, ``midpoint``   one-step methods on the velocity in t (:mod:`.runge_kutta`);
-* ``dpm++2m``, ``dpm++3m``           DPM-Solver++ multistep, data prediction in log-SNR (:mod:`.dpm_solver`);
+* ``ddim``, ``dpm++2m``, ``dpm++3m``  DPM-Solver++ of order 1 (= DDIM), 2M and 3M, data prediction in log-SNR
+  (:mod:`.dpm_solver`);
 * ``unipc``, ``unipc2``              UniPC-3 / UniPC-2 (bh2) predictor-corrector (:mod:`.unipc`);
 * ``ipndm``, ``ipndm-v``             improved PNDM, fixed / variable-step Adams-Bashforth (:mod:`.ipndm`).
 

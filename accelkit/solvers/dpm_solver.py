@@ -88,5 +88,6 @@ class DPMSolverPP(Solver):
         return x
 
 
+register_solver("ddim", lambda: DPMSolverPP(1))
 register_solver("dpm++2m", lambda: DPMSolverPP(2))
 register_solver("dpm++3m", lambda: DPMSolverPP(3))

@@ -14,6 +14,14 @@ fresh noise):
   own schedule and prediction type: x_t = alpha_t x0* + sigma_t eps* with the pair's own noise, target in the
   teacher's parameterisation (an eps model stays an eps model; on a discrete schedule t stays on its grid).
 
+**Phased form** (``phases`` K > 1; PeRFlow, Yan et al. 2024; phased rectified diffusion, Wang et al. 2024): the
+time range is split into K windows; a pair's sample is noised with its own noise to the start of the window holding
+its training time, the frozen teacher's ODE is solved across the window (``phase_solver``, ``phase_nfe``) and the
+student regresses the straight line of that window, in the teacher's schedule, through the two states
+(:mod:`accelkit.phased` gives the equations and the window boundaries). The student is then sampled with one
+first-order step per window on the window boundaries; the artifact's summary records it as ``recommended``
+(solver, NFE, grid) for ``accelkit sample`` / ``eval --grid``. K = 1 is the method above, on the pairs as they are.
+
 The student's trajectories from eps_i are then (close to) the first-order ODE solution that lands on x0*_i, so one
 or two solver steps reach what the teacher needed many for. Times come from ``timesteps`` (uniform, logit-normal or
 U-shaped), the loss is L2 or pseudo-Huber (:mod:`accelkit.objectives`).
@@ -74,6 +82,12 @@ class ReflowRecipe(StageRecipe):
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the pair order and the training times")
     loop: LoopConfig = Field(default_factory=default_loop)
+    phases: int = Field(1, ge=1, description="K windows of the phased (piecewise straight) form; 1: one straight path "
+                                           "over the whole time range")
+    phase_solver: str = Field("dpm++2m", description="phases > 1: the solver of the teacher's ODE across a window")
+    phase_nfe: int = Field(8, ge=1, description="phases > 1: teacher evaluations per window solve")
+    phase_start_share: float = Field(0.5, ge=0, lt=1, description="phases > 1: share of the training times moved to "
+                                                                  "their window's start, where the sampler evaluates")
     eval_samples: int = Field(1000, ge=0, description="noises for the final straightness check (0: skip)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
 
@@ -84,10 +98,19 @@ class ReflowRecipe(StageRecipe):
                              f"{self.loop.grad_accum}")
         if self.loop.lora is not None:
             raise ValueError("reflow trains the teacher's full weights; loop.lora is not supported by reflow")
+        from ..solvers import get_solver
+
+        try:
+            get_solver(self.phase_solver).steps(self.phase_nfe)
+        except AccelkitError as e:
+            raise ValueError(f"phase_solver {self.phase_solver!r} with phase_nfe {self.phase_nfe}: {e}") from None
         return self
 
     def identity_dict(self) -> dict[str, Any]:
         d = super().identity_dict()
+        if self.phases == 1:  # the unphased method: same identity (and default path) as before phases existed
+            for k in ("phases", "phase_solver", "phase_nfe", "phase_start_share"):
+                d.pop(k, None)
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
         return d
 
@@ -128,13 +151,27 @@ def load_student_start(recipe: ReflowRecipe, couplings: Artifact):
     return teacher
 
 
+def phase_windows(recipe: ReflowRecipe, couplings: Artifact, device: torch.device):
+    """phases > 1: the frozen teacher (with the couplings' guidance) and its windows; None for the unphased form."""
+    if recipe.phases == 1:
+        return None
+    from ..models.loading import load_teacher
+    from ..phased import PhaseWindows
+
+    guidance = couplings.manifest.get("recipe", {}).get("guidance")
+    teacher = load_teacher(couplings_teacher_path(couplings), dtype="fp32", guidance=guidance)
+    teacher.eval().requires_grad_(False)
+    return PhaseWindows(teacher.to(device), recipe.phases, recipe.phase_solver, recipe.phase_nfe,
+                        recipe.phase_start_share)
+
+
 # ----------------------------------------------------------------------------------------------------------- run
 
 
 def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
     from ..couplings import open_couplings
-    from ..objectives import DenoisingObjective
+    from ..objectives import DenoisingObjective, condition_of
     from .train import resolve_device
 
     device = resolve_device(recipe.device)
@@ -162,13 +199,21 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
                                        logit_mean=recipe.logit_mean, logit_std=recipe.logit_std,
                                        u_shape=recipe.u_shape)
         def draw_times(generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
-            return {"t": objective.draw_times(generator, n)}
+            t = objective.draw_times(generator, n)
+            if windows is not None:  # a share of the times at their window's start, where the sampler looks
+                t = windows.snap_to_starts(t, torch.rand(n, generator=generator, dtype=torch.float64))
+            return {"t": t}
 
+
+        windows = phase_windows(recipe, couplings_art, device)
         sampler = couplings.sampler(recipe.batch_size, recipe.seed, rank, world, noise=draw_times)
 
         def loss_fn(network: torch.nn.Module, batch: dict[str, torch.Tensor]):
             pairs = {"x": batch["sample"], "eps": batch["noise"], "t": batch["t"]}
             pairs.update({k: v for k, v in batch.items() if k.startswith("cond.")})
+            if windows is not None:  # the straight line of each pair's window replaces the pair
+                pairs["x"], pairs["eps"] = windows.straight_pairs(pairs["x"], pairs["eps"], pairs["t"],
+                                                                  condition_of(pairs))
             return objective.loss(network, pairs)
 
         def on_log(step: int, values: dict[str, float]) -> None:
@@ -199,6 +244,7 @@ def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, 
     """Write the student (EMA weights) as teacher.safetensors and history.json, measure straightness, complete."""
     from ..evaluation import straightness
     from ..models.loading import ARTIFACT_TEACHER_FILE, save_teacher
+    from ..phased import recommended_sampling
     from ..teacher import NetworkTeacher
 
     ema_rate = trainer.ema.rates[0] if trainer.ema.rates else None
@@ -211,7 +257,9 @@ def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, 
     student = NetworkTeacher(network, reference.call, reference.prediction, reference.schedule,
                              reference.sample_shape, reference.time_input, 1.0, reference.null_condition, info)
     summary: dict[str, Any] = {
-        "method": recipe.method, "prediction_type": student.prediction, "schedule": student.schedule.config(),
+        "method": recipe.method, "phases": recipe.phases,
+        "recommended": recommended_sampling(student.schedule, recipe.phases),
+        "prediction_type": student.prediction, "schedule": student.schedule.config(),
         "sample_shape": list(student.sample_shape), "couplings": couplings.manifest["summary"].get("samples"),
         "steps": trainer.step, "final_loss": logs.get("loss"), "weights": info["weights"], "processes": world,
         "rounds": info["rounds"], "seconds_last_run": round(seconds, 3),
