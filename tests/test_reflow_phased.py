@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_eval import json_rows
 from test_reflow import best_teacher_sw, reflow, sw, teacher_and_couplings
 
 from accelkit.data import load_dataset
@@ -135,15 +136,28 @@ def test_phased_student_beats_the_teacher_at_k_nfe(moons, phases):
     assert sliced_w2 < 1.5 * converged, (sliced_w2, converged)
 
 
-def test_rectified_diffusion_phased_keeps_an_eps_teacher_eps(tmp_path):
+def test_rectified_diffusion_phased_keeps_an_eps_teacher_eps(tmp_path, cli):
     train, couple = teacher_and_couplings(tmp_path, "eps", "vp-scaled-linear", steps=30)
     out = reflow(couple, tmp_path / "reflow", "rectified-diffusion", steps=20, phases=2, phase_nfe=2)
     student = load_teacher(out)
     assert student.prediction == "eps" and student.time_input.kind == "discrete"
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     assert summary["recommended"] == {"solver": "ddim", "nfe": 2, "grid": [1.0, 0.5, 0.0]}
-    x = solve(student, student.prior_sample(torch.randn(8, 2)), "ddim", 2, grid=summary["recommended"]["grid"])
-    assert torch.isfinite(x).all()
+    # accelkit eval on the recommended grid: the runs whose step count fits it, the same samples as solve()
+    grid = ",".join(str(v) for v in summary["recommended"]["grid"])
+    r = cli("eval", out, "--solver", "ddim,heun", "--nfe", "2,4", "--grid", grid, "-n", "50", "--reference-nfe", "4",
+            "--json", env={"OMP_NUM_THREADS": "1"})
+    rows = json_rows(r)
+    assert [(row["solver"], row["nfe"]) for row in rows] == [("ddim", 2), ("heun", 2)], r.stderr  # 2 steps each
+    assert "left out" in r.stderr and rows[0]["curvature"] is not None and rows[0]["straightness"] is not None
+    from accelkit.noise import sample_noise
+
+    noise = sample_noise(0, range(50), (2,))
+    ref = solve(student, student.prior_sample(noise), "heun", 4)
+    x = solve(student, student.prior_sample(noise), "ddim", 2, grid=summary["recommended"]["grid"])
+    assert rows[0]["rmse"] == pytest.approx(float((x - ref).pow(2).mean().sqrt()), rel=1e-4)
+    bad = cli("eval", out, "--grid", "1,0.7,0.8,0", "-n", "10", env={"OMP_NUM_THREADS": "1"})
+    assert bad.returncode == 2 and "decreasing" in bad.stderr and "Traceback" not in bad.stderr
 
 
 def test_linear_windows_are_equal_in_t_and_discrete_ones_on_the_grid():

@@ -29,6 +29,9 @@ def eval_command(
     nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
     solver: str = typer.Option("euler,dpm++2m", "--solver", help="Comma-separated ODE solvers: euler, heun, "
                                "midpoint, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v."),
+    grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, or "
+                             "comma-separated times from 1 to 0, e.g. a phased student's recommended grid "
+                             "(runs whose steps do not match its length are left out; default: each solver's own)."),
     reference: str = typer.Option(None, "--reference", help="A couple artifact: its first N noises and the "
                                   "teacher's ODE endpoints from them (default: noise of (seed, i), endpoints of the "
                                   "first model solved with heun at --reference-nfe)."),
@@ -48,7 +51,8 @@ def eval_command(
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled checkpoints (weights_only)."),
 ) -> None:
     """Quality against NFE of every model with every solver on the same noise: RMSE / PSNR to the teacher's ODE
-    endpoint, distribution distance to data, path straightness and samples per second (table on stderr)."""
+    endpoint, distribution distance to data, path straightness and curvature, and samples per second (table on
+    stderr)."""
     from ..errors import AccelkitError
     from .common import emit, input_path
 
@@ -74,24 +78,37 @@ def eval_command(
     from ..console import log
     from ..data import load_dataset
     from ..models.loading import load_teacher
-    from ..solvers import get_solver, solver_names
+    from ..solvers import GRID_NAMES, get_solver, solver_names
+    from .sample_cmd import _parse_grid
 
     for s in solvers or [""]:
         if s not in solver_names():
             raise AccelkitError(f"--solver {s!r}: unknown solver; expected one of {', '.join(solver_names())}")
+    times = _parse_grid(grid) if grid is not None else None
+    if isinstance(times, list):
+        from ..solvers.grids import check_user_grid
+
+        check_user_grid(times, len(times) - 1)
+    elif times is not None and times not in GRID_NAMES:
+        raise AccelkitError(f"--grid {grid!r}: expected one of {', '.join(GRID_NAMES)} or comma-separated times")
     runs: dict[str, list[int]] = {}
     for s in solvers:
         ok = []
         for k in nfes:
             try:
-                get_solver(s).steps(k)
-                ok.append(k)
+                steps = get_solver(s).steps(k)
             except AccelkitError:
                 log(f"note: {s} cannot take {k} NFE; left out")
+                continue
+            if isinstance(times, list) and steps != len(times) - 1:
+                log(f"note: {s} at {k} NFE takes {steps} steps, the --grid has {len(times) - 1}; left out")
+                continue
+            ok.append(k)
         if ok:
             runs[s] = ok
     if not runs:
-        raise AccelkitError(f"--nfe {nfe}: none of the solvers {', '.join(solvers)} can take these NFEs")
+        raise AccelkitError(f"--nfe {nfe}: none of the solvers {', '.join(solvers)} can take these NFEs"
+                            + (f" on the {len(times) - 1}-step --grid" if isinstance(times, list) else ""))
 
     teachers = {p: load_teacher(p, device=device, allow_pickle=allow_pickle) for p in paths}
     shape = tuple(teachers[paths[0]].sample_shape)
@@ -135,7 +152,7 @@ def eval_command(
     for p, teacher in teachers.items():
         for s, ks in runs.items():
             rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=cond,
-                                batch_size=batch_size, features=feature_net, straightness=True)
+                                batch_size=batch_size, features=feature_net, straightness=True, grid=times)
     distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
                                              f"; FD to {data_name} on " + (f"features of {features}" if features
                                                                            else "pixels"))
