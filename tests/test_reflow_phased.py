@@ -166,3 +166,27 @@ def test_linear_windows_are_equal_in_t_and_discrete_ones_on_the_grid():
     b = window_boundaries(sched, 3)
     n = sched.num_train_timesteps
     assert torch.equal(b * n, torch.round(b * n)) and float(b[0]) == 1.0 and float(b[-1]) == 0.0
+
+
+def test_toy2d_perflow_recipe_runs_end_to_end(cli, tmp_path):
+    """recipes/toy2d-perflow.yaml, shrunk by --set: a 4-window student whose recommended grid eval takes."""
+    import os
+
+    from conftest import REPO
+
+    shrink = ["train.loop.steps=60", "train.network.hidden=32", "train.network.depth=1", "train.eval_samples=0",
+              "couple.n=256", "couple.shard_size=256", "couple.micro_batch=256", "reflow.loop.steps=20",
+              "reflow.eval_samples=50", "reflow.batch_size=64", "reflow.phase_nfe=2", "train.device=cpu",
+              "reflow.device=cpu"]
+    args = [a for s in shrink for a in ("--set", s)]
+    r = cli("run", os.path.join(REPO, "recipes", "toy2d-perflow.yaml"), *args, cwd=str(tmp_path),
+            env={"OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr
+    (student,) = list((tmp_path / "runs").glob("reflow-*"))
+    manifest = json.loads((student / "manifest.json").read_text())
+    assert manifest["recipe"]["phases"] == 4 and manifest["status"] == "complete"
+    rec = manifest["summary"]["recommended"]
+    assert rec == {"solver": "euler", "nfe": 4, "grid": [1.0, 0.75, 0.5, 0.25, 0.0]}
+    e = cli("eval", student, "--solver", rec["solver"], "--nfe", str(rec["nfe"]), "--grid",
+            ",".join(map(str, rec["grid"])), "-n", "20", "--reference-nfe", "4", "--json", env={"OMP_NUM_THREADS": "1"})
+    assert [row["nfe"] for row in json_rows(e)] == [4]
