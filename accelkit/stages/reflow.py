@@ -30,8 +30,8 @@ The teacher is the ``teacher`` input of the couplings artifact (its recorded pat
 content hash). Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9``,
 EMA, NaN guard, DDP under torchrun). The artifact holds ``teacher.safetensors`` (the student's EMA weights in
 accelkit's teacher format, so ``accelkit sample`` / ``couple`` / ``load_teacher`` take the artifact) and
-``history.json``; its summary gives the straightness (:func:`accelkit.evaluation.straightness`) of teacher and
-student on ``eval_samples`` seeded noises.
+``history.json``; its summary gives the straightness (:func:`accelkit.evaluation.straightness`) and the curvature
+(:func:`accelkit.evaluation.curvature`) of teacher and student on ``eval_samples`` seeded noises.
 """
 
 from __future__ import annotations
@@ -242,7 +242,7 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
 def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, trainer: Trainer,
            logs: dict[str, float], seconds: float, world: int, device: torch.device) -> None:
     """Write the student (EMA weights) as teacher.safetensors and history.json, measure straightness, complete."""
-    from ..evaluation import straightness
+    from ..evaluation import curvature, straightness
     from ..models.loading import ARTIFACT_TEACHER_FILE, save_teacher
     from ..phased import recommended_sampling
     from ..teacher import NetworkTeacher
@@ -271,8 +271,12 @@ def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, 
         summary["straightness"] = {"teacher": straightness(reference.to(device), noise),
                                    "student": straightness(student.to(device), noise),
                                    "samples": recipe.eval_samples, "nfe": 64}
-        s = summary["straightness"]
-        log(f"reflow: straightness {s['student']:.4g} (teacher {s['teacher']:.4g})")
+        summary["curvature"] = {"teacher": curvature(reference.to(device), noise),
+                                "student": curvature(student.to(device), noise),
+                                "samples": recipe.eval_samples, "nfe": 64, "unit": "radians"}
+        s, k = summary["straightness"], summary["curvature"]
+        log(f"reflow: straightness {s['student']:.4g} (teacher {s['teacher']:.4g}), curvature {k['student']:.4g} rad "
+            f"(teacher {k['teacher']:.4g})")
     student.network.cpu()
     art.write_with(ARTIFACT_TEACHER_FILE, lambda tmp: save_teacher(student, tmp))
     art.write_json("history.json", trainer.history)
