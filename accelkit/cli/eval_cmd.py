@@ -28,7 +28,7 @@ def eval_command(
                                       "takes); missing or '-': one path from stdin."),
     nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
     solver: str = typer.Option("euler,dpm++2m", "--solver", help="Comma-separated ODE solvers: euler, heun, "
-                               "midpoint, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v."),
+                               "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v."),
     grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, or "
                              "comma-separated times from 1 to 0, e.g. a phased student's recommended grid "
                              "(runs whose steps do not match its length are left out; default: each solver's own)."),

@@ -35,7 +35,7 @@ def sample_command(
     path: str = typer.Argument(None, help="Teacher checkpoint (see accelkit inspect); '-' or missing: from stdin."),
     output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
                                "points) or .safetensors (the raw samples)."),
-    solver: str = typer.Option("euler", "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
+    solver: str = typer.Option("euler", "--solver", help="ODE solver: euler, heun, midpoint, ddim, dpm++2m, dpm++3m, "
                                "unipc, unipc2, ipndm, ipndm-v."),
     nfe: int = typer.Option(8, "--nfe", help="Network evaluations per sample."),
     n: int = typer.Option(16, "-n", "--num-samples", help="Number of samples."),
