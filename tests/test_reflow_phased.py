@@ -122,7 +122,7 @@ def test_phases_1_is_the_unphased_method(moons):
 @pytest.mark.parametrize("phases", [2, 4])
 def test_phased_student_beats_the_teacher_at_k_nfe(moons, phases):
     root, train, couple, data, noise = moons
-    out = reflow(couple, root / f"k{phases}", "rectified-flow", steps=300, phases=phases)
+    out = reflow(couple, root / f"k{phases}", "rectified-flow", steps=200, phases=phases, phase_nfe=4)
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     rec = summary["recommended"]
     assert rec == {"solver": "euler", "nfe": phases, "grid": [1 - i / phases for i in range(phases + 1)]}
@@ -130,8 +130,8 @@ def test_phased_student_beats_the_teacher_at_k_nfe(moons, phases):
     sliced_w2 = sw(student, noise, data, "euler", phases)
     t_best = best_teacher_sw(teacher, noise, data, phases)
     converged = sw(teacher, noise, data, "dpm++2m", 32)
-    # observed (300 steps): K = 2: 0.068 against the teacher's best 0.28 (midpoint); K = 4: 0.070 against 0.115;
-    # the teacher's converged ODE 0.069
+    # observed: K = 2: 0.082 against the teacher's best 0.28 (midpoint); K = 4: 0.070 against 0.115 (midpoint);
+    # the teacher's converged ODE 0.069, which no student of it can beat by much
     assert sliced_w2 < 0.7 * t_best, (sliced_w2, t_best)
     assert sliced_w2 < 1.5 * converged, (sliced_w2, converged)
 
