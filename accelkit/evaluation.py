@@ -319,6 +319,22 @@ def train_data_name(path: str) -> str | None:
     return None
 
 
+def recommended_grid(path: str) -> list[float] | None:
+    """The sampling grid an artifact recommends for itself (``summary.recommended.grid`` of its manifest, which a
+    phased ``accelkit reflow`` student records), else None."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        grid = (json.loads(manifest.read_text()).get("summary") or {}).get("recommended", {}).get("grid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [float(v) for v in grid] if isinstance(grid, list) else None
+
+
 def load_feature_network(path: str, device: str = "cpu") -> Callable[[Tensor], Tensor]:
     """A local feature network for the Frechet distance: a TorchScript module (``torch.jit.save``) mapping a batch of
     samples to a batch of feature vectors. Nothing is downloaded."""

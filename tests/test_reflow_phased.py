@@ -187,9 +187,20 @@ def test_toy2d_perflow_recipe_runs_end_to_end(cli, tmp_path):
     assert manifest["recipe"]["phases"] == 4 and manifest["status"] == "complete"
     rec = manifest["summary"]["recommended"]
     assert rec == {"solver": "euler", "nfe": 4, "grid": [1.0, 0.75, 0.5, 0.25, 0.0]}
-    e = cli("eval", student, "--solver", rec["solver"], "--nfe", str(rec["nfe"]), "--grid",
-            ",".join(map(str, rec["grid"])), "-n", "20", "--reference-nfe", "4", "--json", env={"OMP_NUM_THREADS": "1"})
-    assert [row["nfe"] for row in json_rows(e)] == [4]
+    env = {"OMP_NUM_THREADS": "1"}
+    given = cli("eval", student, "--solver", rec["solver"], "--nfe", str(rec["nfe"]), "--grid",
+                ",".join(map(str, rec["grid"])), "-n", "20", "--reference-nfe", "4", "--json", env=env)
+    teacher_path = next((tmp_path / "runs").glob("train-*"))
+    named = cli("eval", student, teacher_path, "--solver", "euler,dpm++2m", "--nfe", "4,8", "--grid", "recommended",
+                "-n", "20", "--reference-nfe", "4", "--json", env=env)
+    rows = json_rows(named)
+    assert [(r["solver"], r["nfe"]) for r in rows] == [("euler", 4), ("dpm++2m", 4)] * 2  # student, then teacher
+    assert rows[0]["rmse"] == json_rows(given)[0]["rmse"]
+    s = cli("sample", student, "--solver", "euler", "--nfe", "4", "--grid", "recommended", "-n", "8", "-o",
+            tmp_path / "s.safetensors", env=env)
+    assert s.returncode == 0, s.stderr
+    bad = cli("sample", teacher_path, "--grid", "recommended", "-o", tmp_path / "t.png", env=env)
+    assert bad.returncode == 2 and "records no recommended grid" in bad.stderr and "Traceback" not in bad.stderr
 
 
 PHASED_TINY = ["--phases", "2", "--phase-nfe", "2", "--batch-size", "64", "--steps", "150", "--set",

@@ -29,9 +29,10 @@ def eval_command(
     nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
     solver: str = typer.Option("euler,dpm++2m", "--solver", help="Comma-separated ODE solvers: euler, heun, "
                                "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v."),
-    grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, or "
-                             "comma-separated times from 1 to 0, e.g. a phased student's recommended grid "
-                             "(runs whose steps do not match its length are left out; default: each solver's own)."),
+    grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, "
+                             "comma-separated times from 1 to 0, or recommended (the grid a phased reflow student "
+                             "records); runs whose steps do not fit a list of times are left out (default: each "
+                             "solver's own)."),
     reference: str = typer.Option(None, "--reference", help="A couple artifact: its first N noises and the "
                                   "teacher's ODE endpoints from them (default: noise of (seed, i), endpoints of the "
                                   "first model solved with heun at --reference-nfe)."),
@@ -85,12 +86,18 @@ def eval_command(
         if s not in solver_names():
             raise AccelkitError(f"--solver {s!r}: unknown solver; expected one of {', '.join(solver_names())}")
     times = _parse_grid(grid) if grid is not None else None
+    if times == "recommended":  # the first model that records one, for every model (students beside their teacher)
+        times = next((g for g in map(ev.recommended_grid, paths) if g is not None), None)
+        if times is None:
+            raise AccelkitError("--grid recommended: none of the models records a recommended grid (a phased "
+                                "`accelkit reflow` student does); give a grid name or times")
     if isinstance(times, list):
         from ..solvers.grids import check_user_grid
 
         check_user_grid(times, len(times) - 1)
     elif times is not None and times not in GRID_NAMES:
-        raise AccelkitError(f"--grid {grid!r}: expected one of {', '.join(GRID_NAMES)} or comma-separated times")
+        raise AccelkitError(f"--grid {grid!r}: expected one of {', '.join(GRID_NAMES)}, recommended or "
+                            "comma-separated times")
     runs: dict[str, list[int]] = {}
     for s in solvers:
         ok = []
@@ -156,7 +163,9 @@ def eval_command(
     distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
                                              f"; FD to {data_name} on " + (f"features of {features}" if features
                                                                            else "pixels"))
-    ev.print_quality_table(rows, f"RMSE, PSNR (dB) to {ref_text}{distance}; n = {n}")
+    on_grid = "" if times is None else "; grid " + (times if isinstance(times, str) else
+                                                     ",".join(f"{v:g}" for v in times))
+    ev.print_quality_table(rows, f"RMSE, PSNR (dB) to {ref_text}{distance}; n = {n}{on_grid}")
     if plot is not None:
         from ..plots import plot_quality
 
