@@ -165,7 +165,8 @@ def eval_command(
                                                                            else "pixels"))
     on_grid = "" if times is None else "; grid " + (times if isinstance(times, str) else
                                                      ",".join(f"{v:g}" for v in times))
-    ev.print_quality_table(rows, f"RMSE, PSNR (dB) to {ref_text}{distance}; n = {n}{on_grid}")
+    # n first: a long title wraps at the table's width, and "n = N" stays whole at the start of the first line
+    ev.print_quality_table(rows, f"n = {n}; RMSE, PSNR (dB) to {ref_text}{distance}{on_grid}")
     if plot is not None:
         from ..plots import plot_quality
 
