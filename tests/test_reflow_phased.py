@@ -239,3 +239,13 @@ def test_phased_kill9_then_same_command_equals_uninterrupted(moons, tmp_path):
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
     a, b = load_file(tmp_path / "full" / "teacher.safetensors"), load_file(out / "teacher.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_bad_phase_settings_are_one_line_errors(moons, cli, tmp_path):
+    couple = moons[2]
+    cases = [(("--phases", "0"), "reflow.phases"), (("--phases", "2", "--set", "reflow.phase_solver=rk45"), "rk45"),
+             (("--phases", "2", "--phase-nfe", "0"), "reflow.phase_nfe")]
+    for args, expected in cases:
+        r = cli("reflow", couple, *args, "--dry-run", "-o", tmp_path / "x", env={"OMP_NUM_THREADS": "1"})
+        assert r.returncode == 2 and expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
