@@ -198,14 +198,14 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
                                        times=recipe.timesteps, loss_kind=recipe.loss, huber_c=recipe.huber_c,
                                        logit_mean=recipe.logit_mean, logit_std=recipe.logit_std,
                                        u_shape=recipe.u_shape)
+        windows = phase_windows(recipe, couplings_art, device)
+
         def draw_times(generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
             t = objective.draw_times(generator, n)
             if windows is not None:  # a share of the times at their window's start, where the sampler looks
                 t = windows.snap_to_starts(t, torch.rand(n, generator=generator, dtype=torch.float64))
             return {"t": t}
 
-
-        windows = phase_windows(recipe, couplings_art, device)
         sampler = couplings.sampler(recipe.batch_size, recipe.seed, rank, world, noise=draw_times)
 
         def loss_fn(network: torch.nn.Module, batch: dict[str, torch.Tensor]):
