@@ -3,7 +3,8 @@
 * the teacher's own ODE endpoint from that noise (RMSE, PSNR), solved at high accuracy, and
 * a sample of the data when one is given: sliced Wasserstein-2 and MMD^2 for 2-D points, the Frechet distance of
   feature statistics for images (see :mod:`accelkit.metrics`);
-* the straightness of the solver's own path (Liu et al. 2022, see :func:`path_straightness`);
+* the straightness of the solver's own path (Liu et al. 2022, see :func:`path_straightness`) and its curvature (the
+  total turning of its direction, see :func:`path_curvature`);
 * samples per second.
 
 The evaluation draws nothing at random itself: noise and reference come from the caller (seeded), so two runs on
@@ -39,6 +40,7 @@ class QualityRow:
     samples_per_s: float
     frechet: float | None = None
     straightness: float | None = None
+    curvature: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -105,35 +107,71 @@ def path_straightness(x_start: Tensor, x_end: Tensor, t_start: float, t_end: flo
     return float(total), float((chord**2).sum() * length)
 
 
+def path_curvature(times: Sequence[float], velocities: Sequence[Tensor]) -> float:
+    """Total curvature of each solver path: the angle through which its direction turns, summed over the path.
+
+    For a smooth curve this is int kappa ds, the integral of the curvature over arc length (e.g. Milnor 1950, "On the
+    total curvature of knots"); for a polygon it is the sum of its exterior angles. The direction of the path at the
+    i-th distinct evaluated time t_i (decreasing, repeated times averaged) is that of the velocity v_i there, so
+
+        K = sum_i arccos( <v_i, v_{i+1}> / (|v_i| |v_{i+1}|) )        (radians, per sample),
+
+    which along an Euler path is exactly the total curvature of the polygon it draws (each edge is h_i v_i). K = 0
+    for a straight path whatever its speed; a circular arc through angle Theta has K = Theta in the limit of fine
+    steps. It complements :func:`path_straightness`, which measures the deviation of the velocity from the chord and
+    also counts a changing speed (Lee et al. 2023, "Minimizing trajectory curvature of ODE-based generative models",
+    call that quantity the curvature); K is purely geometric and dimensionless. Returns the sum of K over the rows.
+    """
+    by_time: dict[float, list[Tensor]] = {}
+    for t, v in zip(times, velocities, strict=True):
+        by_time.setdefault(t, []).append(v.reshape(v.shape[0], -1).double())
+    vs = [torch.stack(by_time[t]).mean(0) for t in sorted(by_time, reverse=True)]
+    total = torch.zeros((), dtype=torch.float64)
+    for a, b in zip(vs[:-1], vs[1:], strict=True):
+        cos = (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-300)
+        total = total + torch.arccos(cos.clamp(-1.0, 1.0)).sum()
+    return float(total)
+
+
 @torch.no_grad()
-def sample_with_straightness(teacher: Teacher, noise: Tensor, solver: str, nfe: int, cond: Condition | None = None,
-                             batch_size: int = 4096) -> tuple[Tensor, float]:
-    """Like :func:`sample_batched`, also returning the straightness of the solver's path (:func:`path_straightness`)."""
+def sample_with_path_measures(teacher: Teacher, noise: Tensor, solver: str, nfe: int, cond: Condition | None = None,
+                              batch_size: int = 4096, grid: str | Sequence[float] | None = None
+                              ) -> tuple[Tensor, float, float]:
+    """Like :func:`sample_batched`, also returning the straightness (:func:`path_straightness`) and the mean total
+    curvature (:func:`path_curvature`) of the solver's own paths."""
     from .solvers import solver_grid
 
-    ts = solver_grid(teacher, solver, nfe)
-    out, num, den = [], 0.0, 0.0
+    ts = solver_grid(teacher, solver, nfe, grid)
+    out, num, den, turn = [], 0.0, 0.0, 0.0
     for i in range(0, noise.shape[0], batch_size):
         sl = slice(i, i + batch_size)
         c = cond.index(sl) if cond is not None else None
         rec = PathRecorder(teacher)
         x1 = teacher.prior_sample(noise[sl])
-        x0 = solve(rec, x1, solver=solver, nfe=nfe, cond=c)
+        x0 = solve(rec, x1, solver=solver, nfe=nfe, grid=ts, cond=c)
         a, b = path_straightness(x1, x0, float(ts[0]), float(ts[-1]), rec.times, rec.velocities)
-        num, den = num + a, den + b
+        num, den, turn = num + a, den + b, turn + path_curvature(rec.times, rec.velocities)
         out.append(x0)
-    return torch.cat(out), (num / den if den > 0 else math.nan)
+    return torch.cat(out), (num / den if den > 0 else math.nan), turn / max(noise.shape[0], 1)
+
+
+def sample_with_straightness(teacher: Teacher, noise: Tensor, solver: str, nfe: int, cond: Condition | None = None,
+                             batch_size: int = 4096) -> tuple[Tensor, float]:
+    """Like :func:`sample_batched`, also returning the straightness of the solver's path (:func:`path_straightness`)."""
+    x, s, _ = sample_with_path_measures(teacher, noise, solver, nfe, cond, batch_size)
+    return x, s
 
 
 def evaluate(teacher: Teacher, noise: Tensor, reference: Tensor, solvers: Sequence[str], nfes: Sequence[int],
              data: Tensor | None = None, method: str = "teacher", cond: Condition | None = None,
              batch_size: int = 4096, features: Callable[[Tensor], Tensor] | None = None,
-             straightness: bool = False) -> list[QualityRow]:
+             straightness: bool = False, grid: str | Sequence[float] | None = None) -> list[QualityRow]:
     """Rows of :class:`QualityRow` for every solver at every NFE on ``noise`` against ``reference`` endpoints.
 
     With ``data``: 2-D points get sliced W2 and MMD^2 against it; other shapes the Frechet distance between the
     Gaussian statistics of ``features(x)`` and ``features(data)`` (``features`` default: the flattened samples).
-    ``straightness``: also measure the solver path's straightness (its recording is inside the timed run).
+    ``straightness``: also measure the solver path's straightness and curvature (the recording is inside the timed
+    run). ``grid``: the solvers' time grid (a name or the times; None: each solver's default).
     """
     rows = []
     data_stats = None
@@ -143,9 +181,9 @@ def evaluate(teacher: Teacher, noise: Tensor, reference: Tensor, solvers: Sequen
         for nfe in nfes:
             start = time.perf_counter()
             if straightness:
-                x, s = sample_with_straightness(teacher, noise, solver, nfe, cond, batch_size)
+                x, s, k = sample_with_path_measures(teacher, noise, solver, nfe, cond, batch_size, grid)
             else:
-                x, s = sample_batched(teacher, noise, solver, nfe, cond, batch_size), None
+                x, s, k = sample_batched(teacher, noise, solver, nfe, cond, batch_size, grid=grid), None, None
             seconds = max(time.perf_counter() - start, 1e-9)
             sw = mm = fd = None
             if data_stats is not None:
@@ -156,7 +194,7 @@ def evaluate(teacher: Teacher, noise: Tensor, reference: Tensor, solvers: Sequen
                 sw = metrics.sliced_wasserstein(x[:n], data[:n])
                 mm = metrics.mmd(x[:n], data[:n])
             rows.append(QualityRow(method, solver, int(nfe), metrics.rmse(x, reference), metrics.psnr(x, reference),
-                                   sw, mm, len(x) / seconds, fd, s))
+                                   sw, mm, len(x) / seconds, fd, s, k))
     return rows
 
 
@@ -166,6 +204,13 @@ def straightness(teacher: Teacher, noise: Tensor, nfe: int = 64, cond: Condition
     :func:`path_straightness` along Euler paths of ``nfe`` steps (fine enough to follow the ODE). A rectified flow's S
     falls towards 0, where one Euler step solves its ODE exactly."""
     return sample_with_straightness(teacher, noise, "euler", nfe, cond)[1]
+
+
+@torch.no_grad()
+def curvature(teacher: Teacher, noise: Tensor, nfe: int = 64, cond: Condition | None = None) -> float:
+    """Mean total curvature (radians, :func:`path_curvature`) of ``teacher``'s ODE trajectories from ``noise``, along
+    the same Euler paths of ``nfe`` steps as :func:`straightness`."""
+    return sample_with_path_measures(teacher, noise, "euler", nfe, cond)[2]
 
 
 def _features(features: Callable[[Tensor], Tensor] | None, x: Tensor, batch_size: int) -> Tensor:
@@ -183,8 +228,10 @@ def print_quality_table(rows: Sequence[QualityRow], title: str = "quality agains
 
     table = Table(title=title)
     has = {"SW2": any(r.sliced_w2 is not None for r in rows), "MMD²": any(r.mmd2 is not None for r in rows),
-           "FD": any(r.frechet is not None for r in rows), "straight.": any(r.straightness is not None for r in rows)}
-    cols = ["solver", "NFE", "RMSE", "PSNR", *[c for c in ("SW2", "MMD²", "FD", "straight.") if has[c]], "samp/s"]
+           "FD": any(r.frechet is not None for r in rows), "straight.": any(r.straightness is not None for r in rows),
+           "curv.": any(r.curvature is not None for r in rows)}
+    cols = ["solver", "NFE", "RMSE", "PSNR", *[c for c in ("SW2", "MMD²", "FD", "straight.", "curv.") if has[c]],
+            "samp/s"]
     for col in cols:
         table.add_column(col, justify="left" if col == "solver" else "right")
 
@@ -196,7 +243,8 @@ def print_quality_table(rows: Sequence[QualityRow], title: str = "quality agains
         name = r.solver if len(methods) == 1 or r.method == "teacher" else f"{r.solver} ({r.method})"
         cells = {"solver": name, "NFE": str(r.nfe), "RMSE": fmt(r.rmse, ".4f"), "PSNR": fmt(r.psnr, ".1f"),
                  "SW2": fmt(r.sliced_w2, ".4f"), "MMD²": fmt(r.mmd2, ".5f"), "FD": fmt(r.frechet, ".4g"),
-                 "straight.": fmt(r.straightness, ".4f"), "samp/s": fmt(r.samples_per_s, ".0f")}
+                 "straight.": fmt(r.straightness, ".4f"), "curv.": fmt(r.curvature, ".4f"),
+                 "samp/s": fmt(r.samples_per_s, ".0f")}
         table.add_row(*[cells[c] for c in cols])
     err.print(table)
 
@@ -269,3 +317,20 @@ def train_data_name(path: str) -> str | None:
             return None
         p = Path(nxt)
     return None
+
+
+def recommended_grid(path: str) -> list[float] | None:
+    """The sampling grid an artifact recommends for itself (``summary.sampling.grid`` of its manifest, which phased
+    ``accelkit reflow`` and ``accelkit distill`` students record), else None."""
+    import json
+    from pathlib import Path
+
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return None
+    try:
+        grid = (json.loads(manifest.read_text()).get("summary") or {}).get("sampling", {}).get("grid")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return [float(v) for v in grid] if isinstance(grid, list) else None
+

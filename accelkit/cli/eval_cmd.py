@@ -28,8 +28,12 @@ def eval_command(
                                       "takes); missing or '-': one path from stdin."),
     nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
     solver: str = typer.Option("euler,dpm++2m", "--solver", help="Comma-separated ODE solvers: euler, heun, "
-                               "midpoint, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, or bespoke artifacts "
-                               "(learned solvers, at their own NFE)."),
+                               "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, or bespoke "
+                               "artifacts (learned solvers, at their own NFE and times)."),
+    grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, "
+                             "comma-separated times from 1 to 0, or recommended (the grid a phased reflow student "
+                             "records); runs whose steps do not fit a list of times are left out (default: each "
+                             "solver's own)."),
     reference: str = typer.Option(None, "--reference", help="A couple artifact: its first N noises and the "
                                   "teacher's ODE endpoints from them (default: noise of (seed, i), endpoints of the "
                                   "first model solved with heun at --reference-nfe)."),
@@ -52,7 +56,8 @@ def eval_command(
     force: bool = typer.Option(False, "--force", help="Use a learned --solver trained for another teacher."),
 ) -> None:
     """Quality against NFE of every model with every solver on the same noise: RMSE / PSNR to the teacher's ODE
-    endpoint, distribution distance to data, path straightness and samples per second (table on stderr)."""
+    endpoint, distribution distance to data, path straightness and curvature, and samples per second (table on
+    stderr)."""
     from ..errors import AccelkitError
     from .common import emit, input_path
 
@@ -79,8 +84,9 @@ def eval_command(
     from ..data import load_dataset
     from ..features import BUILTIN_SETS, feature_network
     from ..models.loading import load_teacher
-    from ..solvers import get_solver, is_solver, solver_names
+    from ..solvers import GRID_NAMES, get_solver, is_solver, solver_names
     from ..solvers.learned import check_solver_teacher
+    from .sample_cmd import _parse_grid
 
     for s in solvers or [""]:
         if not is_solver(s):
@@ -89,19 +95,37 @@ def eval_command(
         if s not in solver_names():
             for p in paths:
                 check_solver_teacher(s, p, force)
+    times = _parse_grid(grid) if grid is not None else None
+    if times == "recommended":  # the first model that records one, for every model (students beside their teacher)
+        times = next((g for g in map(ev.recommended_grid, paths) if g is not None), None)
+        if times is None:
+            raise AccelkitError("--grid recommended: none of the models records a recommended grid (a phased "
+                                "`accelkit reflow` student does); give a grid name or times")
+    if isinstance(times, list):
+        from ..solvers.grids import check_user_grid
+
+        check_user_grid(times, len(times) - 1)
+    elif times is not None and times not in GRID_NAMES:
+        raise AccelkitError(f"--grid {grid!r}: expected one of {', '.join(GRID_NAMES)}, recommended or "
+                            "comma-separated times")
     runs: dict[str, list[int]] = {}
     for s in solvers:
         ok = []
         for k in nfes:
             try:
-                get_solver(s).steps(k)
-                ok.append(k)
+                steps = get_solver(s).steps(k)
             except AccelkitError:
                 log(f"note: {s} cannot take {k} NFE; left out")
+                continue
+            if isinstance(times, list) and steps != len(times) - 1:
+                log(f"note: {s} at {k} NFE takes {steps} steps, the --grid has {len(times) - 1}; left out")
+                continue
+            ok.append(k)
         if ok:
             runs[s] = ok
     if not runs:
-        raise AccelkitError(f"--nfe {nfe}: none of the solvers {', '.join(solvers)} can take these NFEs")
+        raise AccelkitError(f"--nfe {nfe}: none of the solvers {', '.join(solvers)} can take these NFEs"
+                            + (f" on the {len(times) - 1}-step --grid" if isinstance(times, list) else ""))
 
     teachers = {p: load_teacher(p, device=device, allow_pickle=allow_pickle) for p in paths}
     shape = tuple(teachers[paths[0]].sample_shape)
@@ -147,11 +171,14 @@ def eval_command(
     for p, teacher in teachers.items():
         for s, ks in runs.items():
             rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=cond,
-                                batch_size=batch_size, features=feature_net, straightness=True)
+                                batch_size=batch_size, features=feature_net, straightness=True, grid=times)
     distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
                                              f"; FD to {data_name} on " + (f"features of {features}" if feature_net
                                                                            else "pixels"))
-    ev.print_quality_table(rows, f"RMSE, PSNR (dB) to {ref_text}{distance}; n = {n}")
+    on_grid = "" if times is None else "; grid " + (times if isinstance(times, str) else
+                                                     ",".join(f"{v:g}" for v in times))
+    # n first: a long title wraps at the table's width, and "n = N" stays whole at the start of the first line
+    ev.print_quality_table(rows, f"n = {n}; RMSE, PSNR (dB) to {ref_text}{distance}{on_grid}")
     if plot is not None:
         from ..plots import plot_quality
 

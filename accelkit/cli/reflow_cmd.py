@@ -22,6 +22,10 @@ def reflow(
     timesteps: str | None = typer.Option(None, "--timesteps", help="Training time density: uniform (default), "
                                                                    "logit-normal or u-shaped."),
     loss: str | None = typer.Option(None, "--loss", help="l2 (default) or pseudo-huber."),
+    phases: int | None = typer.Option(None, "--phases", help="K windows of the phased (PeRFlow) form: the student is "
+                                                             "straight within each; sampled in K steps (default 1)."),
+    phase_nfe: int | None = typer.Option(None, "--phase-nfe", help="Teacher evaluations per window solve "
+                                                                   "(phases > 1; default 8)."),
     device: str | None = typer.Option(None, "--device", help="auto (default), cpu, cuda or cuda:N."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Artifact directory (default runs/reflow-HASH)."),
     recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML with a 'reflow' section."),
@@ -38,7 +42,7 @@ def reflow(
     if path_arg is None and not (recipe is not None and couplings is None):
         path_arg = input_path(couplings, "couplings")
     flags = {"couplings": path_arg, "method": method, "batch_size": batch_size, "seed": seed,
-             "timesteps": timesteps, "loss": loss, "device": device}
+             "timesteps": timesteps, "loss": loss, "device": device, "phases": phases, "phase_nfe": phase_nfe}
     loop_sets = [f"reflow.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("reflow", recipe, flags, [*loop_sets, *set_])
     from ..pipeline import check_inputs, plan_stage, print_plan

@@ -43,8 +43,9 @@ def sample_command(
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (1 = no guidance; "
                                    "default: the teacher's own, 1 unless saved otherwise)."),
-    grid: str = typer.Option(None, "--grid", help="Time grid: uniform, logsnr, edm, shift, or comma-separated "
-                             "times from 1 to 0 (default: the solver's choice for the schedule)."),
+    grid: str = typer.Option(None, "--grid", help="Time grid: uniform, logsnr, edm, shift, comma-separated times "
+                             "from 1 to 0, or recommended (the grid a phased reflow student records) (default: the "
+                             "solver's choice for the schedule)."),
     shift: float = typer.Option(None, "--shift", help="Shift of the 'shift' grid (default: the scheduler's "
                                 "recorded shift, else 3)."),
     batch_size: int = typer.Option(64, "--batch-size", help="Samples per batch (results do not depend on it)."),
@@ -107,9 +108,16 @@ def sample_command(
             raise AccelkitError(f"--grid / --shift: the learned solver {solver} steps on its own learned times")
         nfe = getattr(get_solver(solver), "nfe", 8) if nfe is None else nfe
     nfe = 8 if nfe is None else nfe
+    if time_grid == "recommended":
+        from ..evaluation import recommended_grid
+
+        time_grid = recommended_grid(path)
+        if time_grid is None:
+            raise AccelkitError(f"--grid recommended: {path} records no recommended grid (a phased `accelkit reflow` "
+                                "student does); give a grid name or times")
     if isinstance(time_grid, str) and time_grid not in GRID_NAMES:
-        raise AccelkitError(f"--grid {time_grid!r}: unknown grid; expected one of {', '.join(GRID_NAMES)} "
-                            "or comma-separated times")
+        raise AccelkitError(f"--grid {time_grid!r}: unknown grid; expected one of {', '.join(GRID_NAMES)}, "
+                            "recommended or comma-separated times")
     if learned:
         from ..solvers.learned import check_solver_teacher
 

@@ -14,6 +14,14 @@ fresh noise):
   own schedule and prediction type: x_t = alpha_t x0* + sigma_t eps* with the pair's own noise, target in the
   teacher's parameterisation (an eps model stays an eps model; on a discrete schedule t stays on its grid).
 
+**Phased form** (``phases`` K > 1; PeRFlow, Yan et al. 2024; phased rectified diffusion, Wang et al. 2024): the
+time range is split into K windows; a pair's sample is noised with its own noise to the start of the window holding
+its training time, the frozen teacher's ODE is solved across the window (``phase_solver``, ``phase_nfe``) and the
+student regresses the straight line of that window, in the teacher's schedule, through the two states
+(:mod:`accelkit.phased` gives the equations and the window boundaries). The student is then sampled with one
+first-order step per window on the window boundaries; the artifact's summary records it as ``recommended``
+(solver, NFE, grid) for ``accelkit sample`` / ``eval --grid``. K = 1 is the method above, on the pairs as they are.
+
 The student's trajectories from eps_i are then (close to) the first-order ODE solution that lands on x0*_i, so one
 or two solver steps reach what the teacher needed many for. Times come from ``timesteps`` (uniform, logit-normal or
 U-shaped), the loss is L2 or pseudo-Huber (:mod:`accelkit.objectives`).
@@ -22,8 +30,8 @@ The teacher is the ``teacher`` input of the couplings artifact (its recorded pat
 content hash). Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9``,
 EMA, NaN guard, DDP under torchrun). The artifact holds ``teacher.safetensors`` (the student's EMA weights in
 accelkit's teacher format, so ``accelkit sample`` / ``couple`` / ``load_teacher`` take the artifact) and
-``history.json``; its summary gives the straightness (:func:`accelkit.evaluation.straightness`) of teacher and
-student on ``eval_samples`` seeded noises.
+``history.json``; its summary gives the straightness (:func:`accelkit.evaluation.straightness`) and the curvature
+(:func:`accelkit.evaluation.curvature`) of teacher and student on ``eval_samples`` seeded noises.
 """
 
 from __future__ import annotations
@@ -74,6 +82,12 @@ class ReflowRecipe(StageRecipe):
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the pair order and the training times")
     loop: LoopConfig = Field(default_factory=default_loop)
+    phases: int = Field(1, ge=1, description="K windows of the phased (piecewise straight) form; 1: one straight path "
+                                           "over the whole time range")
+    phase_solver: str = Field("dpm++2m", description="phases > 1: the solver of the teacher's ODE across a window")
+    phase_nfe: int = Field(8, ge=1, description="phases > 1: teacher evaluations per window solve")
+    phase_start_share: float = Field(0.5, ge=0, lt=1, description="phases > 1: share of the training times moved to "
+                                                                  "their window's start, where the sampler evaluates")
     eval_samples: int = Field(1000, ge=0, description="noises for the final straightness check (0: skip)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
 
@@ -84,10 +98,19 @@ class ReflowRecipe(StageRecipe):
                              f"{self.loop.grad_accum}")
         if self.loop.lora is not None:
             raise ValueError("reflow trains the teacher's full weights; loop.lora is not supported by reflow")
+        from ..solvers import get_solver
+
+        try:
+            get_solver(self.phase_solver).steps(self.phase_nfe)
+        except AccelkitError as e:
+            raise ValueError(f"phase_solver {self.phase_solver!r} with phase_nfe {self.phase_nfe}: {e}") from None
         return self
 
     def identity_dict(self) -> dict[str, Any]:
         d = super().identity_dict()
+        if self.phases == 1:  # the unphased method: same identity (and default path) as before phases existed
+            for k in ("phases", "phase_solver", "phase_nfe", "phase_start_share"):
+                d.pop(k, None)
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
         return d
 
@@ -106,13 +129,27 @@ def load_student_start(recipe: ReflowRecipe, couplings: Artifact):
     return teacher, reference
 
 
+def phase_windows(recipe: ReflowRecipe, couplings: Artifact, device: torch.device):
+    """phases > 1: the frozen teacher (with the couplings' guidance) and its windows; None for the unphased form."""
+    if recipe.phases == 1:
+        return None
+    from ..models.loading import load_teacher
+    from ..phased import PhaseWindows
+
+    guidance = couplings.manifest.get("recipe", {}).get("guidance")
+    teacher = load_teacher(students.couplings_teacher_path(couplings, "reflow"), dtype="fp32", guidance=guidance)
+    teacher.eval().requires_grad_(False)
+    return PhaseWindows(teacher.to(device), recipe.phases, recipe.phase_solver, recipe.phase_nfe,
+                        recipe.phase_start_share)
+
+
 # ----------------------------------------------------------------------------------------------------------- run
 
 
 def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
     from ..couplings import open_couplings
-    from ..objectives import DenoisingObjective
+    from ..objectives import DenoisingObjective, condition_of
     from .train import resolve_device
 
     device = resolve_device(recipe.device)
@@ -138,14 +175,22 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
                                        times=recipe.timesteps, loss_kind=recipe.loss, huber_c=recipe.huber_c,
                                        logit_mean=recipe.logit_mean, logit_std=recipe.logit_std,
                                        u_shape=recipe.u_shape)
+        windows = phase_windows(recipe, couplings_art, device)
+
         def draw_times(generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
-            return {"t": objective.draw_times(generator, n)}
+            t = objective.draw_times(generator, n)
+            if windows is not None:  # a share of the times at their window's start, where the sampler looks
+                t = windows.snap_to_starts(t, torch.rand(n, generator=generator, dtype=torch.float64))
+            return {"t": t}
 
         sampler = couplings.sampler(recipe.batch_size, recipe.seed, rank, world, noise=draw_times)
 
         def loss_fn(network: torch.nn.Module, batch: dict[str, torch.Tensor]):
             pairs = {"x": batch["sample"], "eps": batch["noise"], "t": batch["t"]}
             pairs.update({k: v for k, v in batch.items() if k.startswith("cond.")})
+            if windows is not None:  # the straight line of each pair's window replaces the pair
+                pairs["x"], pairs["eps"] = windows.straight_pairs(pairs["x"], pairs["eps"], pairs["t"],
+                                                                  condition_of(pairs))
             return objective.loss(network, pairs)
 
         def on_log(step: int, values: dict[str, float]) -> None:
@@ -174,14 +219,17 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
 def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, trainer: Trainer,
            logs: dict[str, float], seconds: float, world: int, device: torch.device) -> None:
     """Write the student (EMA weights) as teacher.safetensors and history.json, measure straightness, complete."""
-    from ..evaluation import straightness
+    from ..evaluation import curvature, straightness
+    from ..phased import recommended_sampling
 
     network, weights = students.averaged_network(trainer)
     info = {"trained_by": "accelkit reflow", "method": recipe.method, "steps": trainer.step, "weights": weights,
             "seed": recipe.seed, "couplings": str(couplings.path), "rounds": int(reference.info.get("rounds", 0)) + 1}
     model = students.student_of(reference, network, info)
     summary: dict[str, Any] = {
-        "method": recipe.method, "prediction_type": model.prediction, "schedule": model.schedule.config(),
+        "method": recipe.method, "phases": recipe.phases,
+        "sampling": recommended_sampling(model.schedule, recipe.phases),
+        "prediction_type": model.prediction, "schedule": model.schedule.config(),
         "sample_shape": list(model.sample_shape), "couplings": couplings.manifest["summary"].get("samples"),
         "steps": trainer.step, "final_loss": logs.get("loss"), "weights": info["weights"], "processes": world,
         "rounds": info["rounds"], "seconds_last_run": round(seconds, 3),
@@ -193,8 +241,12 @@ def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, 
         summary["straightness"] = {"teacher": straightness(reference.to(device), noise),
                                    "student": straightness(model.to(device), noise),
                                    "samples": recipe.eval_samples, "nfe": 64}
-        s = summary["straightness"]
-        log(f"reflow: straightness {s['student']:.4g} (teacher {s['teacher']:.4g})")
+        summary["curvature"] = {"teacher": curvature(reference.to(device), noise),
+                                "student": curvature(model.to(device), noise),
+                                "samples": recipe.eval_samples, "nfe": 64, "unit": "radians"}
+        s, k = summary["straightness"], summary["curvature"]
+        log(f"reflow: straightness {s['student']:.4g} (teacher {s['teacher']:.4g}), curvature {k['student']:.4g} rad "
+            f"(teacher {k['teacher']:.4g})")
     art.progress = {"step": trainer.step, "steps": recipe.loop.steps}
     students.save_student(art, model, trainer.history, summary)
 
