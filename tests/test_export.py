@@ -14,6 +14,7 @@ from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2D
 from safetensors.torch import load_file
 from tiny_models import ddpm_pipeline, tiny_unet2d, write_pipeline
 
+from accelkit.errors import AccelkitError
 from accelkit.evaluation import sample_batched
 from accelkit.export.exporter import export
 from accelkit.models.loading import load_teacher, read_safetensors_metadata
@@ -346,3 +347,26 @@ def test_an_unregistered_solver_object_exports_through_its_coefficients(ddpm, tm
         for t in replay.timesteps:
             x = replay.step(unet(x, t).sample, t, x).prev_sample
     assert torch.equal(x, theirs)
+
+
+def test_bespoke_solver_artifact_exports_with_its_teacher(ddpm, tmp_path):
+    """A learned solver (runs/bespoke-...) travels with its teacher: plain diffusers with AccelkitScheduler gives the
+    samples accelkit gives with that solver; a solver trained for another teacher is refused."""
+    from accelkit.cli.main import app  # noqa: F401  (registers the stages)
+    from accelkit.pipeline import run_stage
+    from accelkit.recipes import validate_stage
+    from accelkit.solvers import get_solver
+
+    recipe = validate_stage("bespoke", {"teacher": str(ddpm), "nfe": 4, "kind": "bns", "train_samples": 32,
+                                        "val_samples": 16, "batch_size": 16, "loop": {"steps": 5},
+                                        "reference": "dpm++2m", "reference_nfe": 4})
+    art = run_stage("bespoke", recipe, tmp_path / "bespoke")
+    folder, sampling = export(ddpm, tmp_path / "out", "diffusers", solver=str(art))
+    assert sampling.nfe == 4 and sampling.solver_object is not None
+    ours = sample_batched(load_teacher(ddpm), NOISE, get_solver(str(art)), 4)
+    theirs, scheduler = plain_diffusers_samples(folder, NOISE)
+    assert scheduler == "AccelkitScheduler" and rel(theirs, ours) < 1e-5
+    other = ddpm_pipeline(tmp_path / "other", "v_prediction")  # another teacher: refused
+    with pytest.raises(AccelkitError, match="teacher"):
+        export(other, tmp_path / "o2", "diffusers", solver=str(art))
+    assert not (tmp_path / "o2").exists()

@@ -16,8 +16,9 @@ def export_command(
     fmt: str = typer.Option(None, "--format", help="diffusers (a folder diffusers loads with from_pretrained) or "
                             "safetensors (one file with modelspec.* and accelkit.* metadata); default: safetensors "
                             "when -o ends in .safetensors, else diffusers."),
-    solver: str = typer.Option(None, "--solver", help="Solver to export (default: the artifact's recorded one, "
-                               "else euler for the linear schedule, dpm++2m otherwise)."),
+    solver: str = typer.Option(None, "--solver", help="Solver to export: a name or a bespoke artifact "
+                               "(runs/bespoke-..., at its own NFE; another teacher's needs --force) (default: the "
+                               "artifact's recorded one, else euler for the linear schedule, dpm++2m otherwise)."),
     nfe: int = typer.Option(None, "--nfe", help="Network evaluations per sample (default: recorded, else 2 for "
                             "students, 8 for teachers)."),
     grid: str = typer.Option(None, "--grid", help="Time grid: uniform, logsnr, edm, shift, or comma-separated times "

@@ -405,6 +405,14 @@ def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str = "diffu
     if fmt not in FORMATS:
         raise AccelkitError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     source = open_source(path, **load_kwargs)
+    if isinstance(solver, str):
+        from ..solvers import get_solver, solver_names
+        from ..solvers.learned import check_solver_teacher, is_learned_solver
+
+        if solver not in solver_names() and is_learned_solver(solver):  # a bespoke artifact: its own NFE and times
+            check_solver_teacher(solver, path, force)
+            solver = get_solver(solver)
+            nfe = getattr(solver, "nfe", None) if nfe is None else nfe
     sampling = resolve_sampling(source, solver, nfe, grid, shift)
     if fmt == "diffusers":
         return export_diffusers(source, sampling, output, force), sampling
