@@ -23,7 +23,12 @@ Options for students trained on a teacher's couplings (``accelkit reflow``): the
 
 (on a discrete schedule of N steps, t is rounded up to the grid: k = ceil(t N) - 1, t = (k + 1) / N), and the loss
 ``l2`` (mean squared error over the elements) or ``pseudo-huber``, per sample sqrt(||d||^2 + c^2) - c with
-c = 0.00054 sqrt(D) for D elements by default (Song & Dhariwal 2023; Lee et al. 2024).
+c = 0.00054 sqrt(D) for D elements by default (Song & Dhariwal 2023; Lee et al. 2024), taken in the space
+``loss_space``: ``output`` (the network's own output against its target) or ``x0`` (the x0 estimate the output
+implies, x0_hat = (x_t - sigma_t eps_hat) / alpha_t for an eps model, against x0). For an eps model the x0 loss is
+the eps loss weighted by (sigma_t / alpha_t)^2, the weight rectified diffusion trains with (Wang et al. 2024, their
+pseudo-Huber on the x0 estimate): without it the high-noise end, where one sampling step turns eps_hat into x0_hat
+through 1 / alpha_t (156 at the last step of DDPM's linear schedule), is barely trained.
 
 The time and the noise are drawn by :meth:`DenoisingObjective.draw` from the data sampler's per-batch generator, so
 they belong to the sample, not to the process: a resumed or multi-process run sees the same ones.
@@ -39,10 +44,11 @@ import torch
 from torch import Tensor, nn
 
 from .schedules import DiscreteVPSchedule, Schedule, as_time
-from .teacher import Condition, NetworkFn, TimeInput, broadcast_to, x0_eps_to_output
+from .teacher import Condition, NetworkFn, TimeInput, broadcast_to, output_to_x0_eps, x0_eps_to_output
 
 TIME_DENSITIES = ("uniform", "logit-normal", "u-shaped")
 LOSSES = ("l2", "pseudo-huber")
+LOSS_SPACES = ("output", "x0")
 CONDITION_PREFIX = "cond."
 
 
@@ -73,10 +79,13 @@ class DenoisingObjective:
     logit_mean: float = 0.0
     logit_std: float = 1.0
     u_shape: float = 4.0
+    loss_space: str = "output"
 
     def __post_init__(self) -> None:
         if self.time_input is None:
             self.time_input = TimeInput.for_schedule(self.schedule)
+        if self.loss_space not in LOSS_SPACES:
+            raise ValueError(f"loss space {self.loss_space!r}: expected one of {', '.join(LOSS_SPACES)}")
 
     @property
     def discrete(self) -> bool:
@@ -109,8 +118,11 @@ class DenoisingObjective:
         """The batch's mean loss; ``batch`` holds ``x`` (= x0), ``t``, ``eps`` and optionally ``cond.<field>``."""
         x0, eps, t = batch["x"], batch["eps"], as_time(batch["t"])
         xt = broadcast_to(self.schedule.alpha(t), x0) * x0 + broadcast_to(self.schedule.sigma(t), x0) * eps
-        target = x0_eps_to_output(self.prediction, x0, eps, t, self.schedule)
         out = self.call(network, xt, self.time_input(t).to(torch.float32), condition_of(batch))
+        if self.loss_space == "x0":
+            x0_hat = output_to_x0_eps(self.prediction, out.float(), xt, t, self.schedule)[0]
+            return regression_loss(x0_hat.float() - x0, self.loss_kind, self.huber_c), {}
+        target = x0_eps_to_output(self.prediction, x0, eps, t, self.schedule)
         return regression_loss(out.float() - target, self.loss_kind, self.huber_c), {}
 
 
@@ -140,4 +152,5 @@ def condition_of(batch: dict[str, Tensor]) -> Condition | None:
                      extra={k: v for k, v in fields.items() if k not in known})
 
 
-__all__ = ["DenoisingObjective", "sample_times", "regression_loss", "condition_of", "TIME_DENSITIES", "LOSSES"]
+__all__ = ["DenoisingObjective", "sample_times", "regression_loss", "condition_of", "TIME_DENSITIES", "LOSSES",
+           "LOSS_SPACES"]

@@ -1,11 +1,13 @@
 """Students after the same training budget against their teacher's best solver, on the digits (8x8) teachers.
 
-Two teachers are trained on scikit-learn's digits: a flow-matching one (linear schedule) and an eps one. From each,
-couplings (dpm++2m at 32 NFE) for training and a held-out set (another seed) for evaluation. Students, each with the
-same optimizer steps and batch size:
+Three teachers are trained on scikit-learn's digits: a flow-matching one (linear schedule) and two eps ones, on
+DDPM's linear betas (vp-linear, alpha at the last step 0.0064) and on Stable Diffusion's scaled-linear betas
+(vp-scaled-linear, alpha at the last step 0.068). From each, couplings (dpm++2m at 32 NFE) for training and a
+held-out set (another seed) for evaluation. Students, each with the same optimizer steps and batch size:
 
 * rectified-flow (reflow on the flow teacher), direct distillation at 1, 2 and 4 steps (flow teacher);
-* rectified-diffusion (reflow on the eps teacher, which stays an eps model).
+* rectified-diffusion (reflow on each eps teacher, which stays an eps model; loss on the x0 estimate, sampled with
+  DDIM).
 
 Every model is measured by ``accelkit eval`` on the held-out pairs at 1, 2 and 4 NFE: RMSE to the teacher's ODE
 endpoint and the Frechet distance to digits on the shipped digits classifier's features; the teacher with the best of
@@ -60,12 +62,18 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     w = Path(args.workdir)
     start = time.time()
-    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores", "settings": vars(args), "models": {}}
+    import torch
+
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args),
+                 "models": {}}
     rows: list[tuple] = []
-    for objective, students in (("flow", ("rectified-flow", "direct-1", "direct-2", "direct-4")),
-                                ("eps", ("rectified-diffusion",))):
-        teacher = accelkit("train", "--data", "digits", "--objective", objective, "--steps", args.teacher_steps,
-                           "-o", w / f"teacher-{objective}")
+    for objective, schedule, students in (
+            ("flow", "linear", ("rectified-flow", "direct-1", "direct-2", "direct-4")),
+            ("eps", "vp-linear", ("rectified-diffusion",)),
+            ("eps-sl", "vp-scaled-linear", ("rectified-diffusion",))):
+        teacher = accelkit("train", "--data", "digits", "--objective", objective.split("-")[0], "--steps",
+                           args.teacher_steps, "--set", f"train.schedule={schedule}", "-o", w / f"teacher-{objective}")
         couple = ["--solver", "dpm++2m", "--nfe", 32, "--micro-batch", 256]
         pairs = accelkit("couple", teacher, "-n", args.pairs, *couple, "--seed", 1, "-o", w / f"pairs-{objective}")
         held = accelkit("couple", teacher, "-n", args.eval_n, *couple, "--seed", 2, "-o", w / f"held-{objective}")
@@ -73,33 +81,37 @@ def main() -> None:
         best = {k: min((r for r in base if r["nfe"] == k), key=lambda r: r["rmse"]) for k in NFES}
         for name in students:
             common = ["--steps", args.steps, "--batch-size", args.batch_size, "-o", w / f"{objective}-{name}"]
+            began = time.time()
             if name.startswith("direct"):
                 k = int(name.split("-")[1])
                 path = accelkit("distill", pairs, "--method", "direct", "--nfe", k, *common)
             else:
                 path = accelkit("reflow", pairs, "--method", name, *common)
+            wall = time.time() - began
             s = summary(path)
             rate = s["steps"] / s["seconds_last_run"] if s.get("seconds_last_run") else float("nan")
             solver = "euler" if objective == "flow" else "ddim"
             got = evaluate([path], solver, held, args.eval_n)
-            out["models"][name] = {"teacher": objective, "steps_per_s": rate, "rows": got,
-                                   "teacher_best": {k: best[k] for k in NFES}}
+            out["models"][f"{name} ({schedule})"] = {"teacher": objective, "schedule": schedule, "steps_per_s": rate,
+                                                     "wall_s": wall, "rows": got,
+                                                     "teacher_best": {k: best[k] for k in NFES}}
             for r in got:
                 if name.startswith("direct") and r["nfe"] != int(name.split("-")[1]):
                     continue  # a direct student is made for its own step count
                 b = best[r["nfe"]]
-                rows.append((name, r["nfe"], r["rmse"], b["rmse"], r["frechet"] or float("nan"),
-                             b["frechet"] or float("nan"), rate, b["solver"]))
+                rows.append((f"{name} ({schedule})", r["nfe"], r["rmse"], b["rmse"], r["frechet"] or float("nan"),
+                             b["frechet"] or float("nan"), rate, wall, b["solver"]))
     out["seconds"] = time.time() - start
     from rich.console import Console
     from rich.table import Table
 
     t = Table(title=f"students after {args.steps} steps vs the teacher's best solver (digits, held-out pairs)")
-    for c in ("student", "NFE", "RMSE", "teacher best", "ratio", "FD", "teacher FD", "steps/s", "best solver"):
+    for c in ("student", "NFE", "RMSE", "teacher best", "ratio", "FD", "teacher FD", "steps/s", "wall s",
+              "best solver"):
         t.add_column(c)
-    for name, k, rmse, brmse, fd, bfd, rate, bs in rows:
+    for name, k, rmse, brmse, fd, bfd, rate, wall, bs in rows:
         t.add_row(name, str(k), f"{rmse:.4f}", f"{brmse:.4f}", f"{rmse / brmse:.3f}", f"{fd:.3g}", f"{bfd:.3g}",
-                  f"{rate:.1f}", bs)
+                  f"{rate:.1f}", f"{wall:.0f}", bs)
     Console(stderr=True).print(t)
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1) + "\n")

@@ -22,6 +22,9 @@ def reflow(
     timesteps: str | None = typer.Option(None, "--timesteps", help="Training time density: uniform (default), "
                                                                    "logit-normal or u-shaped."),
     loss: str | None = typer.Option(None, "--loss", help="l2 (default) or pseudo-huber."),
+    loss_space: str | None = typer.Option(None, "--loss-space", help="Loss on the network output or on its x0 "
+                                                                     "estimate (default: output for rectified-flow, "
+                                                                     "x0 for rectified-diffusion)."),
     phases: int | None = typer.Option(None, "--phases", help="K windows of the phased (PeRFlow) form: the student is "
                                                              "straight within each; sampled in K steps (default 1)."),
     phase_nfe: int | None = typer.Option(None, "--phase-nfe", help="Teacher evaluations per window solve "
@@ -42,7 +45,8 @@ def reflow(
     if path_arg is None and not (recipe is not None and couplings is None):
         path_arg = input_path(couplings, "couplings")
     flags = {"couplings": path_arg, "method": method, "batch_size": batch_size, "seed": seed,
-             "timesteps": timesteps, "loss": loss, "device": device, "phases": phases, "phase_nfe": phase_nfe}
+             "timesteps": timesteps, "loss": loss, "loss_space": loss_space, "device": device,
+             "phases": phases, "phase_nfe": phase_nfe}
     loop_sets = [f"reflow.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("reflow", recipe, flags, [*loop_sets, *set_])
     from ..pipeline import check_inputs, plan_stage, print_plan

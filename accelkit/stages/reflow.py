@@ -79,6 +79,9 @@ class ReflowRecipe(StageRecipe):
     u_shape: float = Field(4.0, gt=0, description="u-shaped: a in the density cosh(a (t - 1/2))")
     loss: Literal["l2", "pseudo-huber"] = Field("l2", description="l2 or pseudo-huber on the network output")
     huber_c: float | None = Field(None, gt=0, description="pseudo-Huber c (None: 0.00054 sqrt(elements per sample))")
+    loss_space: Literal["output", "x0"] | None = Field(
+        None, description="the loss on the network output or on its x0 estimate (None: output for rectified-flow, "
+                          "x0 for rectified-diffusion, as Wang et al. train)")
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the pair order and the training times")
     loop: LoopConfig = Field(default_factory=default_loop)
@@ -96,6 +99,8 @@ class ReflowRecipe(StageRecipe):
         if self.batch_size % self.loop.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of loop.grad_accum "
                              f"{self.loop.grad_accum}")
+        if self.loss_space is None:
+            self.loss_space = "x0" if self.method == "rectified-diffusion" else "output"
         if self.loop.lora is not None:
             raise ValueError("reflow trains the teacher's full weights; loop.lora is not supported by reflow")
         from ..solvers import get_solver
@@ -174,7 +179,7 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
         objective = DenoisingObjective(teacher.schedule, teacher.prediction, teacher.call, teacher.time_input,
                                        times=recipe.timesteps, loss_kind=recipe.loss, huber_c=recipe.huber_c,
                                        logit_mean=recipe.logit_mean, logit_std=recipe.logit_std,
-                                       u_shape=recipe.u_shape)
+                                       u_shape=recipe.u_shape, loss_space=recipe.loss_space)
         windows = phase_windows(recipe, couplings_art, device)
 
         def draw_times(generator: torch.Generator, n: int) -> dict[str, torch.Tensor]:
