@@ -44,9 +44,14 @@ def summary(path: str) -> dict:
     return json.loads((Path(path) / "manifest.json").read_text()).get("summary", {})
 
 
-def evaluate(models: list[str], solvers: str, reference: str, n: int) -> list[dict]:
+def evaluate(models: list[str], solvers: str, reference: str, n: int, device: str) -> list[dict]:
     return json.loads(accelkit("eval", *models, "--solver", solvers, "--nfe", ",".join(map(str, NFES)),
-                               "--reference", reference, "-n", n, "--json"))
+                               "--reference", reference, "-n", n, "--device", device, "--json"))
+
+
+def write(path: str, out: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
 
 def main() -> None:
@@ -65,6 +70,7 @@ def main() -> None:
     import torch
 
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # every stage runs there
     out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args),
                  "models": {}}
     rows: list[tuple] = []
@@ -74,10 +80,10 @@ def main() -> None:
             ("eps-sl", "vp-scaled-linear", ("rectified-diffusion",))):
         teacher = accelkit("train", "--data", "digits", "--objective", objective.split("-")[0], "--steps",
                            args.teacher_steps, "--set", f"train.schedule={schedule}", "-o", w / f"teacher-{objective}")
-        couple = ["--solver", "dpm++2m", "--nfe", 32, "--micro-batch", 256]
+        couple = ["--solver", "dpm++2m", "--nfe", 32, "--micro-batch", 256, "--device", device]
         pairs = accelkit("couple", teacher, "-n", args.pairs, *couple, "--seed", 1, "-o", w / f"pairs-{objective}")
         held = accelkit("couple", teacher, "-n", args.eval_n, *couple, "--seed", 2, "-o", w / f"held-{objective}")
-        base = evaluate([teacher], SOLVERS, held, args.eval_n)
+        base = evaluate([teacher], SOLVERS, held, args.eval_n, device)
         best = {k: min((r for r in base if r["nfe"] == k), key=lambda r: r["rmse"]) for k in NFES}
         for name in students:
             common = ["--steps", args.steps, "--batch-size", args.batch_size, "-o", w / f"{objective}-{name}"]
@@ -91,7 +97,7 @@ def main() -> None:
             s = summary(path)
             rate = s["steps"] / s["seconds_last_run"] if s.get("seconds_last_run") else float("nan")
             solver = "euler" if objective == "flow" else "ddim"
-            got = evaluate([path], solver, held, args.eval_n)
+            got = evaluate([path], solver, held, args.eval_n, device)
             out["models"][f"{name} ({schedule})"] = {"teacher": objective, "schedule": schedule, "steps_per_s": rate,
                                                      "wall_s": wall, "rows": got,
                                                      "teacher_best": {k: best[k] for k in NFES}}
@@ -101,6 +107,7 @@ def main() -> None:
                 b = best[r["nfe"]]
                 rows.append((f"{name} ({schedule})", r["nfe"], r["rmse"], b["rmse"], r["frechet"] or float("nan"),
                              b["frechet"] or float("nan"), rate, wall, b["solver"]))
+            write(args.json, out)  # after every student, so a cut-off run keeps what it measured
     out["seconds"] = time.time() - start
     from rich.console import Console
     from rich.table import Table
@@ -113,8 +120,7 @@ def main() -> None:
         t.add_row(name, str(k), f"{rmse:.4f}", f"{brmse:.4f}", f"{rmse / brmse:.3f}", f"{fd:.3g}", f"{bfd:.3g}",
                   f"{rate:.1f}", f"{wall:.0f}", bs)
     Console(stderr=True).print(t)
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
+    write(args.json, out)
     print(args.json)
 
 

@@ -22,18 +22,18 @@ def flow_loss(model, b):
     """Flow matching on the linear schedule, with extra draws from every global generator so their states matter."""
     t = b["t"][:, None]
     x = (1 - t) * b["x"] + t * b["eps"]
-    w = 1.0 + 0.1 * torch.rand(len(t)) + 0.01 * float(np.random.rand()) + 0.01 * random.random()
+    w = 1.0 + 0.1 * torch.rand(len(t)).to(t.device) + 0.01 * float(np.random.rand()) + 0.01 * random.random()
     err = ((model(x, b["t"] * 1000) - (b["eps"] - b["x"])) ** 2).sum(1)
     return (w * err).mean(), {"err": err.mean()}
 
 
-def make(tmp_path, steps=40, seed=123, loss=flow_loss, batch=32, **cfg):
+def make(tmp_path, steps=40, seed=123, loss=flow_loss, batch=32, device=None, **cfg):
     torch.manual_seed(seed)
     model = MLP(2, 32, 2)
     data = BatchSampler(load_dataset("moons", 2000, 0).samples, batch, seed=7, noise=flow_noise)
     cfg = LoopConfig(steps=steps, lr=3e-3, ema_rates=[0.9, 0.99], warmup_steps=5, checkpoint_every=10,
                      checkpoint_interval_s=0, log_every=5, **cfg)
-    return Trainer(model, loss, data, cfg, checkpoint_dir=tmp_path, progress=False)
+    return Trainer(model, loss, data, cfg, checkpoint_dir=tmp_path, progress=False, device=device)
 
 
 def seed_globals():
