@@ -29,6 +29,10 @@ import time
 from pathlib import Path
 
 SOLVERS = "euler,heun,dpm++2m,unipc"
+#: (teacher objective, its schedule, its students)
+TEACHERS = (("flow", "linear", ("rectified-flow", "direct-1", "direct-2", "direct-4")),
+            ("eps", "vp-linear", ("rectified-diffusion",)),
+            ("eps-sl", "vp-scaled-linear", ("rectified-diffusion",)))
 NFES = (1, 2, 4)
 
 
@@ -62,6 +66,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=8000)
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--workdir", default="bench/work-students")
+    ap.add_argument("--teachers", default="linear,vp-linear,vp-scaled-linear",
+                    help="the teachers' schedules to run (comma-separated)")
     ap.add_argument("--json", default="bench/results/students.json")
     args = ap.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -74,10 +80,9 @@ def main() -> None:
     out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args),
                  "models": {}}
     rows: list[tuple] = []
-    for objective, schedule, students in (
-            ("flow", "linear", ("rectified-flow", "direct-1", "direct-2", "direct-4")),
-            ("eps", "vp-linear", ("rectified-diffusion",)),
-            ("eps-sl", "vp-scaled-linear", ("rectified-diffusion",))):
+    for objective, schedule, students in TEACHERS:
+        if schedule not in args.teachers.split(","):
+            continue
         teacher = accelkit("train", "--data", "digits", "--objective", objective.split("-")[0], "--steps",
                            args.teacher_steps, "--set", f"train.schedule={schedule}", "-o", w / f"teacher-{objective}")
         couple = ["--solver", "dpm++2m", "--nfe", 32, "--micro-batch", 256, "--device", device]

@@ -85,8 +85,19 @@ class GridNodes:
 
 
 def on_device(values: list[float] | Tensor, x: Tensor) -> Tensor:
-    """Host-side float64 coefficients as one tensor of x's dtype on x's device (moved once, before the loop)."""
-    return torch.as_tensor(values, dtype=torch.float64).to(device=x.device, dtype=x.dtype)
+    """Host-side float64 coefficients as one tensor of x's dtype on x's device (moved once, before the loop).
+
+    To a CUDA device through pinned memory without blocking: a copy from pageable memory would make the host wait
+    for the GPU to finish its queued work at every solve.
+    """
+    return host_to_device(torch.as_tensor(values, dtype=torch.float64), x.device).to(dtype=x.dtype)
+
+
+def host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """``host`` (a CPU tensor: the time grid, coefficients) on ``device``, without a host sync on CUDA."""
+    if device.type == "cuda":
+        return host.pin_memory().to(device=device, non_blocking=True)
+    return host.to(device=device)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 
 from ..teacher import Condition, Teacher
-from .base import GridNodes, Solver, on_device, register_solver
+from .base import GridNodes, Solver, host_to_device, on_device, register_solver
 
 
 class DPMSolverPP(Solver):
@@ -70,7 +70,7 @@ class DPMSolverPP(Solver):
         ratio, w0, w1, w2, inv_r1, inv_r2, q, inv_r12 = (on_device(c[k], x) for k in
                                                          ("ratio", "w0", "w1", "w2", "inv_r1", "inv_r2", "q",
                                                           "inv_r12"))
-        t, b = ts.to(x.device), x.shape[0]
+        t, b = host_to_device(ts, x.device), x.shape[0]
         m = []  # x0 predictions, newest first
         for i, p in enumerate(orders):
             m = [teacher.predict_x0(x, t[i].expand(b), cond)] + m[:2]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..teacher import Condition, Teacher
-from .base import Solver, on_device, register_solver
+from .base import Solver, host_to_device, on_device, register_solver
 
 ADAMS_BASHFORTH = {
     1: [1.0],
@@ -57,7 +57,7 @@ class IPNDM(Solver):
 
     def sample(self, teacher: Teacher, x, ts, nfe, cond: Condition | None = None):
         h, c = on_device(ts.diff(), x), on_device(self.weights(ts.tolist()), x)
-        t, b = ts.to(x.device), x.shape[0]
+        t, b = host_to_device(ts, x.device), x.shape[0]
         v = []  # velocities, newest first
         for i in range(len(ts) - 1):
             v = [teacher.velocity(x, t[i].expand(b), cond)] + v[:3]

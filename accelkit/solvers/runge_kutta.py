@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..teacher import Condition, Teacher
-from .base import Solver, on_device, register_solver
+from .base import Solver, host_to_device, on_device, register_solver
 
 
 class Euler(Solver):
@@ -23,7 +23,7 @@ class Euler(Solver):
     name = "euler"
 
     def sample(self, teacher: Teacher, x: Tensor, ts: Tensor, nfe: int, cond: Condition | None = None) -> Tensor:
-        h, t, b = on_device(ts.diff(), x), ts.to(x.device), x.shape[0]
+        h, t, b = on_device(ts.diff(), x), host_to_device(ts, x.device), x.shape[0]
         for i in range(len(h)):
             x = x + h[i] * teacher.velocity(x, t[i].expand(b), cond)
         return x
@@ -53,7 +53,7 @@ class Heun(Solver):
         return [2] * k + [1] if nfe % 2 else [1] + [2] * (k - 1) + [1]
 
     def sample(self, teacher, x, ts, nfe, cond=None):
-        h, t, b = on_device(ts.diff(), x), ts.to(x.device), x.shape[0]
+        h, t, b = on_device(ts.diff(), x), host_to_device(ts, x.device), x.shape[0]
         for i, stages in enumerate(self.stages(nfe)):
             d = teacher.velocity(x, t[i].expand(b), cond)
             if stages == 1:
@@ -78,7 +78,7 @@ class Midpoint(Solver):
         return nfe // 2 + nfe % 2
 
     def sample(self, teacher, x, ts, nfe, cond=None):
-        h, t, b = on_device(ts.diff(), x), ts.to(x.device), x.shape[0]
+        h, t, b = on_device(ts.diff(), x), host_to_device(ts, x.device), x.shape[0]
         t_mid = 0.5 * (t[:-1] + t[1:])
         for i in range(self.steps(nfe)):
             d = teacher.velocity(x, t[i].expand(b), cond)

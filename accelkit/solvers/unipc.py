@@ -25,7 +25,7 @@ import math
 import torch
 
 from ..teacher import Condition, Teacher
-from .base import GridNodes, Solver, on_device, register_solver
+from .base import GridNodes, Solver, host_to_device, on_device, register_solver
 
 
 def unipc_rhos(h: float, rks: list[float], order: int) -> tuple[list[float], list[float]]:
@@ -85,7 +85,7 @@ class UniPC(Solver):
         orders, c = self.coefficients(GridNodes.of(teacher.schedule, ts))
         ratio, w_m, w_b, inv_r, rho_p, rho_c = (on_device(c[k], x) for k in
                                                 ("ratio", "w_m", "w_b", "inv_r", "rho_p", "rho_c"))
-        t, b = ts.to(x.device), x.shape[0]
+        t, b = host_to_device(ts, x.device), x.shape[0]
         m: list = []  # x0 predictions at t_i, t_{i-1}, ...
         x_start = x  # x_{i-1}, where the step being corrected started
         for i, p in enumerate(orders):
