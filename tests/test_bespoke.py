@@ -334,3 +334,23 @@ def test_toy2d_bespoke_recipe(cli, tmp_path):
         print(s["kind"], "ratio to the best standard solver", s["ratio_to_best_standard"])
         assert s["val_rmse"] <= s["val_rmse_initial"]
     assert solvers["bns"]["ratio_to_best_standard"] < 1.0
+
+
+def test_a_failed_adaptive_reference_is_a_one_line_error_naming_the_fix(monkeypatch):
+    """DOP853 gives up on a stiff teacher ("step size less than spacing"): the stage says which setting avoids it."""
+    import accelkit.solvers.reference as ref
+    from accelkit.errors import AccelkitError
+    from accelkit.stages.bespoke import compute_paths
+
+    def stiff(*args, **kwargs):
+        raise ref.ReferenceSolveFailed("Required step size is less than spacing between numbers.")
+
+    monkeypatch.setattr(ref, "reference_solve", stiff)
+    teacher = gaussian_mixture_2d(LinearSchedule())
+    with pytest.raises(AccelkitError, match=r"bespoke\.reference=dpm\+\+2m") as e:
+        compute_paths(teacher, torch.randn(4, 2, dtype=torch.float64), torch.linspace(1, 0, 3, dtype=torch.float64))
+    assert "\n" not in str(e.value) and "spacing" in str(e.value)
+    # the fixed-step reference it points to works on the same teacher
+    paths = compute_paths(teacher, torch.randn(4, 2, dtype=torch.float64), torch.linspace(1, 0, 3, dtype=torch.float64),
+                          reference="dpm++2m")
+    assert torch.isfinite(paths.x).all()

@@ -16,6 +16,10 @@ from ..teacher import Condition, Teacher
 F64 = torch.float64
 
 
+class ReferenceSolveFailed(RuntimeError):
+    """The adaptive solver gave up (a step below floating-point spacing: a stiff or non-smooth field)."""
+
+
 @torch.no_grad()
 def reference_solve(
     teacher: Teacher, x: Tensor, t_start: float, t_end: float, cond: Condition | None = None,
@@ -44,5 +48,5 @@ def reference_solve(
         span = tuple(float(sch.log_snr(torch.tensor(v, dtype=F64))) for v in (t_start, t_end))
     sol = solve_ivp(field, span, y0, method="DOP853", rtol=rtol, atol=atol)
     if not sol.success:
-        raise RuntimeError(f"reference ODE solve failed: {sol.message}")
+        raise ReferenceSolveFailed(f"reference ODE solve failed: {sol.message}")
     return torch.from_numpy(sol.y[:, -1]).reshape(shape)

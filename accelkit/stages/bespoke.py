@@ -204,15 +204,21 @@ def compute_paths(teacher: Teacher, noise: Tensor, times: Tensor, reference: str
     """The teacher's ODE paths from ``teacher.prior_sample(noise)`` at t = times[0], stored at every time."""
     from ..jobs import progress_bar
     from ..solvers import get_solver, solve
-    from ..solvers.reference import reference_solve
+    from ..solvers.reference import ReferenceSolveFailed, reference_solve
 
     states = [teacher.prior_sample(noise)]
     with progress_bar(len(times) - 1, "ground-truth paths", unit="segment", disable=not progress) as bar:
         for t0, t1 in zip(times[:-1].tolist(), times[1:].tolist(), strict=True):
             x = states[-1]
             if reference == "adaptive":
-                nxt = torch.cat([reference_solve(teacher, x[i:i + batch], t0, t1, rtol=tol, atol=tol).to(x)
-                                 for i in range(0, x.shape[0], batch)])
+                try:
+                    nxt = torch.cat([reference_solve(teacher, x[i:i + batch], t0, t1, rtol=tol, atol=tol).to(x)
+                                     for i in range(0, x.shape[0], batch)])
+                except ReferenceSolveFailed as e:
+                    raise AccelkitError(f"bespoke: the adaptive reference (DOP853, tolerance {tol:g}) failed between "
+                                        f"t = {t0:.4g} and {t1:.4g} ({e}); the teacher's ODE is too stiff for it: use "
+                                        "--set bespoke.reference=dpm++2m (a fixed-step reference) or a looser "
+                                        "bespoke.reference_tol") from e
             else:
                 steps = get_solver(reference).steps(reference_nfe)
                 grid = torch.linspace(t0, t1, steps + 1, dtype=F64)
