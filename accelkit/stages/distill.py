@@ -53,14 +53,14 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor
 
-from ..artifacts import Artifact, open_on_rank0
+from ..artifacts import Artifact
 from ..console import log
 from ..data import DATA_NAMES, BatchSampler, load_dataset, stream_seed
 from ..errors import AccelkitError
 from ..jobs import barrier, broadcast_object
 from ..recipes import StageRecipe, register_stage
 from ..teacher import Condition, NetworkTeacher, Teacher, broadcast_to
-from ..training import LoopConfig, Trainer, init_distributed
+from ..training import LoopConfig, Trainer
 from . import student as students
 
 KIND = "distill"
@@ -224,28 +224,12 @@ def quality(model: Teacher, pairs: dict[str, Tensor], nfe: int, device: torch.de
 
 def run_distill(recipe: DistillRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
-    from ..couplings import open_couplings
-    from .train import resolve_device
-
-    device = resolve_device(recipe.device)
-    rank, world = init_distributed(device)
-    couplings_art = Artifact.read(recipe.couplings, "couple")
-    art, path, state, _ = open_on_rank0(rank, output, KIND, recipe, force=force, seeds={"seed": recipe.seed})
+    run = students.begin_student_run(KIND, recipe, output, force)
+    art, path, device, rank, world = run.art, run.path, run.device, run.rank, run.world
     try:
-        if state == "complete":
-            if rank == 0:
-                log(f"distill: reusing the complete artifact {path}")
+        if run.complete:
             return path
-        if recipe.batch_size % (world * recipe.loop.grad_accum):
-            raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
-                                f"grad_accum {recipe.loop.grad_accum}")
-        start, reference = students.load_student_start(couplings_art, "distill")
-        couplings = open_couplings(recipe.couplings)
-        keys = ["noise", "sample", *[k for k in couplings.keys if k.startswith("cond.")]]
-        couplings = open_couplings(recipe.couplings, keys=keys)
-        if tuple(couplings.sample_shape) != tuple(start.sample_shape):
-            raise AccelkitError(f"{recipe.couplings}: samples of shape {list(couplings.sample_shape)}, but the "
-                                f"teacher's are {list(start.sample_shape)}")
+        start, reference, couplings, couplings_art = run.start, run.reference, run.couplings, run.couplings_artifact
         job = DistillJob(recipe, art, path, couplings, reference, device, rank, world)
         network = start.network
         begin = time.perf_counter()
@@ -257,8 +241,7 @@ def run_distill(recipe: DistillRecipe, output: Path | None = None, force: bool =
         barrier()
         return path
     finally:
-        if art is not None:
-            art.close()
+        run.close()
 
 
 class DistillJob:

@@ -44,13 +44,13 @@ from typing import Any, Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..artifacts import Artifact, open_on_rank0
+from ..artifacts import Artifact
 from ..console import log
 from ..data import seeded_generator
 from ..errors import AccelkitError
 from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer, init_distributed
+from ..training import LoopConfig, Trainer
 from . import student as students
 
 KIND = "reflow"
@@ -123,17 +123,6 @@ class ReflowRecipe(StageRecipe):
 # ----------------------------------------------------------------------------------------------------- teacher
 
 
-def load_student_start(recipe: ReflowRecipe, couplings: Artifact):
-    """(student, reference) from :func:`accelkit.stages.student.load_student_start`; rectified-flow also needs the
-    linear schedule."""
-    teacher, reference = students.load_student_start(couplings, "reflow")
-    if recipe.method == "rectified-flow" and teacher.schedule.name != "linear":
-        path = students.couplings_teacher_path(couplings, "reflow")
-        raise AccelkitError(f"{path}: --method rectified-flow needs a teacher on the linear schedule; this one is on "
-                            f"{teacher.schedule.name!r} (use --method rectified-diffusion, which keeps its schedule)")
-    return teacher, reference
-
-
 def phase_windows(recipe: ReflowRecipe, couplings: Artifact, device: torch.device):
     """phases > 1: the frozen teacher (with the couplings' guidance) and its windows; None for the unphased form."""
     if recipe.phases == 1:
@@ -153,29 +142,19 @@ def phase_windows(recipe: ReflowRecipe, couplings: Artifact, device: torch.devic
 
 def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
-    from ..couplings import open_couplings
     from ..objectives import DenoisingObjective, condition_of
-    from .train import resolve_device
 
-    device = resolve_device(recipe.device)
-    rank, world = init_distributed(device)
-    couplings_art = Artifact.read(recipe.couplings, "couple")
-    art, path, state, _ = open_on_rank0(rank, output, KIND, recipe, force=force, seeds={"seed": recipe.seed})
+    run = students.begin_student_run(KIND, recipe, output, force)
+    art, path, device, rank, world = run.art, run.path, run.device, run.rank, run.world
     try:
-        if state == "complete":
-            if rank == 0:
-                log(f"reflow: reusing the complete artifact {path}")
+        if run.complete:
             return path
-        if recipe.batch_size % (world * recipe.loop.grad_accum):
-            raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
-                                f"grad_accum {recipe.loop.grad_accum}")
-        teacher, reference = load_student_start(recipe, couplings_art)
-        couplings = open_couplings(recipe.couplings)
-        keys = ["noise", "sample", *[k for k in couplings.keys if k.startswith("cond.")]]
-        couplings = open_couplings(recipe.couplings, keys=keys)
-        if tuple(couplings.sample_shape) != tuple(teacher.sample_shape):
-            raise AccelkitError(f"{recipe.couplings}: samples of shape {list(couplings.sample_shape)}, but the "
-                                f"teacher's are {list(teacher.sample_shape)}")
+        teacher, reference, couplings, couplings_art = run.start, run.reference, run.couplings, run.couplings_artifact
+        if recipe.method == "rectified-flow" and teacher.schedule.name != "linear":
+            raise AccelkitError(f"{students.couplings_teacher_path(couplings_art, KIND)}: --method rectified-flow "
+                                "needs a teacher on the linear schedule; this one is on "
+                                f"{teacher.schedule.name!r} (use --method rectified-diffusion, which keeps its "
+                                "schedule)")
         objective = DenoisingObjective(teacher.schedule, teacher.prediction, teacher.call, teacher.time_input,
                                        times=recipe.timesteps, loss_kind=recipe.loss, huber_c=recipe.huber_c,
                                        logit_mean=recipe.logit_mean, logit_std=recipe.logit_std,
@@ -217,8 +196,7 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
         barrier()
         return path
     finally:
-        if art is not None:
-            art.close()
+        run.close()
 
 
 def finish(art: Artifact, recipe: ReflowRecipe, couplings: Artifact, reference, trainer: Trainer,

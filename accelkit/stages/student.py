@@ -1,5 +1,8 @@
 """What every stage that trains a student on a teacher's couplings shares (``reflow``, ``distill``).
 
+* the run: its device and processes, its artifact (opened on rank 0; a complete one is reused), the batch split
+  check, the couplings opened with the keys a student reads, checked against the teacher's sample shape
+  (:func:`begin_student_run`);
 * the start: the teacher recorded in the couple artifact (checked against its content hash), loaded as a trainable
   fp32 :class:`accelkit.teacher.NetworkTeacher` (:func:`load_student_start`), with a frozen copy of it at the
   couplings' guidance scale as the reference;
@@ -13,15 +16,71 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
-from ..artifacts import Artifact, content_hash
+from ..artifacts import Artifact, content_hash, open_on_rank0
+from ..console import log
 from ..errors import AccelkitError
 from ..teacher import NetworkTeacher
-from ..training import Trainer
+from ..training import Trainer, init_distributed
+
+
+@dataclass
+class StudentRun:
+    """One run of a student stage: where it runs, its artifact (``art`` on rank 0, None elsewhere) and, unless the
+    artifact is already ``complete``, the student's start, the frozen reference and the opened couplings."""
+
+    device: torch.device
+    rank: int
+    world: int
+    couplings_artifact: Artifact
+    art: Artifact | None
+    path: Path
+    complete: bool
+    start: NetworkTeacher | None = None
+    reference: NetworkTeacher | None = None
+    couplings: Any = None  # accelkit.couplings.Couplings
+
+    def close(self) -> None:
+        if self.art is not None:
+            self.art.close()
+
+
+def begin_student_run(stage: str, recipe: Any, output: Path | None, force: bool) -> StudentRun:
+    """Open the run of ``recipe`` (a student stage's recipe: ``couplings``, ``device``, ``seed``, ``batch_size``,
+    ``loop``): the caller trains unless ``complete``, and calls :meth:`StudentRun.close` when done."""
+    from ..couplings import open_couplings
+    from .train import resolve_device
+
+    device = resolve_device(recipe.device)
+    rank, world = init_distributed(device)
+    couplings_art = Artifact.read(recipe.couplings, "couple")
+    art, path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force, seeds={"seed": recipe.seed})
+    run = StudentRun(device, rank, world, couplings_art, art, path, state == "complete")
+    if run.complete:
+        if rank == 0:
+            log(f"{stage}: reusing the complete artifact {path}")
+        return run
+    try:
+        if recipe.batch_size % (world * recipe.loop.grad_accum):
+            raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
+                                f"grad_accum {recipe.loop.grad_accum}")
+        run.start, run.reference = load_student_start(couplings_art, stage)
+        keys = open_couplings(recipe.couplings).keys
+        run.couplings = open_couplings(recipe.couplings,
+                                       keys=["noise", "sample", *[k for k in keys if k.startswith("cond.")]])
+        if tuple(run.couplings.sample_shape) != tuple(run.start.sample_shape):
+            raise AccelkitError(f"{recipe.couplings}: samples of shape {list(run.couplings.sample_shape)}, but the "
+                                f"teacher's are {list(run.start.sample_shape)}")
+    except BaseException:
+        run.close()
+        raise
+    return run
 
 
 def couplings_teacher_path(couplings: Artifact, stage: str) -> Path:
@@ -85,4 +144,5 @@ def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: 
     art.complete(summary)
 
 
-__all__ = ["couplings_teacher_path", "load_student_start", "averaged_network", "student_of", "save_student"]
+__all__ = ["StudentRun", "begin_student_run", "couplings_teacher_path", "load_student_start", "averaged_network",
+           "student_of", "save_student"]
