@@ -43,3 +43,41 @@ def run_cli(*args: str, input: str | None = None, cwd: str | None = None, env: d
 def cli():
     """The CLI as a user runs it: ``cli("inspect", path)`` -> CompletedProcess with stdout/stderr/returncode."""
     return run_cli
+
+
+def kill9_during(args, marker, *, max_delay: float = 0.3, stdin: str | None = None, env: dict | None = None,
+                 timeout: float = 120) -> float:
+    """Start ``python -m accelkit ARGS``, wait for the path ``marker`` (a first checkpoint), wait a random delay in
+    [0, max_delay] s and SIGKILL it. Returns the delay; fails if the run ended before the kill."""
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    full_env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
+    proc = subprocess.Popen([sys.executable, "-m", "accelkit", *map(str, args)], env=full_env,
+                            stdin=subprocess.PIPE if stdin is not None else None, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, text=True)
+    if stdin is not None:
+        proc.stdin.write(stdin)
+        proc.stdin.close()
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(marker) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    delay = random.uniform(0.0, max_delay)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return delay
+
+
+def assert_same_tensors(file_a, file_b, context: str = "") -> None:
+    """Two safetensors files hold the same keys with bit-identical tensors."""
+    from safetensors.torch import load_file
+
+    a, b = load_file(file_a), load_file(file_b)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} differs {context}"

@@ -4,16 +4,11 @@ are refused for a teacher they were not trained for."""
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, assert_same_tensors, kill9_during, run_cli
 from safetensors.torch import load_file
 
 from accelkit.models.analytic import gaussian_mixture_2d
@@ -260,25 +255,13 @@ def test_kill9_then_same_command_equals_uninterrupted(cli_run, tmp_path):
     full = run_cli("bespoke", teacher, *args, "-o", tmp_path / "full", env=ONE_THREAD)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
-    proc = subprocess.Popen([sys.executable, "-m", "accelkit", "bespoke", str(teacher), *args, "-o", str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint" / "latest.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    delay = random.uniform(0.0, 0.3)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    delay = kill9_during(["bespoke", teacher, *args, "-o", out], out / "checkpoint" / "latest.json")
     step = json.loads((out / "checkpoint" / "latest.json").read_text())["step"]
     resumed = run_cli("bespoke", teacher, *args, "-o", out, env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert "resumed from" in resumed.stderr, f"killed at step >= {step} after {delay:.2f}s but did not resume"
-    a, b = load_file(tmp_path / "full" / "solver.safetensors"), load_file(out / "solver.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 at step >= {step} (delay {delay:.2f}s)"
+    assert_same_tensors(tmp_path / "full" / "solver.safetensors", out / "solver.safetensors",
+                        f"after kill -9 at step >= {step} (delay {delay:.2f}s)")
 
 
 def test_trains_on_couplings_with_trajectories(cli_run, tmp_path):

@@ -4,16 +4,10 @@ resumes to the same weights, bad input is a one-line error."""
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, run_cli
-from safetensors.torch import load_file
+from conftest import REPO, assert_same_tensors, kill9_during, run_cli
 from test_reflow import SOLVERS, teacher_and_couplings
 
 from accelkit.data import load_dataset
@@ -152,28 +146,15 @@ def test_kill9_then_same_command_equals_uninterrupted(flow, tmp_path):
     full = run_cli("distill", couple, *TINY, "-o", tmp_path / "full", env=ONE_THREAD)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
-    # the couplings path comes in on stdin, as in `accelkit couple T | accelkit distill`
-    proc = subprocess.Popen([sys.executable, "-m", "accelkit", "distill", *TINY, "-o", str(out)], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-    proc.stdin.write(f"{couple}\n")
-    proc.stdin.close()
-    deadline = time.monotonic() + 120
-    first = out / "checkpoint" / "round-1" / "latest.json"
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    delay = random.uniform(0.0, 1.5)  # in round 1, between the rounds or in round 2 (about 1 s each)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    # the couplings path comes in on stdin, as in `accelkit couple T | accelkit distill`; killed in round 1, between
+    # the rounds or in round 2 (about 1 s each)
+    delay = kill9_during(["distill", *TINY, "-o", out], out / "checkpoint" / "round-1" / "latest.json",
+                         max_delay=1.5, stdin=f"{couple}\n")
     resumed = run_cli("distill", "-", *TINY, "-o", out, input=f"{couple}\n", env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip() == str(out)
-    a, b = load_file(tmp_path / "full" / "teacher.safetensors"), load_file(out / "teacher.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 (delay {delay:.2f}s)"
+    assert_same_tensors(tmp_path / "full" / "teacher.safetensors", out / "teacher.safetensors",
+                        f"after kill -9 (delay {delay:.2f}s)")
     m_full = json.loads((tmp_path / "full" / "manifest.json").read_text())["summary"]
     m_killed = json.loads((out / "manifest.json").read_text())["summary"]
     assert m_full["rounds"] == m_killed["rounds"] and m_killed["nfe_per_round"] == [4, 2, 1]

@@ -3,15 +3,10 @@ straighten the flow, keep the teacher's parameterisation, resume exactly after k
 
 import json
 import os
-import random
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO, run_cli
+from conftest import REPO, assert_same_tensors, kill9_during, run_cli
 from safetensors.torch import load_file
 
 from accelkit.data import load_dataset
@@ -131,29 +126,15 @@ def test_kill9_then_same_command_equals_uninterrupted(flow_run, tmp_path):
     full = run_cli("reflow", couple, *TINY, "-o", tmp_path / "full", env=ONE_THREAD)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
     # the couplings path comes in on stdin, as in `accelkit couple T | accelkit reflow`
-    proc = subprocess.Popen([sys.executable, "-m", "accelkit", "reflow", *TINY, "-o", str(out)], env=env,
-                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True)
-    proc.stdin.write(f"{couple}\n")
-    proc.stdin.close()
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint" / "latest.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    delay = random.uniform(0.0, 0.3)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    delay = kill9_during(["reflow", *TINY, "-o", out], out / "checkpoint" / "latest.json", stdin=f"{couple}\n")
     step = json.loads((out / "checkpoint" / "latest.json").read_text())["step"]
     resumed = run_cli("reflow", "-", *TINY, "-o", out, input=f"{couple}\n", env=ONE_THREAD)
     assert resumed.returncode == 0, resumed.stderr
     assert resumed.stdout.strip() == str(out)
     assert "resumed from" in resumed.stderr, f"killed at step >= {step} after {delay:.2f}s but did not resume"
-    a, b = load_file(tmp_path / "full" / "teacher.safetensors"), load_file(out / "teacher.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), f"{k} differs after kill -9 at step >= {step} (delay {delay:.2f}s)"
+    assert_same_tensors(tmp_path / "full" / "teacher.safetensors", out / "teacher.safetensors",
+                        f"after kill -9 at step >= {step} (delay {delay:.2f}s)")
 
 
 def test_bad_input_is_one_line_exit_2(flow_run, cli, tmp_path):

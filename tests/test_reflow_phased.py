@@ -211,34 +211,17 @@ PHASED_TINY = ["--phases", "2", "--phase-nfe", "2", "--batch-size", "64", "--ste
 def test_phased_kill9_then_same_command_equals_uninterrupted(moons, tmp_path):
     """The window solves are deterministic functions of the batch (pairs and times from the checkpointed sampler),
     so a phased run killed with -9 and run again ends with the uninterrupted run's weights."""
-    import os
-    import random
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from conftest import REPO, run_cli
+    from conftest import assert_same_tensors, kill9_during, run_cli
 
     couple = moons[2]
     env1 = {"OMP_NUM_THREADS": "1"}
     full = run_cli("reflow", couple, *PHASED_TINY, "-o", tmp_path / "full", env=env1)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", **env1}
-    proc = subprocess.Popen([sys.executable, "-m", "accelkit", "reflow", str(couple), *PHASED_TINY, "-o", str(out)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint" / "latest.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    time.sleep(random.uniform(0.0, 0.3))
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill9_during(["reflow", couple, *PHASED_TINY, "-o", out], out / "checkpoint" / "latest.json")
     resumed = run_cli("reflow", couple, *PHASED_TINY, "-o", out, env=env1)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
-    a, b = load_file(tmp_path / "full" / "teacher.safetensors"), load_file(out / "teacher.safetensors")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_same_tensors(tmp_path / "full" / "teacher.safetensors", out / "teacher.safetensors", "after kill -9")
 
 
 def test_bad_phase_settings_are_one_line_errors(moons, cli, tmp_path):

@@ -2,15 +2,12 @@
 
 import json
 import os
-import random
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, kill9_during
 from safetensors.torch import load_file
 
 from accelkit.data import load_dataset
@@ -72,17 +69,7 @@ def test_kill9_then_same_command_equals_uninterrupted(cli, tmp_path):
     full = run_cli("train", *TINY, *steps, "-o", tmp_path / "full", env=ONE_THREAD)
     assert full.returncode == 0, full.stderr
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": REPO, "HF_HUB_OFFLINE": "1", **ONE_THREAD}
-    proc = subprocess.Popen([sys.executable, "-m", "accelkit", "train", *TINY, *steps, "-o", str(out)], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while not (out / "checkpoint" / "latest.json").exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    delay = random.uniform(0.0, 0.3)
-    time.sleep(delay)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    delay = kill9_during(["train", *TINY, *steps, "-o", out], out / "checkpoint" / "latest.json")
     step = json.loads((out / "checkpoint" / "latest.json").read_text())["step"]
     assert json.loads((out / "manifest.json").read_text())["status"] == "partial"
     resumed = run_cli("train", *TINY, *steps, "-o", out, env=ONE_THREAD)
