@@ -140,4 +140,36 @@ def draw_samples(
     return torch.cat(out)
 
 
-__all__ = ["draw_samples", "cycled_condition", "class_label_condition", "ConditionFn"]
+def recorded_sampler(path: str) -> dict | None:
+    """The sampler a model records for itself: {solver, nfe, grid} from an artifact's ``summary.sampling`` (students
+    of ``reflow`` / ``distill``), an exported folder's ``accelkit_export.json`` or an exported file's ``accelkit.*``
+    header; None when it records none (or something unreadable)."""
+    import json
+    from pathlib import Path
+
+    p = Path(path)
+    try:
+        if (p / "manifest.json").is_file():
+            rec = (json.loads((p / "manifest.json").read_text()).get("summary") or {}).get("sampling")
+        elif (p / "accelkit_export.json").is_file():
+            rec = json.loads((p / "accelkit_export.json").read_text())
+        elif p.is_file() and p.suffix == ".safetensors":
+            from .models.loading import read_safetensors_metadata
+
+            meta = read_safetensors_metadata(p)
+            if "accelkit.solver" not in meta:
+                return None
+            rec = {"solver": meta["accelkit.solver"], "nfe": json.loads(meta.get("accelkit.nfe", "null")),
+                   "grid": json.loads(meta.get("accelkit.grid", "null"))}
+        else:
+            return None
+    except (OSError, ValueError, AccelkitError):
+        return None
+    if not isinstance(rec, dict) or not isinstance(rec.get("solver"), str) or not isinstance(rec.get("nfe"), int):
+        return None
+    grid = rec.get("grid")
+    return {"solver": rec["solver"], "nfe": rec["nfe"],
+            "grid": [float(v) for v in grid] if isinstance(grid, list) else grid if isinstance(grid, str) else None}
+
+
+__all__ = ["recorded_sampler", "draw_samples", "cycled_condition", "class_label_condition", "ConditionFn"]

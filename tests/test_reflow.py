@@ -90,6 +90,27 @@ def test_student_artifact_samples_through_the_cli(flow_run, cli, tmp_path):
     assert load_file(tmp_path / "s.safetensors")
 
 
+def test_sample_defaults_to_the_students_recorded_sampler(flow_run, cli, tmp_path):
+    """A student (and its export) records euler at 1 NFE: `accelkit sample` without --solver uses it."""
+    out = flow_run[2]
+    exported = tmp_path / "student.safetensors"
+    assert cli("export", out, "-o", exported, "--format", "safetensors", env=ONE_THREAD).returncode == 0
+    explicit = cli("sample", out, "--solver", "euler", "--nfe", "1", "-n", "8", "-o", tmp_path / "e.safetensors",
+                   env=ONE_THREAD)
+    assert explicit.returncode == 0, explicit.stderr
+    want = load_file(tmp_path / "e.safetensors")["samples"]
+    for i, source in enumerate((out, exported)):
+        r = cli("sample", source, "-n", "8", "-o", tmp_path / f"d{i}.safetensors", env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr
+        assert "records its sampler; using euler at 1 NFE" in r.stderr
+        assert torch.allclose(load_file(tmp_path / f"d{i}.safetensors")["samples"], want, atol=1e-6)
+    # the user's choice wins; another NFE with the recorded solver keeps the solver
+    r = cli("sample", out, "--nfe", "2", "-n", "8", "-o", tmp_path / "n2.safetensors", env=ONE_THREAD)
+    assert r.returncode == 0 and "using euler at 2 NFE" in r.stderr, r.stderr
+    r = cli("sample", out, "--solver", "heun", "-n", "8", "-o", tmp_path / "h.safetensors", env=ONE_THREAD)
+    assert r.returncode == 0 and "records its sampler" not in r.stderr, r.stderr
+
+
 def test_rectified_diffusion_keeps_eps_and_beats_teacher_at_2_nfe(tmp_path, fresh):
     data, noise = fresh
     # vp-scaled-linear: alpha(1) = 0.07, so an eps network's x0 at t = 1 is not amplified 150-fold as on vp-linear

@@ -35,10 +35,12 @@ def sample_command(
     path: str = typer.Argument(None, help="Teacher checkpoint (see accelkit inspect); '-' or missing: from stdin."),
     output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
                                "points) or .safetensors (the raw samples)."),
-    solver: str = typer.Option("euler", "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
-                               "ddim, unipc, unipc2, ipndm, ipndm-v, or a bespoke artifact (a learned solver)."),
-    nfe: int = typer.Option(None, "--nfe", help="Network evaluations per sample (default 8, or a learned "
-                            "solver's own)."),
+    solver: str = typer.Option(None, "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
+                               "ddim, unipc, unipc2, ipndm, ipndm-v, or a bespoke artifact (a learned solver) "
+                               "(default: the sampler the model records, as reflow / distill students and exports "
+                               "do, else euler)."),
+    nfe: int = typer.Option(None, "--nfe", help="Network evaluations per sample (default: the recorded sampler's, "
+                            "a learned solver's own, else 8)."),
     n: int = typer.Option(16, "-n", "--num-samples", help="Number of samples."),
     seed: int = typer.Option(0, "--seed", help="Sample i starts from the noise of (seed, i)."),
     guidance: float = typer.Option(None, "--guidance", help="Classifier-free guidance scale (1 = no guidance; "
@@ -94,11 +96,20 @@ def sample_command(
 
     import torch
 
-    from ..console import err
+    from ..console import err, log
     from ..models.loading import load_teacher
-    from ..sampling import condition_from_options, read_condition
+    from ..sampling import condition_from_options, read_condition, recorded_sampler
     from ..solvers import GRID_NAMES, get_solver, is_solver, solver_grid, solver_names
 
+    recorded = recorded_sampler(path) if solver is None or nfe is None or time_grid is None else None
+    if recorded and recorded["solver"] in solver_names() and solver in (None, recorded["solver"]):
+        solver = recorded["solver"]
+        nfe = recorded["nfe"] if nfe is None else nfe
+        if time_grid is None and shift is None and nfe == recorded["nfe"] and recorded["grid"] is not None:
+            time_grid = recorded["grid"]
+        log(f"sample: {path} records its sampler; using {solver} at {nfe} NFE"
+            f"{' on its grid' if time_grid is recorded['grid'] and time_grid is not None else ''}")
+    solver = "euler" if solver is None else solver
     if not is_solver(solver):
         raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(solver_names())} or "
                             "a bespoke artifact")
