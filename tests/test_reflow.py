@@ -138,6 +138,20 @@ def test_rectified_flow_refuses_a_vp_teacher(tmp_path, cli):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def test_rectified_diffusion_warns_where_one_step_amplifies_eps_errors(tmp_path, cli):
+    """DDPM's linear betas: sigma/alpha = 157 at t = 1, said once on stderr; SD's scaled-linear (15): nothing."""
+    for schedule, warned in (("vp-linear", True), ("vp-scaled-linear", False)):
+        train = run_train(TrainRecipe(data="moons", objective="eps", schedule=schedule, batch_size=16, eval_samples=0,
+                                      device="cpu", network={"hidden": 8, "depth": 1}, loop={"steps": 2}),
+                          tmp_path / f"train-{schedule}")
+        couple = run_couple(CoupleRecipe(teacher=str(train), n=16, nfe=2, micro_batch=16, shard_size=16,
+                                         solver="euler"), tmp_path / f"couple-{schedule}")
+        r = cli("reflow", couple, "--method", "rectified-diffusion", "--steps", "2", "--batch-size", "8",
+                "--set", "reflow.eval_samples=0", "-o", tmp_path / f"r-{schedule}", env=ONE_THREAD)
+        assert r.returncode == 0, r.stderr
+        assert ("sigma/alpha = 157 at t = 1" in r.stderr) == warned, r.stderr
+
+
 TINY = ["--batch-size", "64", "--steps", "300", "--set", "reflow.loop.checkpoint_every=10",
         "--set", "reflow.eval_samples=0", "--device", "cpu"]
 

@@ -123,6 +123,18 @@ class ReflowRecipe(StageRecipe):
 # ----------------------------------------------------------------------------------------------------- teacher
 
 
+def warn_if_one_step_is_ill_conditioned(teacher) -> None:
+    """An eps network's one DDIM step from t = 1 multiplies its eps error by sigma(1) / alpha(1): say so where that is
+    large (DDPM's linear betas: 156), since the student's 1-step samples then lag its 2-step ones."""
+    if teacher.prediction != "eps":
+        return
+    one = torch.ones((), dtype=torch.float64)
+    gain = float(teacher.schedule.sigma(one) / teacher.schedule.alpha(one))
+    if gain > 50:
+        log(f"reflow: this eps teacher's schedule has sigma/alpha = {gain:.0f} at t = 1, so a 1-step sample multiplies "
+            "the student's eps error by that much; expect it to shine at 2+ NFE (docs/benchmarks.md, Students)")
+
+
 def phase_windows(recipe: ReflowRecipe, couplings: Artifact, device: torch.device):
     """phases > 1: the frozen teacher (with the couplings' guidance) and its windows; None for the unphased form."""
     if recipe.phases == 1:
@@ -155,6 +167,8 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
                                 "needs a teacher on the linear schedule; this one is on "
                                 f"{teacher.schedule.name!r} (use --method rectified-diffusion, which keeps its "
                                 "schedule)")
+        if rank == 0 and recipe.method == "rectified-diffusion" and recipe.phases == 1:
+            warn_if_one_step_is_ill_conditioned(teacher)
         objective = DenoisingObjective(teacher.schedule, teacher.prediction, teacher.call, teacher.time_input,
                                        times=recipe.timesteps, loss_kind=recipe.loss, huber_c=recipe.huber_c,
                                        logit_mean=recipe.logit_mean, logit_std=recipe.logit_std,
