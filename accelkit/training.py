@@ -552,13 +552,19 @@ class Trainer:
             total += loss.detach().float() / len(micro)
             for k, v in logs.items():
                 extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / len(micro)
-        # One reduction per step carries the loss, the logged values, the signal that arrived (if any) and rank 0's
-        # checkpoint timer, so that every rank agrees on all of them.
+        # Gradient clipping stays on the device (the norm is a tensor: no host sync here).
+        grad_norm_t = None
+        if cfg.grad_clip is not None:
+            self.scaler.unscale_(self.optimizer)
+            grad_norm_t = nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
+        # One reduction and one host sync per step carry the loss, the logged values, the gradient norm, the signal
+        # that arrived (if any) and rank 0's checkpoint timer, so that every rank agrees on all of them.
         keys = sorted(extra)
         ck = self._checkpointer
         signum = float(ck.signum or 0) if ck is not None else 0.0
         timer = float(ck is not None and self.rank == 0 and ck.due())
-        packed = torch.cat([torch.stack([total, *[extra[k].to(self.device) for k in keys]]),
+        norm = [grad_norm_t.detach().float().reshape(())] if grad_norm_t is not None else []
+        packed = torch.cat([torch.stack([total, *[extra[k].to(self.device) for k in keys], *norm]),
                             torch.tensor([signum, timer], device=self.device)])
         if self.world > 1:
             torch.distributed.all_reduce(packed)
@@ -572,18 +578,16 @@ class Trainer:
             self._diverged(f"loss = {loss_value}")
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        grad_norm = None
-        if cfg.grad_clip is not None:
-            self.scaler.unscale_(self.optimizer)
-            grad_norm = float(nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip))
-            if not math.isfinite(grad_norm) and not self.scaler.is_enabled():
-                self._diverged(f"gradient norm = {grad_norm}")
+        grad_norm = values[-3] if grad_norm_t is not None else None
+        if grad_norm is not None and not math.isfinite(grad_norm) and not self.scaler.is_enabled():
+            self._diverged(f"gradient norm = {grad_norm}")
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.ema.update(self.model)
         self.step += 1
         self.recent_losses.append(loss_value)
-        logged = {"loss": loss_value, "lr": cfg.lr_at(self.step - 1), **dict(zip(keys, values[1:-2], strict=True))}
+        logged = {"loss": loss_value, "lr": cfg.lr_at(self.step - 1),
+                  **dict(zip(keys, values[1:1 + len(keys)], strict=True))}
         if grad_norm is not None:
             logged["grad_norm"] = grad_norm
         return logged
