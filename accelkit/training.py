@@ -300,6 +300,22 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
     return model
 
 
+def merge_lora(model: nn.Module) -> nn.Module:
+    """Fold every LoRA adapter of ``model`` into its base layer (W <- W + scale B A) and put the base layer back in
+    its place, so the network has its original modules and state-dict keys again; a model without adapters is
+    returned as it is. In place; returns ``model``."""
+    names = [name for name, m in model.named_modules() if hasattr(m, "merge") and hasattr(m, "get_base_layer")]
+    if not names:
+        return model
+    for name in sorted(names, key=len, reverse=True):
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = parent.get_submodule(child)
+        layer.merge(safe_merge=True)
+        setattr(parent, child, layer.get_base_layer())
+    return model
+
+
 # ----------------------------------------------------------------------------------------------------------- trainer
 
 
@@ -680,6 +696,6 @@ class Trainer:
 
 __all__ = [
     "LoopConfig", "LoraSettings", "Trainer", "EMA", "TrainingDiverged", "LossFn",
-    "ValidateFn", "ResumableIterator", "init_distributed", "default_device", "apply_lora",
+    "ValidateFn", "ResumableIterator", "init_distributed", "default_device", "apply_lora", "merge_lora",
     "rng_state", "set_rng_state",
 ]

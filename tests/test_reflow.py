@@ -82,6 +82,29 @@ def test_rectified_flow_student_beats_teacher_at_1_and_2_nfe_and_is_straighter(f
     assert summary["method"] == "rectified-flow" and summary["steps"] == 400 and summary["rounds"] == 1
 
 
+def test_lora_student_merges_into_the_teachers_architecture_and_beats_it(flow_run, fresh, cli, tmp_path):
+    """reflow with LoRA adapters (--set reflow.loop.lora...): only the adapted layers change, merged into the
+    teacher's own weights (same keys, loads as a plain teacher), and the student still beats the teacher at 1 NFE."""
+    pytest.importorskip("peft")
+    train, couple, _ = flow_run
+    data, noise = fresh
+    targets = "[inp,blocks.0.1,blocks.0.3,blocks.1.1,blocks.1.3,blocks.2.1,blocks.2.3,out.1]"
+    r = cli("reflow", couple, "--steps", "400", "--batch-size", "256", "--lr", "3e-3", "--set", "reflow.eval_samples=0",
+            "--set", "reflow.loop.lora.rank=8", "--set", f"reflow.loop.lora.target_modules={targets}",
+            "-o", tmp_path / "lora", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    a, b = load_file(train / "teacher.safetensors"), load_file(tmp_path / "lora" / "teacher.safetensors")
+    assert a.keys() == b.keys()
+    adapted = {f"{m}.weight" for m in targets.strip("[]").split(",")}
+    for k in a:
+        assert torch.equal(a[k], b[k]) == (k not in adapted), k  # biases, norms, embeddings stay the teacher's
+    teacher, student = load_teacher(train), load_teacher(tmp_path / "lora")
+    t1, s1 = best_teacher_sw(teacher, noise, data, 1), sw(student, noise, data, "euler", 1)
+    assert s1 < 0.5 * t1, (s1, t1)
+    summary = json.loads((tmp_path / "lora" / "manifest.json").read_text())["summary"]
+    assert "LoRA rank 8 merged" in summary["weights"]
+
+
 def test_student_artifact_samples_through_the_cli(flow_run, cli, tmp_path):
     out = flow_run[2]
     r = cli("sample", out, "--solver", "euler", "--nfe", "1", "-n", "8", "-o", tmp_path / "s.safetensors",

@@ -26,6 +26,10 @@ The student's trajectories from eps_i are then (close to) the first-order ODE so
 or two solver steps reach what the teacher needed many for. Times come from ``timesteps`` (uniform, logit-normal or
 U-shaped), the loss is L2 or pseudo-Huber (:mod:`accelkit.objectives`).
 
+The student trains all of the teacher's weights, or only LoRA adapters on them (``loop.lora``: rank, alpha,
+target_modules; needs peft), which are merged into the weights at the end, so the student has the teacher's
+architecture and state-dict keys either way.
+
 The teacher is the ``teacher`` input of the couplings artifact (its recorded path, checked against the recorded
 content hash). Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9``,
 EMA, NaN guard, DDP under torchrun). The artifact holds ``teacher.safetensors`` (the student's EMA weights in
@@ -101,8 +105,6 @@ class ReflowRecipe(StageRecipe):
                              f"{self.loop.grad_accum}")
         if self.loss_space is None:
             self.loss_space = "x0" if self.method == "rectified-diffusion" else "output"
-        if self.loop.lora is not None:
-            raise ValueError("reflow trains the teacher's full weights; loop.lora is not supported by reflow")
         from ..solvers import get_solver
 
         try:

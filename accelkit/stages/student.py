@@ -119,11 +119,18 @@ def load_student_start(couplings: Artifact, stage: str) -> tuple[NetworkTeacher,
 
 
 def averaged_network(trainer: Trainer) -> tuple[nn.Module, str]:
-    """A frozen copy of the trained network with its first EMA's weights (raw weights without EMA), and a label."""
+    """A frozen copy of the trained network with its first EMA's weights (raw weights without EMA), and a label.
+    LoRA adapters (``loop.lora``) are merged into the base weights: the student has the teacher's architecture."""
+    from ..training import merge_lora
+
     rate = trainer.ema.rates[0] if trainer.ema.rates else None
     network = copy.deepcopy(trainer.model)
     network.load_state_dict(trainer.ema_weights(rate))
-    return network.eval().requires_grad_(False), (f"ema {rate}" if rate is not None else "raw")
+    label = f"ema {rate}" if rate is not None else "raw"
+    if trainer.config.lora is not None:
+        network = merge_lora(network)
+        label += f", LoRA rank {trainer.config.lora.rank} merged"
+    return network.eval().requires_grad_(False), label
 
 
 def student_of(reference: NetworkTeacher, network: nn.Module, info: Mapping[str, Any] | None = None
