@@ -4,7 +4,7 @@ training loop resumes exactly there, and fp16 / bf16 training runs. Skipped with
 import numpy as np
 import pytest
 import torch
-from test_training import assert_same_state, flow_loss, make, seed_globals
+from test_training import Crash, assert_same_state, crashing_at, make, seed_globals
 
 from accelkit.evaluation import sample_batched
 from accelkit.models.loading import load_teacher
@@ -72,21 +72,9 @@ def test_trainer_resumes_exactly_on_cuda(tmp_path):
     seed_globals()
     full = make(tmp_path / "full", device="cuda")
     full.fit()
-
-    class Crash(Exception):
-        pass
-
-    calls = {"n": 0}
-
-    def crashing_loss(model, b):
-        calls["n"] += 1
-        if calls["n"] == 24:  # dies in step 24, after the checkpoint of step 20
-            raise Crash
-        return flow_loss(model, b)
-
     seed_globals()
-    with pytest.raises(Crash):
-        make(tmp_path / "resumed", loss=crashing_loss, device="cuda").fit()
+    with pytest.raises(Crash):  # dies in step 24, after the checkpoint of step 20
+        make(tmp_path / "resumed", loss=crashing_at(24), device="cuda").fit()
     torch.manual_seed(999)
     second = make(tmp_path / "resumed", seed=999, device="cuda")
     second.fit()

@@ -56,22 +56,28 @@ def assert_same_state(a: Trainer, b: Trainer):
     assert a.step == b.step
 
 
+class Crash(Exception):
+    pass
+
+
+def crashing_at(call: int):
+    """flow_loss that raises Crash at its ``call``-th call (mid-step, after the last checkpoint before it)."""
+    calls = {"n": 0}
+
+    def loss(model, b):
+        calls["n"] += 1
+        if calls["n"] == call:
+            raise Crash
+        return flow_loss(model, b)
+
+    return loss
+
+
 def test_resume_in_process_equals_uninterrupted(tmp_path):
     seed_globals()
     full = make(tmp_path / "full")
     full.fit()
-
-    class Crash(Exception):
-        pass
-
-    calls = {"n": 0}
-
-    def crashing_loss(model, b):
-        calls["n"] += 1
-        if calls["n"] == 24:  # dies in the middle of step 24, after the checkpoint of step 20
-            raise Crash
-        return flow_loss(model, b)
-
+    crashing_loss = crashing_at(24)  # dies in the middle of step 24, after the checkpoint of step 20
     seed_globals()
     first = make(tmp_path / "resumed", loss=crashing_loss)
     with pytest.raises(Crash):
