@@ -320,17 +320,9 @@ def train_data_name(path: str) -> str | None:
 
 
 def recommended_grid(path: str) -> list[float] | None:
-    """The sampling grid an artifact recommends for itself (``summary.sampling.grid`` of its manifest, which phased
-    ``accelkit reflow`` and ``accelkit distill`` students record), else None."""
-    import json
-    from pathlib import Path
+    """The sampling grid a model recommends for itself (the times of :func:`accelkit.sampling.recorded_sampler`,
+    which phased ``accelkit reflow`` and ``accelkit distill`` students and exports record), else None."""
+    from .sampling import recorded_sampler
 
-    manifest = Path(path) / "manifest.json"
-    if not manifest.is_file():
-        return None
-    try:
-        grid = (json.loads(manifest.read_text()).get("summary") or {}).get("sampling", {}).get("grid")
-    except (OSError, ValueError, AttributeError):
-        return None
-    return [float(v) for v in grid] if isinstance(grid, list) else None
-
+    recorded = recorded_sampler(path)
+    return recorded["grid"] if recorded is not None and isinstance(recorded["grid"], list) else None
