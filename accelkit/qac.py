@@ -256,6 +256,52 @@ def collect_offline(encoder: nn.Module, data: Tensor, levels: int, bits: int, ba
     return weights
 
 
+# ------------------------------------------------------------------------------------------------------- training
+
+
+class QACModel(nn.Module):
+    """The networks of one QAC run as one module, so that one optimizer, one EMA and one checkpoint hold them all
+    (a single parameter group: Algorithm 1 step 10 updates theta and phi with the same rate eta).
+
+    ``denoiser``: the teacher's network with the ``code`` extra input; ``accelkit_extra["encoder"]``: E_phi (under
+    that name so that LoRA training, :func:`accelkit.training.apply_lora`, keeps it trainable as it keeps every
+    extra-input parameter); ``code_weights``: the online weights w. ``bits`` = 0 is the control: no encoder, no
+    code, the teacher fine-tuned on the same objective.
+
+    :meth:`forward` is Algorithm 1 steps 6-9 on a batch with the clean samples (``x`` or ``sample``), the noise
+    ``eps`` and the time ``t``: y = E(x0), y_q = STE(f(y)), the objective's loss of D_theta(x_t, t, y_q). It keeps
+    the batch's code indices in :attr:`last_codes` for steps 12-13 (:meth:`collect`).
+    """
+
+    def __init__(self, denoiser: nn.Module, encoder: nn.Module | None, objective: Any, levels: int, bits: int):
+        super().__init__()
+        self.denoiser = denoiser
+        self.accelkit_extra = nn.ModuleDict({"encoder": encoder}) if encoder is not None else None
+        self.code_weights = CodeWeights(levels, bits) if encoder is not None else None
+        self.objective, self.levels, self.bits = objective, int(levels), int(bits)
+        self.last_codes: Tensor | None = None
+
+    @property
+    def encoder(self) -> nn.Module | None:
+        return self.accelkit_extra["encoder"] if self.accelkit_extra is not None else None
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        x0 = batch["sample"] if "sample" in batch else batch["x"]
+        pairs = {"x": x0, "eps": batch["eps"], "t": batch["t"],
+                 **{k: v for k, v in batch.items() if k.startswith("cond.")}}
+        if self.encoder is not None:
+            y_q = fsq(self.encoder(x0).float(), self.levels)
+            pairs["cond." + CODE_INPUT] = y_q
+            self.last_codes = code_index(y_q, self.levels)
+        return self.objective.loss(self.denoiser, pairs)
+
+    @torch.no_grad()
+    def collect(self, codes: Tensor, decay: float) -> None:
+        """Algorithm 1 steps 12-13: w <- decay w + (1 - decay) (code frequencies of the global batch)."""
+        assert self.code_weights is not None
+        self.code_weights.update(codes, decay)
+
+
 # ------------------------------------------------------------------------------------------------------- sampling
 
 
@@ -283,9 +329,16 @@ def code_book_of(teacher: Any) -> CodeWeights | None:
     """A QAC model's code book (from its info), or None for any other teacher."""
     info = getattr(teacher, "info", None) or {}
     entry = info.get(INFO_KEY)
-    if isinstance(entry, str):
-        entry = json.loads(entry)
-    return CodeWeights.from_info(entry) if entry else None
+    if not entry:
+        return None
+    cached = _CODE_BOOKS.get(id(entry))
+    if cached is None or cached[0] is not entry:
+        cached = (entry, CodeWeights.from_info(json.loads(entry) if isinstance(entry, str) else entry))
+        _CODE_BOOKS[id(entry)] = cached
+    return cached[1]
+
+
+_CODE_BOOKS: dict[int, tuple[Any, CodeWeights]] = {}  # parsed code books by the identity of their info entry
 
 
 def check_code(code: int, weights: CodeWeights) -> None:
@@ -294,37 +347,52 @@ def check_code(code: int, weights: CodeWeights) -> None:
                             f"{weights.levels}^{weights.bits})")
 
 
-def code_condition(teacher: Any, seed: int, code: int | None = None):
-    """A ConditionFn wrapper for a QAC model: ``wrap(condition_fn) -> condition_fn`` whose condition of sample i
-    carries ``cond.extra["code"]``: the digits of ``code`` for every sample, or of a code drawn for (seed, i).
-    For any other teacher ``wrap`` returns the condition function as it is (and ``code`` is refused)."""
+def with_codes(teacher: Any, cond: Any, seed: int, indices: Any, code: int | None = None) -> Any:
+    """``cond`` of the samples ``indices`` with ``cond.extra["code"]`` added when ``teacher`` is a QAC model: the
+    digits of ``code`` for every sample, or (unless ``cond`` already carries codes) of a code drawn for each
+    (seed, i); other teachers get ``cond`` as is (and a ``code`` is refused)."""
     from .teacher import Condition
 
     weights = code_book_of(teacher)
     if weights is None:
         if code is not None:
             raise AccelkitError("--code: the model is not a QAC model (accelkit qac); it takes no code")
-        return lambda fn: fn
+        return cond
+    if code is None and cond is not None and CODE_INPUT in cond.extra:
+        return cond  # codes given with the condition (e.g. couplings of a QAC model) stay
+    indices = [int(i) for i in (indices.tolist() if isinstance(indices, Tensor) else indices)]
     if code is not None:
         check_code(code, weights)
+        idx = torch.full((len(indices),), code, dtype=torch.int64)
+    else:
+        idx = draw_code_indices(weights, seed, indices)
+    digits = code_digits(idx, weights.levels, weights.bits)
+    if cond is None:
+        return Condition(extra={CODE_INPUT: digits})
+    digits = digits.to(next(iter(cond.tensors().values())).device) if cond.tensors() else digits
+    return Condition(cond.class_labels, cond.encoder_hidden_states, cond.encoder_attention_mask,
+                     cond.pooled_projections, {**cond.extra, CODE_INPUT: digits})
+
+
+def code_condition(teacher: Any, seed: int, code: int | None = None):
+    """``wrap(condition_fn) -> condition_fn`` (a :data:`accelkit.sampling.ConditionFn`, or None) whose condition of
+    samples i carries their code (:func:`with_codes`); for a teacher that is not a QAC model, the identity."""
+    if code_book_of(teacher) is None:
+        with_codes(teacher, None, seed, [], code)  # refuses a --code
+        return lambda fn: fn
+    if code is not None:
+        check_code(code, code_book_of(teacher))
 
     def wrap(fn):
         def condition(indices: list[int]):
-            base = fn(indices) if fn is not None else None
-            idx = (torch.full((len(indices),), code, dtype=torch.int64) if code is not None
-                   else draw_code_indices(weights, seed, indices))
-            digits = code_digits(idx, weights.levels, weights.bits)
-            if base is None:
-                return Condition(extra={CODE_INPUT: digits})
-            return Condition(base.class_labels, base.encoder_hidden_states, base.encoder_attention_mask,
-                             base.pooled_projections, {**base.extra, CODE_INPUT: digits})
+            return with_codes(teacher, fn(indices) if fn is not None else None, seed, indices, code)
 
         return condition
 
     return wrap
 
 
-__all__ = ["fsq", "fsq_digits", "code_index", "code_digits", "codebook_size", "MLPEncoder", "ConvEncoder",
+__all__ = ["QACModel", "fsq", "fsq_digits", "code_index", "code_digits", "codebook_size", "MLPEncoder", "ConvEncoder",
            "build_encoder", "encoder_width_for_share", "parameter_count", "CodeWeights", "collect_offline",
-           "draw_code_indices", "code_book_of", "code_condition", "check_code", "CODE_INPUT", "INFO_KEY",
+           "draw_code_indices", "code_book_of", "code_condition", "with_codes", "check_code", "CODE_INPUT", "INFO_KEY",
            "PRUNE_BELOW"]

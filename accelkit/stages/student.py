@@ -161,11 +161,13 @@ def load_teacher_start(path: str | Path, stage: str) -> tuple[NetworkTeacher, Ne
     return teacher, reference
 
 
-def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool) -> StudentRun:
+def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                     prepare: Any = None) -> StudentRun:
     """Open the run of a :class:`SourceRecipe` (with ``seed``, ``batch_size``, ``loop``, ``device``): SOURCE is a
     couple artifact (the student starts from its teacher; x0 are its samples unless ``data`` is given) or a teacher
     with ``data``. The caller trains unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls
-    :meth:`StudentRun.close` when done."""
+    :meth:`StudentRun.close` when done. ``prepare(start)`` (optional) changes or checks the student's start before
+    the artifact is opened (e.g. adds extra inputs; an error there writes nothing)."""
     from ..couplings import open_couplings
     from ..data import load_dataset
     from .train import resolve_device
@@ -201,6 +203,8 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         if tuple(couplings.sample_shape) != tuple(start.sample_shape):
             raise AccelkitError(f"{recipe.source}: samples of shape {list(couplings.sample_shape)}, but the "
                                 f"teacher's are {list(start.sample_shape)}")
+    if prepare is not None:
+        prepare(start)
     art, path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force, seeds={"seed": recipe.seed})
     run = StudentRun(device, rank, world, couplings_art, art, path, state == "complete", start, reference,
                      couplings, data, teacher_path)
