@@ -124,6 +124,7 @@ def add_code_input(recipe: QACRecipe):
                                 "plain teacher")
         if start.info.get("qac"):
             raise AccelkitError(f"{recipe.source}: already a QAC model")
+        torch.manual_seed(stream_seed(recipe.seed, 0x0AC))  # the embedding's first layer and then the encoder
         attach_extra_inputs(start, [ExtraInput(CODE_INPUT, "vector", dim=recipe.bits)])
 
     return prepare
@@ -147,7 +148,7 @@ def run_qac(recipe: QACRecipe, output: Path | None = None, force: bool = False) 
         if recipe.bits > 0:
             width = recipe.encoder_width or encoder_width_for_share(teacher.sample_shape, recipe.bits, teacher_params,
                                                                     recipe.encoder_share)
-            torch.manual_seed(stream_seed(recipe.seed, 0x0AC))
+            torch.manual_seed(stream_seed(recipe.seed, 0x0AC, 1))
             encoder = build_encoder(teacher.sample_shape, recipe.bits, width)
         model = QACModel(teacher.network, encoder, objective, recipe.levels, recipe.bits)
         batches = run.batches(recipe.batch_size, recipe.seed, noise=objective.noise_fn(teacher.sample_shape))
