@@ -271,9 +271,13 @@ def averaged_network(trainer: Trainer) -> tuple[nn.Module, str]:
 def student_of(reference: NetworkTeacher, network: nn.Module, info: Mapping[str, Any] | None = None
                ) -> NetworkTeacher:
     """``network`` as a teacher of ``reference``'s kind (call, prediction type, schedule, time input, null
-    condition) at guidance scale 1."""
+    condition) at guidance scale 1. A student of a QAC model (``accelkit qac``) keeps its code book (``info.qac``):
+    its network keeps the code input, and its codes are drawn from the same weights."""
+    info = dict(info or {})
+    if "qac" in reference.info and "qac" not in info:
+        info["qac"] = reference.info["qac"]
     return NetworkTeacher(network, reference.call, reference.prediction, reference.schedule, reference.sample_shape,
-                          reference.time_input, 1.0, reference.null_condition, dict(info or {}))
+                          reference.time_input, 1.0, reference.null_condition, info)
 
 
 def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: Mapping[str, Any]) -> None:
