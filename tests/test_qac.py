@@ -174,3 +174,23 @@ def test_code_book_survives_the_teacher_file(runs):
     codes, p = book.probabilities()
     assert abs(float(p.sum()) - 1) < 1e-12 and len(codes) <= 2**BITS
     assert code_book_of(load_teacher(runs[2])) is None  # the control is a plain teacher
+
+
+def test_lora_denoiser_with_a_trained_encoder_and_code_embedding(runs, tmp_path):
+    """loop.lora: the adapters, the code embedding and the encoder train; merged, the other teacher weights stay."""
+    pytest.importorskip("peft")
+    teacher = runs[0]
+    targets = ["blocks.0.1", "blocks.0.3", "blocks.1.1", "blocks.1.3", "blocks.2.1", "blocks.2.3"]
+    recipe = QACRecipe(source=str(teacher), data=DATA, bits=BITS, batch_size=128, device="cpu", eval_samples=0,
+                       loop={"steps": 60, "lr": 1e-3, "checkpoint_every": 0,
+                             "lora": {"rank": 4, "target_modules": [f"denoiser.{m}" for m in targets]}})
+    out = run_qac(recipe, tmp_path / "lora")
+    a, b = load_file(teacher / "teacher.safetensors"), load_file(out / "teacher.safetensors")
+    assert set(b) == set(a) | {k for k in b if k.startswith("accelkit_extra.")}
+    adapted = {f"{m}.weight" for m in targets}
+    for k in a:
+        assert torch.equal(a[k], b[k]) == (k not in adapted), k
+    last = [v for k, v in b.items() if k.startswith("accelkit_extra.mlps.code.2")]  # zero at the start
+    assert last and any(bool(v.abs().sum() > 0) for v in last)
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert "LoRA rank 4 merged" in summary["weights"] and summary["perplexity"]["online"] > 1
