@@ -260,8 +260,10 @@ def collect_offline(encoder: nn.Module, data: Tensor, levels: int, bits: int, ba
 
 
 class QACModel(nn.Module):
-    """The networks of one QAC run as one module, so that one optimizer, one EMA and one checkpoint hold them all
-    (a single parameter group: Algorithm 1 step 10 updates theta and phi with the same rate eta).
+    """The networks of one QAC run as one module, so that one optimizer, one EMA and one checkpoint hold them all:
+    Algorithm 1 step 10 is one gradient step of one loss on (theta, phi) with one rate eta, so they are one parameter
+    group of :class:`accelkit.training.Trainer` (its several-group form would run a forward and backward pass per
+    group and step, and trains no LoRA adapters).
 
     ``denoiser``: the teacher's network with the ``code`` extra input; ``accelkit_extra["encoder"]``: E_phi (under
     that name so that LoRA training, :func:`accelkit.training.apply_lora`, keeps it trainable as it keeps every
