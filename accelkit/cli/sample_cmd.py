@@ -129,7 +129,7 @@ def sample_command(
 
     learned = solver not in solver_names() and not is_parallel_spec(solver)
     if learned:
-        if grid is not None or shift is not None:
+        if (grid is not None or shift is not None) and getattr(get_solver(solver), "own_times", True):
             raise AccelkitError(f"--grid / --shift: the learned solver {solver} steps on its own learned times")
         nfe = getattr(get_solver(solver), "nfe", 8) if nfe is None else nfe
     nfe = 8 if nfe is None else nfe

@@ -9,7 +9,7 @@ dx/dlambda = (d log alpha / dlambda) x - sigma eps. For any l_lambda (a vector, 
 
 it reads dy/dlambda = -l_lambda y - f, whose exact solution from lambda_s to lambda_t is
 
-    y_t = e^{-L(lambda_s, lambda_t)} y_s - int_{lambda_s}^{lambda_t} e^{-L(lambda, lambda_t)} f(x_lambda, lambda) dlambda,
+    y_t = e^{-L(lambda_s, lambda_t)} y_s - int_{lambda_s}^{lambda_t} e^{-L(lambda, lambda_t)} f(x_lambda, lambda) dlam,
 
 L(a, b) = int_a^b l. With s_lambda, b_lambda the solver writes f through the reparameterised model
 
@@ -254,8 +254,8 @@ class DPMSolverV3(Solver):
 
 @torch.no_grad()
 def compute_statistics(teacher: Teacher, noise: Tensor, points: int = 100, segment_nfe: int = 4,
-                       cond: Condition | None = None, batch: int = 256, t_range: tuple[float, float] | None = None
-                       ) -> EmpiricalStatistics:
+                       cond: Condition | None = None, batch: int = 256, seed: int = 0,
+                       t_range: tuple[float, float] | None = None) -> EmpiricalStatistics:
     """The empirical model statistics of ``teacher`` on its own ODE trajectories from ``noise`` (K samples).
 
     At ``points`` values of lambda, evenly spaced between the ends of the schedule (clipped to phi = sigma / alpha in
@@ -283,7 +283,7 @@ def compute_statistics(teacher: Teacher, noise: Tensor, points: int = 100, segme
     states, epss = [], []
     x = teacher.prior_sample(noise)
     t_prev = float(ends[0])
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator().manual_seed(seed)  # the Hutchinson probes
     for j in range(points):
         tj = float(times[j])
         if tj < t_prev:
