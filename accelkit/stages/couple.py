@@ -68,9 +68,16 @@ class CoupleRecipe(StageRecipe):
     @classmethod
     def _known_solver(cls, v: str) -> str:
         from ..solvers import solver_names
+        from ..solvers.parallel import is_parallel_spec, parse_parallel
 
+        if is_parallel_spec(v):
+            try:
+                parse_parallel(v)
+            except AccelkitError as e:
+                raise ValueError(str(e)) from None
+            return v
         if v not in solver_names():
-            raise ValueError(f"expected one of {', '.join(solver_names())}")
+            raise ValueError(f"expected one of {', '.join(solver_names())}, or picard:BASE / parareal:BASE")
         return v
 
     @field_validator("grid")
@@ -103,6 +110,9 @@ class CoupleRecipe(StageRecipe):
             if len(self.grid) - 1 != steps:
                 raise ValueError(f"grid has {len(self.grid) - 1} steps but {self.solver} at nfe {self.nfe} takes "
                                  f"{steps}")
+        if self.save_trajectory and ":" in self.solver:
+            raise ValueError(f"save_trajectory: the parallel solver {self.solver} evaluates many times at once; "
+                             "store trajectories with a sequential solver")
         if self.save_trajectory >= self.nfe:
             raise ValueError(f"save_trajectory {self.save_trajectory} must be below nfe {self.nfe} "
                              f"(the intermediate states are taken where the teacher is evaluated)")
