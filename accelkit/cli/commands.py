@@ -13,6 +13,7 @@ from . import export_cmd  # noqa: F401
 from . import inspect_cmd  # noqa: F401
 from . import run_cmd  # noqa: F401
 from . import reflow_cmd  # noqa: F401
+from . import restore_cmd  # noqa: F401
 from . import rescale_cmd  # noqa: F401
 from . import sample_cmd  # noqa: F401
 from . import train_cmd  # noqa: F401
