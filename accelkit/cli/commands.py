@@ -14,6 +14,7 @@ from . import inspect_cmd  # noqa: F401
 from . import qac_cmd  # noqa: F401
 from . import run_cmd  # noqa: F401
 from . import reflow_cmd  # noqa: F401
+from . import restore_cmd  # noqa: F401
 from . import rescale_cmd  # noqa: F401
 from . import sample_cmd  # noqa: F401
 from . import solver_stats_cmd  # noqa: F401
