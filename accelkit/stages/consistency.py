@@ -82,6 +82,10 @@ class ConsistencyRecipe(students.SourceRecipe):
     p_std: float = Field(2.0, gt=0, description="ect / sct: standard deviation of log sigma")
     reference_size: int = Field(64, ge=1, description="sct: x0 samples in each reference batch")
     sampling_nfe: int | None = Field(None, ge=1, description="the recorded sampling steps (default 1; pcm: phases)")
+    sampler: Literal["consistency", "tcd"] | None = Field(
+        None, description="the recorded multistep sampler (not pcm): consistency (full re-noising; default for cd and "
+                          "lcm) or tcd (gamma 0.3; default for ect and sct, which improve 1 -> 2 -> 4 steps with it "
+                          "on the 2-D teachers and not with full re-noising)")
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the batch order, the times and the noise")
     loop: LoopConfig = Field(default_factory=default_loop)
@@ -147,7 +151,8 @@ def recommended_sampling(recipe: ConsistencyRecipe, schedule) -> dict[str, Any]:
         nfe = recipe.phases
         return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in edges]}
     nfe = recipe.recorded_nfe
-    return {"solver": "consistency", "nfe": nfe, "grid": [round(float(v), 10) for v in teacher_grid(schedule, nfe)]}
+    solver = recipe.sampler or ("tcd" if recipe.method in ("ect", "sct") else "consistency")
+    return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in teacher_grid(schedule, nfe)]}
 
 
 # ------------------------------------------------------------------------------------------------------- checks
