@@ -240,19 +240,10 @@ def load_student_start(couplings: Artifact, stage: str) -> tuple[NetworkTeacher,
     """(student, reference): the couplings' teacher as a trainable :class:`NetworkTeacher` in fp32 on the CPU, at
     guidance scale 1 (the student learns the couplings' possibly guided map in one pass), and a frozen copy at the
     guidance scale the couplings were made with."""
-    from ..models.loading import load_teacher
-
-    path = couplings_teacher_path(couplings, stage)
-    teacher = load_teacher(path, dtype="fp32")
-    if not isinstance(teacher, NetworkTeacher):
-        raise AccelkitError(f"{path}: a {type(teacher).__name__} teacher (e.g. a rescale artifact) has no network of "
-                            "its own schedule to start a student from; couple from the network teacher instead")
-    reference = copy.deepcopy(teacher).eval().requires_grad_(False)
+    teacher, reference = load_teacher_start(couplings_teacher_path(couplings, stage), stage)
     guidance = couplings.recipe.get("guidance")
     if guidance is not None:
         reference.guidance_scale = float(guidance)
-    teacher.network.requires_grad_(True).train()
-    teacher.guidance_scale = 1.0
     return teacher, reference
 
 
