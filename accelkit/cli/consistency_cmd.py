@@ -20,6 +20,9 @@ def consistency(
                                                          "file (needed when SOURCE is a teacher)."),
     guidance: float | None = typer.Option(None, "--guidance", help="lcm / pcm: the teacher's guidance scale in its "
                                                                    "solver step (accelkit's g; LCM's w = g - 1)."),
+    guidance_range: str | None = typer.Option(None, "--guidance-range", help="lcm: A,B: the student takes the "
+                                                                              "guidance scale as an input, drawn "
+                                                                              "from [A, B] in training."),
     phases: int | None = typer.Option(None, "--phases", help="pcm: M phases = the student's sampling steps "
                                                              "(default 4)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (consistency.loop.steps)."),
@@ -39,12 +42,21 @@ def consistency(
     """Train a consistency student from SOURCE's teacher (a couple artifact, or a teacher with --data); prints the
     artifact path (its teacher.safetensors loads as a teacher and records its sampler). Killed or interrupted, the
     same command resumes exactly."""
+    from ..errors import AccelkitError
     from ..recipes import resolve_stage
 
+    g_range = None
+    if guidance_range is not None:
+        try:
+            lo, hi = (float(v) for v in guidance_range.split(","))
+        except ValueError:
+            raise AccelkitError(f"--guidance-range {guidance_range!r}: expected two numbers A,B (e.g. 1,4)") from None
+        g_range = [lo, hi]
     path_arg = source if source not in (None, "-") else None
     if path_arg is None and not (recipe is not None and source is None):
         path_arg = input_path(source, "SOURCE")
-    flags = {"source": path_arg, "method": method, "data": data, "guidance": guidance, "phases": phases,
+    flags = {"source": path_arg, "method": method, "data": data, "guidance": guidance, "guidance_range": g_range,
+             "phases": phases,
              "batch_size": batch_size, "seed": seed, "loss": loss, "device": device}
     loop_sets = [f"consistency.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("consistency", recipe, flags, [*loop_sets, *set_])

@@ -7,8 +7,10 @@ prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equa
 
 * ``cd``: consistency distillation: target = an EMA copy (``target_ema``, 0.95) of the student at the teacher's one
   solver step (``solver``, ``solver_nfe``) over one interval of the teacher's ``discretisation``-step grid;
-* ``lcm``: CD through the classifier-free-guided teacher at scale ``guidance`` (accelkit's g: out_null + g (out_cond
-  - out_null); LCM's w = g - 1); the student distils that one scale (LCM-LoRA's form with ``loop.lora``);
+* ``lcm``: CD through the classifier-free-guided teacher (accelkit's scale g: out_null + g (out_cond - out_null);
+  LCM's w = g - 1): at one scale ``guidance`` (LCM-LoRA's form with ``loop.lora``), or with g drawn per example from
+  ``guidance_range`` and given to the student as the extra input ``guidance`` (:mod:`accelkit.extra_inputs`, zero
+  initialised), so one student serves every g in the range and ``accelkit sample --guidance G`` picks it;
 * ``pcm``: ``phases`` M phases with edges on the teacher's grid; the student's jump to the phase's lower edge matches
   its own (stop-gradient) jump from the teacher-stepped point; sampled with one DDIM jump per phase;
 * ``ect``: consistency tuning on data: lognormal noise levels, the r(t) curriculum (q, doubling every
@@ -48,11 +50,13 @@ LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_chec
 #: The recipe keys each method reads (beside the common ones); the others stay out of its identity.
 METHOD_FIELDS = {
     "cd": ("discretisation", "solver", "solver_nfe", "target_ema"),
-    "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance"),
+    "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range"),
     "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance"),
     "ect": ("ect_q", "stage_steps", "p_mean", "p_std"),
     "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size"),
 }
+#: Sinusoidal features of g * 100 (the time embedding's features take t * 1000 for t in [0, 1]; g spans ~1-15).
+GUIDANCE_INPUT_SCALE = 100.0
 OPTIONAL = sorted({k for v in METHOD_FIELDS.values() for k in v})
 
 
@@ -75,6 +79,10 @@ class ConsistencyRecipe(students.SourceRecipe):
     target_ema: float = Field(0.95, ge=0, lt=1, description="cd / lcm: EMA rate of the target network")
     guidance: float | None = Field(None, description="lcm / pcm: the teacher's guidance scale g in the solver step "
                                                      "(accelkit's scale; LCM's w = g - 1)")
+    guidance_range: tuple[float, float] | None = Field(
+        None, description="lcm: draw the guidance scale g per example from [A, B] and give it to the student as the "
+                          "extra input 'guidance' (zero-initialised), so one student serves every g in the range "
+                          "(`accelkit sample --guidance G`)")
     phases: int = Field(4, ge=1, description="pcm: M phases (the student's sampling steps)")
     ect_q: float = Field(2.0, gt=1, description="ect / sct: q of the r(t) curriculum")
     stage_steps: int = Field(500, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by q)")
@@ -99,9 +107,17 @@ class ConsistencyRecipe(students.SourceRecipe):
         if self.method == "pcm" and self.discretisation % self.phases:
             raise ValueError(f"phases {self.phases} does not divide the teacher's grid of discretisation "
                              f"{self.discretisation} steps; expected a divisor (e.g. phases 1, 2, 4 with 32 steps)")
-        if self.method == "lcm" and self.guidance is None:
-            raise ValueError("method lcm distils the guided teacher: give its guidance scale (accelkit's g; "
-                             "LCM's w = g - 1), e.g. --guidance 3")
+        if self.method == "lcm" and (self.guidance is None) == (self.guidance_range is None):
+            raise ValueError("method lcm distils the guided teacher: give either its guidance scale (accelkit's g; "
+                             "LCM's w = g - 1), e.g. --guidance 3, or a range for the student's guidance input, e.g. "
+                             "--guidance-range 1,4")
+        if self.guidance_range is not None:
+            lo, hi = self.guidance_range
+            if self.method != "lcm":
+                raise ValueError(f"guidance_range {list(self.guidance_range)}: the student's guidance input belongs "
+                                 f"to lcm, not to {self.method}")
+            if not lo <= hi:
+                raise ValueError(f"guidance_range {list(self.guidance_range)}: expected A <= B")
         if self.guidance is not None and self.method not in ("lcm", "pcm"):
             raise ValueError(f"guidance {self.guidance}: the guided solver step belongs to lcm and pcm, not to "
                              f"{self.method}")
@@ -164,9 +180,10 @@ def check_source(recipe: ConsistencyRecipe):
         ref = run.reference
         assert ref is not None
         conditioning = ref.info.get("conditioning", {}).get("kind", "none")
-        if recipe.guidance is not None and (conditioning == "none" or ref.null_condition is None):
-            raise AccelkitError(f"{run.teacher_path}: guidance {recipe.guidance} needs a conditional teacher with a "
-                                "null condition; this teacher is unconditional")
+        guided = recipe.guidance if recipe.guidance is not None else recipe.guidance_range
+        if guided is not None and (conditioning == "none" or ref.null_condition is None):
+            raise AccelkitError(f"{run.teacher_path}: guidance {guided} needs a conditional teacher with a null "
+                                "condition; this teacher is unconditional")
         if run.data is not None and conditioning != "none":
             raise AccelkitError(f"data {recipe.data!r}: the teacher is conditional ({conditioning}) and the data has "
                                 "no conditions; give its couplings as SOURCE instead")
@@ -206,6 +223,11 @@ class ConsistencyJob:
         self.start, self.reference = run.start, run.reference.to(run.device)
         if recipe.guidance is not None:
             self.reference.guidance_scale = float(recipe.guidance)
+        if recipe.guidance_range is not None:
+            from ..extra_inputs import ExtraInput, attach_extra_inputs, extra_inputs_of
+
+            if not any(spec.name == "guidance" for spec in extra_inputs_of(self.start.network)):
+                attach_extra_inputs(self.start, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
         self.schedule = self.start.schedule
         self.param = Parameterisation(self.schedule)
         self.shape = tuple(self.start.sample_shape)
@@ -223,6 +245,9 @@ class ConsistencyJob:
         out = {"eps": torch.randn(n, *self.shape, generator=generator)}
         if self.recipe.method in ("cd", "lcm", "pcm"):
             out["i"] = torch.randint(0, self.recipe.discretisation, (n,), generator=generator)
+            if self.recipe.guidance_range is not None:
+                lo, hi = self.recipe.guidance_range
+                out["g"] = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
         else:
             out["z"] = torch.randn(n, generator=generator, dtype=torch.float64)
         return out
@@ -230,7 +255,8 @@ class ConsistencyJob:
     # ---------------------------------------------------------------------------------------------------- model
 
     def model(self, network: torch.nn.Module):
-        return students.student_of(self.reference, network)
+        """``network`` as a teacher of the student's kind (the start's call: with its extra inputs, if any)."""
+        return students.student_of(self.start, network)
 
     def ema_target(self) -> torch.nn.Module:
         """The target network of cd / lcm: a frozen copy of the student holding its EMA at ``target_ema`` (the
@@ -258,6 +284,7 @@ class ConsistencyJob:
             sct_target_point,
             teacher_step,
         )
+        from ..extra_inputs import with_extra_inputs
         from ..objectives import condition_of
         from ..teacher import broadcast_to
 
@@ -277,10 +304,12 @@ class ConsistencyJob:
             x0, eps, cond = students.clean_samples(batch).float(), batch["eps"], condition_of(batch)
             t, s = grid[batch["i"]], grid[batch["i"] + 1]
             x_t = noised(x0, eps, t)
+            g = batch.get("g")
+            seen = cond if g is None else with_extra_inputs(cond, guidance=g.float())  # the student's condition
             with torch.no_grad():
-                x_phi = teacher_step(self.reference, x_t, t, s, cond, recipe.solver, recipe.solver_nfe)
-                target = consistency_function(self.model(self.ema_target()), param, x_phi, s, cond)
-            pred = consistency_function(self.model(network), param, x_t, t, cond)
+                x_phi = teacher_step(self.reference, x_t, t, s, cond, recipe.solver, recipe.solver_nfe, scale=g)
+                target = consistency_function(self.model(self.ema_target()), param, x_phi, s, seen)
+            pred = consistency_function(self.model(network), param, x_t, t, seen)
             return distance(pred.float() - target.float())
 
         def pcm_loss(network: torch.nn.Module, batch: dict[str, Tensor]):
@@ -357,7 +386,7 @@ class ConsistencyJob:
         info = {"trained_by": "accelkit consistency", "method": recipe.method, "steps": trainer.step,
                 "weights": weights, "seed": recipe.seed, "source": str(recipe.source), "sampling": sampling,
                 "consistency": self.param.config()}
-        model = students.student_of(self.reference, network, info)
+        model = students.student_of(self.start, network, info)
         summary: dict[str, Any] = {
             "method": recipe.method, "sampling": sampling, "parameterisation": {
                 **self.param.config(), "s_min": self.param.s_min, "t_min": self.param.t_min},
@@ -368,6 +397,10 @@ class ConsistencyJob:
         }
         if recipe.method in ("lcm", "pcm") and recipe.guidance is not None:
             summary["guidance"] = {"scale": recipe.guidance, "lcm_w": recipe.guidance - 1.0}
+        if recipe.guidance_range is not None:
+            lo, hi = recipe.guidance_range
+            summary["guidance"] = {"input": "guidance", "range": [lo, hi], "lcm_w_range": [lo - 1.0, hi - 1.0],
+                                   "convention": "accelkit's g (out_null + g (out_cond - out_null)); LCM's w = g - 1"}
         log(f"consistency: {recipe.method} student after {trainer.step} steps ({weights}); sampled with "
             f"{sampling['solver']} at {sampling['nfe']} NFE")
         assert run.art is not None
