@@ -12,6 +12,7 @@ from . import distill_cmd  # noqa: F401
 from . import eval_cmd  # noqa: F401
 from . import export_cmd  # noqa: F401
 from . import inspect_cmd  # noqa: F401
+from . import qac_cmd  # noqa: F401
 from . import run_cmd  # noqa: F401
 from . import reflow_cmd  # noqa: F401
 from . import rescale_cmd  # noqa: F401
