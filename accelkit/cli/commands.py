@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from . import bespoke_cmd  # noqa: F401
 from . import config_cmd  # noqa: F401
+from . import consistency_cmd  # noqa: F401
 from . import couple_cmd  # noqa: F401
 from . import demo_cmd  # noqa: F401
 from . import distill_cmd  # noqa: F401

@@ -20,7 +20,7 @@ data set when ``data`` is given (:meth:`StudentRun.batches`, :func:`clean_sample
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,12 +162,14 @@ def load_teacher_start(path: str | Path, stage: str) -> tuple[NetworkTeacher, Ne
 
 
 def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
-                     prepare: Any = None) -> StudentRun:
+                     prepare: Any = None, check: Callable[[StudentRun], None] | None = None) -> StudentRun:
     """Open the run of a :class:`SourceRecipe` (with ``seed``, ``batch_size``, ``loop``, ``device``): SOURCE is a
     couple artifact (the student starts from its teacher; x0 are its samples unless ``data`` is given) or a teacher
     with ``data``. The caller trains unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls
     :meth:`StudentRun.close` when done. ``prepare(start)`` (optional) changes or checks the student's start before
-    the artifact is opened (e.g. adds extra inputs; an error there writes nothing)."""
+    the artifact is opened (e.g. adds extra inputs; an error there writes nothing); ``check(run)`` (optional) sees
+    the loaded start, reference and data before the artifact is opened, and raises :class:`AccelkitError` for what
+    the method cannot take (nothing is written then)."""
     from ..couplings import open_couplings
     from ..data import load_dataset
     from .train import resolve_device
@@ -205,11 +207,15 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
                                 f"teacher's are {list(start.sample_shape)}")
     if prepare is not None:
         prepare(start)
-    art, path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force, seeds={"seed": recipe.seed})
-    run = StudentRun(device, rank, world, couplings_art, art, path, state == "complete", start, reference,
+    run = StudentRun(device, rank, world, couplings_art, None, Path(output or "."), False, start, reference,
                      couplings, data, teacher_path)
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
     if run.complete and rank == 0:
-        log(f"{stage}: reusing the complete artifact {path}")
+        log(f"{stage}: reusing the complete artifact {run.path}")
     return run
 
 
