@@ -295,8 +295,8 @@ def apply_lora(model: nn.Module, settings: LoraSettings) -> nn.Module:
         model = inject_adapter_in_model(config, model)
     except ValueError as e:
         raise AccelkitError(f"LoRA target_modules {settings.target_modules!r} matched nothing usable: {e}") from None
-    for name, p in model.named_parameters():
-        p.requires_grad_("lora_" in name)
+    for name, p in model.named_parameters():  # adapters, and a student's extra-input embedding, train
+        p.requires_grad_("lora_" in name or name.split(".")[0] == "accelkit_extra" or ".accelkit_extra." in name)
     return model
 
 
