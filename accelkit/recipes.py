@@ -135,6 +135,7 @@ _STAGES: dict[str, StageSpec] = {}
 #: Modules under accelkit.stages that register a stage when imported (one line per stage).
 STAGE_MODULES: list[str] = ["accelkit.stages.couple", "accelkit.stages.rescale", "accelkit.stages.train",
                             "accelkit.stages.reflow", "accelkit.stages.distill", "accelkit.stages.bespoke"]
+STAGE_MODULES.append("accelkit.stages.shortcut")
 
 
 def register_stage(name: str, recipe: type[StageRecipe], run: RunFn, help: str = "") -> StageSpec:

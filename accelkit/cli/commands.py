@@ -15,5 +15,6 @@ from . import run_cmd  # noqa: F401
 from . import reflow_cmd  # noqa: F401
 from . import rescale_cmd  # noqa: F401
 from . import sample_cmd  # noqa: F401
+from . import shortcut_cmd  # noqa: F401
 from . import train_cmd  # noqa: F401
 from . import verify_cmd  # noqa: F401
