@@ -136,6 +136,7 @@ _STAGES: dict[str, StageSpec] = {}
 STAGE_MODULES: list[str] = ["accelkit.stages.couple", "accelkit.stages.rescale", "accelkit.stages.train",
                             "accelkit.stages.reflow", "accelkit.stages.distill", "accelkit.stages.bespoke"]
 STAGE_MODULES.append("accelkit.stages.score_distill")
+STAGE_MODULES.append("accelkit.stages.adversarial")
 
 
 def register_stage(name: str, recipe: type[StageRecipe], run: RunFn, help: str = "") -> StageSpec:

@@ -20,7 +20,7 @@ data set when ``data`` is given (:meth:`StudentRun.batches`, :func:`clean_sample
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,11 +161,14 @@ def load_teacher_start(path: str | Path, stage: str) -> tuple[NetworkTeacher, Ne
     return teacher, reference
 
 
-def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool) -> StudentRun:
+def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                     check: Callable[[StudentRun], None] | None = None) -> StudentRun:
     """Open the run of a :class:`SourceRecipe` (with ``seed``, ``batch_size``, ``loop``, ``device``): SOURCE is a
     couple artifact (the student starts from its teacher; x0 are its samples unless ``data`` is given) or a teacher
-    with ``data``. The caller trains unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls
-    :meth:`StudentRun.close` when done."""
+    with ``data``. ``check(run)`` (optional) sees the loaded start, reference and data before the artifact is opened,
+    and raises :class:`AccelkitError` for what the method cannot take (nothing is written then). The caller trains
+    unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls :meth:`StudentRun.close` when
+    done."""
     from ..couplings import open_couplings
     from ..data import load_dataset
     from .train import resolve_device
@@ -201,11 +204,15 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         if tuple(couplings.sample_shape) != tuple(start.sample_shape):
             raise AccelkitError(f"{recipe.source}: samples of shape {list(couplings.sample_shape)}, but the "
                                 f"teacher's are {list(start.sample_shape)}")
-    art, path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force, seeds={"seed": recipe.seed})
-    run = StudentRun(device, rank, world, couplings_art, art, path, state == "complete", start, reference,
+    run = StudentRun(device, rank, world, couplings_art, None, Path(output or "."), False, start, reference,
                      couplings, data, teacher_path)
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
     if run.complete and rank == 0:
-        log(f"{stage}: reusing the complete artifact {path}")
+        log(f"{stage}: reusing the complete artifact {run.path}")
     return run
 
 
@@ -240,10 +247,12 @@ class NoiseBatches:
         self.batches = int(state["batches"])
 
 
-def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool) -> StudentRun:
+def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                        check: Callable[[StudentRun], None] | None = None) -> StudentRun:
     """Open the run of a :class:`SourceRecipe` whose SOURCE is a teacher and which has no data: for methods that
     need only noise (and conditions); the student starts from the teacher, the reference is its frozen copy. Batches
-    come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`."""
+    come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`.
+    ``check(run)`` as there: it runs before the artifact is opened."""
     from .train import resolve_device
 
     device = resolve_device(recipe.device)
@@ -252,11 +261,15 @@ def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, f
         raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
                             f"grad_accum {recipe.loop.grad_accum}")
     start, reference = load_teacher_start(recipe.source, stage)
-    art, path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force, seeds={"seed": recipe.seed})
-    run = StudentRun(device, rank, world, None, art, path, state == "complete", start, reference, None, None,
+    run = StudentRun(device, rank, world, None, None, Path(output or "."), False, start, reference, None, None,
                      Path(recipe.source))
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
     if run.complete and rank == 0:
-        log(f"{stage}: reusing the complete artifact {path}")
+        log(f"{stage}: reusing the complete artifact {run.path}")
     return run
 
 
