@@ -174,16 +174,21 @@ def eval_command(
         noise = sample_noise(seed, range(n), shape)
         cond_fn = condition_from_options(teachers[paths[0]], paths[0], None, None)  # class labels cycled
         cond = cond_fn(list(range(n))) if cond_fn is not None else None
+        from ..qac import with_codes
+
+        ref_cond = with_codes(teachers[paths[0]], cond, seed, range(n))  # a QAC model: its codes of (seed, i)
         ref = ev.sample_batched(teachers[paths[0]], noise.to(device), ev.REFERENCE_SOLVER, reference_nfe,
-                                cond=_to(cond, device), batch_size=batch_size)
+                                cond=_to(ref_cond, device), batch_size=batch_size)
         ref_text = f"{paths[0]} solved with {ev.REFERENCE_SOLVER} at {reference_nfe} NFE"
     cond = _to(cond, device)
     noise, ref = noise.to(device), ref.to(device)
 
     rows: list[ev.QualityRow] = []
+    from ..qac import with_codes
     for p, teacher in teachers.items():
+        model_cond = _to(with_codes(teacher, cond, seed, range(n)), device)  # a QAC model: its codes of (seed, i)
         for s, ks in runs.items():
-            rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=cond,
+            rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=model_cond,
                                 batch_size=batch_size, features=feature_net, straightness=True, grid=times)
     distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
                                              f"; FD to {data_name} on " + (f"features of {features}" if feature_net

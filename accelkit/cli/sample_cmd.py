@@ -55,6 +55,8 @@ def sample_command(
                               "cycled over the samples (default: 0, 1, 2, ...)."),
     cond: str = typer.Option(None, "--cond", help="Conditioning tensors (.safetensors: encoder_hidden_states, "
                              "encoder_attention_mask, pooled_projections, class_labels); sample i takes row i mod R."),
+    code: int = typer.Option(None, "--code", help="QAC models (accelkit qac): this code index for every sample "
+                             "(default: sample i's code drawn from the model's code weights with (seed, i))."),
     null_cond: str = typer.Option(None, "--null-cond", help="Null condition for guidance (.safetensors, batch 1); "
                                   "default: the null class, or zero text embeddings."),
     config: str = typer.Option(None, "--config", help="config.json (or its folder) of a single-file diffusers "
@@ -150,6 +152,9 @@ def sample_command(
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
     condition = condition_from_options(teacher, path, labels, cond)
+    from ..qac import code_condition
+
+    condition = code_condition(teacher, seed, code)(condition)  # a QAC model's code of sample i
     if null_cond is not None:
         teacher.null_condition = read_condition(null_cond, batch_one=True)
     guidance = teacher.guidance_scale if guidance is None else guidance
@@ -192,7 +197,7 @@ def sample_command(
     out.parent.mkdir(parents=True, exist_ok=True)
     writer(samples, {"teacher": path, "solver": solver, "nfe": nfe, "n": n, "seed": seed, "guidance": guidance,
                      "grid": time_grid, **grid_kw, "batch_size": batch_size, "labels": labels, "cond": cond,
-                     "null_cond": null_cond})
+                     "null_cond": null_cond, "code": code})
     emit(str(out))
 
 

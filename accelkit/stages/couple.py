@@ -232,6 +232,7 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condition | None) -> dict[str, Tensor]:
     """Couplings for consecutive sample indices forming whole micro-batches (see the module docstring)."""
     from ..noise import sample_noise
+    from ..qac import with_codes
     from ..solvers import solve
 
     dtype, device = DTYPES[recipe.dtype], torch.device(recipe.device)
@@ -239,6 +240,7 @@ def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condi
     noise = sample_noise(recipe.seed, indices, teacher.sample_shape)
     idx = torch.tensor(list(indices), dtype=torch.int64)
     c = conditions_for(cond, idx)
+    c = with_codes(teacher, c, recipe.seed, idx)  # a QAC model: sample i's code from (seed, i), kept as cond.code
     c_dev = c.map(lambda v: v.to(device)) if c is not None else None
     model = RecordingTeacher(teacher) if recipe.save_trajectory else teacher
     x1 = teacher.prior_sample(noise.to(device=device, dtype=dtype))
