@@ -263,7 +263,7 @@ def compute_statistics(teacher: Teacher, noise: Tensor, points: int = 100, segme
     (``segment_nfe`` evaluations between two points), and
 
     * l = sigma E[v * (grad_x eps) v] over the K states, Rademacher v: Hutchinson's estimate of the Jacobian's
-      diagonal, the minimiser of E ||grad_x f||_F^2 over diagonal l (a forward-mode JVP per state);
+      diagonal, the minimiser of E ||grad_x f||_F^2 over diagonal l (one vector-Jacobian product per state);
     * f = (sigma eps - l x) / alpha at each state, df/dlambda by central differences along each trajectory;
     * s = Cov(df/dlambda, f) / Var(f), b = E[df/dlambda] - s E[f], per dimension (least squares over the K states;
       a dimension where f does not vary gets s = 0).
@@ -296,7 +296,7 @@ def compute_statistics(teacher: Teacher, noise: Tensor, points: int = 100, segme
             v = (torch.randint(0, 2, xb.shape, generator=gen, dtype=torch.int64) * 2 - 1).to(xb)
             tb = torch.full((xb.shape[0],), tj, dtype=F64, device=xb.device)
             c = _rows(cond, i, batch)
-            eps, jv = _eps_jvp(teacher, xb, tb, v, c)
+            eps, jv = _eps_and_probe(teacher, xb, tb, v, c)
             eps_parts.append(eps)
             l_sum[j] += (v * jv).reshape(xb.shape[0], -1).to(F64).sum(0).cpu()
         states.append(x.reshape(k, -1).to(F64).cpu())
@@ -329,13 +329,18 @@ def _heun(teacher: Teacher, x: Tensor, grid: Tensor, cond: Condition | None) -> 
         get_solver("euler").sample(teacher, x, grid, 1, cond)
 
 
-def _eps_jvp(teacher: Teacher, x: Tensor, t: Tensor, v: Tensor, cond: Condition | None) -> tuple[Tensor, Tensor]:
-    """eps(x) and its Jacobian-vector product (grad_x eps) v, by forward-mode AD (central differences where the
-    network does not support it)."""
+def _eps_and_probe(teacher: Teacher, x: Tensor, t: Tensor, v: Tensor, cond: Condition | None
+                   ) -> tuple[Tensor, Tensor]:
+    """eps(x) and (grad_x eps)^T v by one backward pass; E[v * (grad_x eps)^T v] is the Jacobian's diagonal as
+    E[v * (grad_x eps) v] is (the diagonal of a matrix and of its transpose agree). Central differences of eps
+    along v where the teacher cannot be differentiated."""
     try:
         with torch.enable_grad():
-            return torch.func.jvp(lambda z: teacher.predict_eps(z, t, cond), (x,), (v,))
-    except (RuntimeError, NotImplementedError):
+            xg = x.detach().requires_grad_(True)
+            eps = teacher.predict_eps(xg, t, cond)
+            (jtv,) = torch.autograd.grad(eps, xg, v)
+        return eps.detach(), jtv
+    except RuntimeError:
         delta = 1e-3 * float(x.abs().mean().clamp_min(1e-3))
         eps = teacher.predict_eps(x, t, cond)
         jv = (teacher.predict_eps(x + delta * v, t, cond) - teacher.predict_eps(x - delta * v, t, cond)) / (2 * delta)

@@ -3,7 +3,7 @@ arXiv 2310.13268; :mod:`accelkit.solvers.dpm_solver_v3`).
 
 From ``samples`` seeded noises the teacher's own ODE trajectories are followed through ``points`` values of lambda
 (Heun, ``segment_nfe`` evaluations between two of them); at each the statistics l (the Jacobian diagonal of the noise
-prediction, Hutchinson's estimate by a forward-mode JVP), s and b (the least-squares line of df/dlambda on f) are
+prediction, Hutchinson's estimate by a vector-Jacobian product), s and b (the least-squares line of df/dlambda on f) are
 averaged over the samples (:func:`accelkit.solvers.dpm_solver_v3.compute_statistics`).
 
 The artifact holds ``solver.safetensors`` (lam, l, s, b: a few hundred KB for small images) and ``solver.json`` (kind
