@@ -442,3 +442,22 @@ def test_lcm_kill9_then_same_command_equals_uninterrupted(class_teacher, tmp_pat
     resumed = run_cli(*args[:1], couple, *args[1:], "-o", out, env=ONE_THREAD)
     assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
     assert_same_tensors(tmp_path / "full" / "teacher.safetensors", out / "teacher.safetensors", "lcm after kill -9")
+
+
+@pytest.mark.slow
+def test_export_keeps_the_one_step_sampler_and_refuses_a_re_noising_one(toy, cli, tmp_path):
+    """A 1-step consistency student exports as one file whose recorded sampler reproduces accelkit's samples; the
+    re-noising multistep sampler has no fixed linear form, so exporting it at 2 NFE is a one-line error."""
+    from safetensors.torch import load_file
+
+    out = student(toy, "cd")
+    r = cli("export", out, "-o", tmp_path / "s.safetensors", "--format", "safetensors", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    a = cli("sample", out, "-n", "16", "-o", tmp_path / "a.safetensors", env=ONE_THREAD)
+    b = cli("sample", tmp_path / "s.safetensors", "-n", "16", "-o", tmp_path / "b.safetensors", env=ONE_THREAD)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
+    assert torch.allclose(load_file(tmp_path / "a.safetensors")["samples"],
+                          load_file(tmp_path / "b.safetensors")["samples"], atol=1e-6)
+    r = cli("export", out, "-o", tmp_path / "t.safetensors", "--format", "safetensors", "--nfe", "2", env=ONE_THREAD)
+    assert r.returncode == 2 and "no fixed linear form" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t.safetensors").exists()
