@@ -327,7 +327,7 @@ def parallel_spec(method: str, base: str, **options) -> str:
     """The solver name of a parallel method over ``base`` with its options (None: left at the default)."""
     if method not in METHODS:
         raise AccelkitError(f"--parallel {method!r}: expected one of {', '.join(METHODS)}")
-    parts = [method, base] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+    parts = [method, base] + [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in options.items() if v is not None]
     return ":".join(parts)
 
