@@ -83,12 +83,13 @@ def affine_moments(teacher, op, y, noise_std, settings):
     return out[0], a @ a.T
 
 
-@pytest.mark.parametrize("schedule", ["linear", "vp-cosine", "vp-linear"])
+@pytest.mark.parametrize("schedule", ["linear", "vp-cosine", "vp-linear", "edm", "ve"])
 @pytest.mark.parametrize("task", ["inpaint", "super-resolution", "deblur"])
 def test_pigdm_on_a_gaussian_prior_gives_the_exact_posterior(schedule, task):
     """N(0, I) prior, y = H x + n (s_y = 0.1): the exact posterior is N(C H^T y / s^2, C), C = (I + H^T H / s^2)^-1.
-    PiGDM's Gaussian approximation is then exact; DPM-Solver++(2M) at 50 NFE from the top of the schedule leaves
-    only discretisation error: mean within 1e-3 and covariance within 1e-2 (relative Frobenius)."""
+    PiGDM's Gaussian approximation is then exact; DPM-Solver++(2M) at 100 NFE from the top of the schedule leaves
+    only discretisation error, on flow, VP, EDM and VE schedules: mean within 1e-3 and covariance within 1e-2
+    (relative Frobenius; measured at most 2.5e-3, falling with the NFE)."""
     shape, sy = (1, 4, 4), 0.1
     prior = GaussianMixtureTeacher(torch.zeros(1, *shape), torch.ones(1), None, schedule_from_name(schedule))
     op = operators(shape)[task]
@@ -97,7 +98,7 @@ def test_pigdm_on_a_gaussian_prior_gives_the_exact_posterior(schedule, task):
     n = h.shape[1]
     cov = torch.linalg.inv(torch.eye(n, dtype=F64) + h.T @ h / sy**2)
     mean = cov @ h.T @ y.reshape(-1) / sy**2
-    m, c = affine_moments(prior, op, y, sy, RestoreSettings("pigdm", 50, start=1.0, solver="dpm++2m"))
+    m, c = affine_moments(prior, op, y, sy, RestoreSettings("pigdm", 100, start=1.0, solver="dpm++2m"))
     mean_err, cov_err = float((m - mean).norm() / mean.norm()), float((c - cov).norm() / cov.norm())
     print(f"{schedule} {task}: mean error {mean_err:.2e}, covariance error {cov_err:.2e}")
     assert mean_err < 1e-3 and cov_err < 1e-2
