@@ -65,7 +65,8 @@ def sample_command(
                                         "checkpoint does not say."),
     schedule: str = typer.Option(None, "--schedule", help="Noise schedule, where the checkpoint does not say."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="Network dtype: fp32, fp16, bf16 (default: as stored)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Network dtype: fp32, fp16, bf16, or auto: float32 on the "
+                              "CPU (as diffusers loads half-precision weights), the stored dtype on CUDA."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file; use a learned --solver "
                                "trained for another teacher."),
 ) -> None:

@@ -309,6 +309,9 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
     ``teacher``: an already loaded teacher to use instead of loading ``recipe.teacher`` (which still names the file
     whose content hash identifies the artifact).
     """
+    from ..models.loading import check_device
+
+    check_device(recipe.device)  # before any artifact is opened: --device cuda without CUDA is a one-line error
     rank, world = init_distributed(recipe.device)
     if recipe.device == "cuda" and world > 1:  # one GPU per process
         recipe = recipe.model_copy(update={"device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"})
