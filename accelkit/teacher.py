@@ -191,6 +191,13 @@ def x0_eps_to_output(prediction: str, x0: Tensor, eps: Tensor, t: Tensor, schedu
     raise ValueError(f"prediction type {prediction!r}: expected one of {', '.join(PREDICTION_TYPES)}")
 
 
+def _extra_input_names(network: torch.nn.Module) -> tuple[str, ...]:
+    """Names of the network's extra inputs (:mod:`accelkit.extra_inputs`); empty without any."""
+    from .extra_inputs import extra_inputs_of
+
+    return tuple(s.name for s in extra_inputs_of(network))
+
+
 #: A network call: (network, x, timestep input, condition) -> output of the network's prediction type.
 NetworkFn = Callable[[torch.nn.Module, Tensor, Tensor, "Condition | None"], Tensor]
 
@@ -220,6 +227,10 @@ class NetworkTeacher(Teacher):
         if prediction not in PREDICTION_TYPES:
             raise ValueError(f"prediction type {prediction!r}: expected one of {', '.join(PREDICTION_TYPES)}")
         self.network = network
+        if _extra_input_names(network):  # a student with extra inputs: its call feeds them (accelkit.extra_inputs)
+            from .extra_inputs import ExtraInputCall, base_call
+
+            call = ExtraInputCall(base_call(call))
         self.call = call
         self.prediction = prediction
         self.schedule = schedule
@@ -243,6 +254,13 @@ class NetworkTeacher(Teacher):
             t = t.expand(x.shape[0])
         ts = self.time_input(t).to(torch.float32)
         w = self.guidance_scale
+        extra_names = _extra_input_names(self.network)
+        if "guidance" in extra_names:  # a student with the scale as an input (LCM, guided distillation): no CFG
+            if cond is None or "guidance" not in cond.extra:
+                from .extra_inputs import with_extra_inputs
+
+                cond = with_extra_inputs(cond, guidance=torch.full((x.shape[0],), w, device=x.device))
+            return self.call(self.network, x, ts, cond)
         if cond is None or w == 1.0:
             return self.call(self.network, x, ts, cond)
         if self.null_condition is None:
@@ -250,6 +268,10 @@ class NetworkTeacher(Teacher):
         b = x.shape[0]
         null = self.null_condition(cond) if callable(self.null_condition) else self.null_condition
         null = null.map(lambda v: (v.expand(b, *v.shape[1:]) if v.shape[0] == 1 else v).to(x.device))
+        if extra_names:  # the null branch sees the same extra inputs (a QAC code, a step size) as the conditional
+            null = Condition(null.class_labels, null.encoder_hidden_states, null.encoder_attention_mask,
+                             null.pooled_projections,
+                             {**null.extra, **{k: v for k, v in cond.extra.items() if k in extra_names}})
         out = self.call(self.network, torch.cat([x, x]), torch.cat([ts, ts]), Condition.cat(cond, null))
         out_c, out_u = out[:b], out[b:]
         return out_u + w * (out_c - out_u)

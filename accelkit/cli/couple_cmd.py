@@ -44,6 +44,12 @@ def couple(
     recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML with a 'couple' section."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: couple.key=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; do no work."),
+    parallel: str | None = typer.Option(None, "--parallel", help="Parallel sampling over --solver (euler, the "
+                                        "default here, or ddim): picard or parareal; the same pairs in fewer "
+                                        "sequential rounds."),
+    window: int | None = typer.Option(None, "--window", help="picard: steps per window (default 16)."),
+    tol: float | None = typer.Option(None, "--tol", help="picard / parareal tolerance (0: exact)."),
+    blocks: int | None = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default ~sqrt(steps))."),
 ) -> None:
     """Generate (noise, sample) couplings from TEACHER's probability-flow ODE; prints the artifact path."""
     from ..recipes import resolve_stage
@@ -51,6 +57,10 @@ def couple(
     teacher_path = teacher if teacher not in (None, "-") else None
     if teacher_path is None and not (recipe is not None and teacher is None):
         teacher_path = input_path(teacher, "teacher")
+    if parallel is not None or window is not None or tol is not None or blocks is not None:
+        from ..solvers.parallel import wrap
+
+        solver = wrap(parallel, solver or "euler", window=window, tol=tol, blocks=blocks)
     flags = {"teacher": teacher_path, "n": n, "solver": solver, "nfe": nfe, "guidance": guidance,
              "conditions": conditions, "save_trajectory": save_trajectory, "batch_size": batch_size,
              "micro_batch": micro_batch, "shard_size": shard_size, "seed": seed, "dtype": dtype, "device": device,

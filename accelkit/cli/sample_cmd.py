@@ -55,6 +55,8 @@ def sample_command(
                               "cycled over the samples (default: 0, 1, 2, ...)."),
     cond: str = typer.Option(None, "--cond", help="Conditioning tensors (.safetensors: encoder_hidden_states, "
                              "encoder_attention_mask, pooled_projections, class_labels); sample i takes row i mod R."),
+    code: int = typer.Option(None, "--code", help="QAC models (accelkit qac): this code index for every sample "
+                             "(default: sample i's code drawn from the model's code weights with (seed, i))."),
     null_cond: str = typer.Option(None, "--null-cond", help="Null condition for guidance (.safetensors, batch 1); "
                                   "default: the null class, or zero text embeddings."),
     config: str = typer.Option(None, "--config", help="config.json (or its folder) of a single-file diffusers "
@@ -69,6 +71,14 @@ def sample_command(
                               "CPU (as diffusers loads half-precision weights), the stored dtype on CUDA."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file; use a learned --solver "
                                "trained for another teacher."),
+    parallel: str = typer.Option(None, "--parallel", help="Parallel sampling over --solver (euler or ddim) on its "
+                                 "grid: picard (ParaDiGMS sliding window) or parareal (SRDS); the same samples in "
+                                 "fewer sequential rounds, more NFE (reported on stderr)."),
+    window: int = typer.Option(None, "--window", help="picard: steps per window, one batched evaluation (default "
+                               "16)."),
+    tol: float = typer.Option(None, "--tol", help="picard: per-step tolerance relative to the noise level "
+                              "(default 0.1); parareal: RMS change of the block ends (default 5e-3); 0: exact."),
+    blocks: int = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default about sqrt(steps))."),
 ) -> None:
     """Draw samples from the teacher's ODE and write them to -o (atomically; nothing is written on error)."""
     import math
@@ -111,12 +121,18 @@ def sample_command(
         log(f"sample: {path} records its sampler; using {solver} at {nfe} NFE"
             f"{' on its grid' if time_grid is recorded['grid'] and time_grid is not None else ''}")
     solver = "euler" if solver is None else solver
+    if parallel is not None or window is not None or tol is not None or blocks is not None:
+        from ..solvers.parallel import wrap
+
+        solver = wrap(parallel, solver, window=window, tol=tol, blocks=blocks)
     if not is_solver(solver):
         raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(solver_names())} or "
                             "a bespoke artifact")
-    learned = solver not in solver_names()
+    from ..solvers.parallel import is_parallel_spec
+
+    learned = solver not in solver_names() and not is_parallel_spec(solver)
     if learned:
-        if grid is not None or shift is not None:
+        if (grid is not None or shift is not None) and getattr(get_solver(solver), "own_times", True):
             raise AccelkitError(f"--grid / --shift: the learned solver {solver} steps on its own learned times")
         nfe = getattr(get_solver(solver), "nfe", 8) if nfe is None else nfe
     nfe = 8 if nfe is None else nfe
@@ -137,6 +153,9 @@ def sample_command(
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
     condition = condition_from_options(teacher, path, labels, cond)
+    from ..qac import code_condition
+
+    condition = code_condition(teacher, seed, code)(condition)  # a QAC model's code of sample i
     if null_cond is not None:
         teacher.null_condition = read_condition(null_cond, batch_one=True)
     guidance = teacher.guidance_scale if guidance is None else guidance
@@ -166,16 +185,20 @@ def sample_command(
             done = progress.tasks[0].completed
             progress.update(task, rate=f"{done / elapsed:.1f} samples/s" if elapsed > 0 else "")
 
-        with torch.inference_mode():
+        from ..solvers.parallel import parallel_reports
+
+        with torch.inference_mode(), parallel_reports() as reports:
             samples = draw_samples(teacher, n, seed=seed, solver=solver, nfe=nfe, grid=time_grid, grid_kw=grid_kw,
                                    batch_size=batch_size, condition=condition, device=device, on_batch=on_batch)
+    for k, report in enumerate(reports):
+        log(f"batch {k + 1}: {report.line()}")
     if not bool(torch.isfinite(samples).all()):
         raise AccelkitError(f"{path}: sampling produced NaN or inf (solver {solver}, NFE {nfe}); "
                             "nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     writer(samples, {"teacher": path, "solver": solver, "nfe": nfe, "n": n, "seed": seed, "guidance": guidance,
                      "grid": time_grid, **grid_kw, "batch_size": batch_size, "labels": labels, "cond": cond,
-                     "null_cond": null_cond})
+                     "null_cond": null_cond, "code": code})
     emit(str(out))
 
 

@@ -422,6 +422,9 @@ def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str | None =
         if solver not in solver_names() and is_learned_solver(solver):  # a bespoke artifact: its own NFE and times
             check_solver_teacher(solver, path, force)
             solver = get_solver(solver)
+            if not getattr(solver, "own_times", True):
+                raise AccelkitError(f"--solver {solver.name}: DPM-Solver-v3's per-element statistics do not fit an "
+                                    "exported scheduler; export with a standard or bespoke solver")
             nfe = getattr(solver, "nfe", None) if nfe is None else nfe
     sampling = resolve_sampling(source, solver, nfe, grid, shift)
     if fmt == "diffusers":

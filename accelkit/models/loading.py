@@ -32,6 +32,8 @@ from torch import Tensor, nn
 
 from .. import __version__
 from ..errors import AccelkitError
+from ..extra_inputs import HEADER_KEY as EXTRA_INPUTS_KEY
+from ..extra_inputs import ExtraInputCall, attach_to_network, header_value, inputs_from_header
 from ..schedules import Schedule, schedule_from_config, schedule_from_name
 from ..teacher import PREDICTION_TYPES, Condition, NetworkFn, NetworkTeacher, Teacher, TimeInput
 from .builtin import MLP, SmallUNet, build_network, builtin_call
@@ -386,6 +388,9 @@ def teacher_file_contents(teacher: NetworkTeacher) -> tuple[dict[str, Tensor], d
         "guidance_scale": repr(float(teacher.guidance_scale)),
         "info": json.dumps(info, sort_keys=True),
     }
+    extra = header_value(teacher.network)
+    if extra is not None:  # the student's extra inputs (accelkit.extra_inputs); weights under accelkit_extra.*
+        meta[EXTRA_INPUTS_KEY] = extra
     return tensors, meta
 
 
@@ -439,6 +444,8 @@ def load_accelkit_teacher(
     except (TypeError, ValueError) as e:
         raise AccelkitError(f"{path}: network_config does not build a {architecture} ({_one_line(e)})") from e
     null_tensors = {k.removeprefix(NULL_PREFIX): tensors.pop(k) for k in list(tensors) if k.startswith(NULL_PREFIX)}
+    if EXTRA_INPUTS_KEY in meta:
+        attach_to_network(network, inputs_from_header(meta[EXTRA_INPUTS_KEY], str(path)))
     move_network(network, dtype=stored_dtype(tensors))
     load_state_dict_checked(network, tensors, path)
     network.eval().requires_grad_(False)
@@ -458,7 +465,8 @@ def load_accelkit_teacher(
     info.update({"architecture": architecture, "format": meta["format"], "source": str(path),
                  "conditioning": adapter.conditioning(network), "network_config": net_config})
     guidance = float(meta.get("guidance_scale", "1.0"))
-    return NetworkTeacher(network, adapter.call, prediction, sched, shape, time_input, guidance, null, info)
+    call = ExtraInputCall(adapter.call) if EXTRA_INPUTS_KEY in meta else adapter.call
+    return NetworkTeacher(network, call, prediction, sched, shape, time_input, guidance, null, info)
 
 
 def _condition_from_tensors(tensors: dict[str, Tensor]) -> Condition:

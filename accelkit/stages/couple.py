@@ -68,9 +68,16 @@ class CoupleRecipe(StageRecipe):
     @classmethod
     def _known_solver(cls, v: str) -> str:
         from ..solvers import solver_names
+        from ..solvers.parallel import is_parallel_spec, parse_parallel
 
+        if is_parallel_spec(v):
+            try:
+                parse_parallel(v)
+            except AccelkitError as e:
+                raise ValueError(str(e)) from None
+            return v
         if v not in solver_names():
-            raise ValueError(f"expected one of {', '.join(solver_names())}")
+            raise ValueError(f"expected one of {', '.join(solver_names())}, or picard:BASE / parareal:BASE")
         return v
 
     @field_validator("grid")
@@ -103,6 +110,9 @@ class CoupleRecipe(StageRecipe):
             if len(self.grid) - 1 != steps:
                 raise ValueError(f"grid has {len(self.grid) - 1} steps but {self.solver} at nfe {self.nfe} takes "
                                  f"{steps}")
+        if self.save_trajectory and ":" in self.solver:
+            raise ValueError(f"save_trajectory: the parallel solver {self.solver} evaluates many times at once; "
+                             "store trajectories with a sequential solver")
         if self.save_trajectory >= self.nfe:
             raise ValueError(f"save_trajectory {self.save_trajectory} must be below nfe {self.nfe} "
                              f"(the intermediate states are taken where the teacher is evaluated)")
@@ -222,6 +232,7 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condition | None) -> dict[str, Tensor]:
     """Couplings for consecutive sample indices forming whole micro-batches (see the module docstring)."""
     from ..noise import sample_noise
+    from ..qac import with_codes
     from ..solvers import solve
 
     dtype, device = DTYPES[recipe.dtype], torch.device(recipe.device)
@@ -229,6 +240,7 @@ def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condi
     noise = sample_noise(recipe.seed, indices, teacher.sample_shape)
     idx = torch.tensor(list(indices), dtype=torch.int64)
     c = conditions_for(cond, idx)
+    c = with_codes(teacher, c, recipe.seed, idx)  # a QAC model: sample i's code from (seed, i), kept as cond.code
     c_dev = c.map(lambda v: v.to(device)) if c is not None else None
     model = RecordingTeacher(teacher) if recipe.save_trajectory else teacher
     x1 = teacher.prior_sample(noise.to(device=device, dtype=dtype))

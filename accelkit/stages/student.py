@@ -10,22 +10,29 @@
   prediction type, schedule and conditioning (:func:`averaged_network`, :func:`student_of`), written as the artifact's
   ``teacher.safetensors`` with ``history.json`` before the manifest is marked complete (:func:`save_student`), so
   ``accelkit sample`` / ``couple`` / ``eval`` and :func:`accelkit.models.loading.load_teacher` take the artifact.
+
+Stages whose SOURCE is either a couple artifact or a teacher with ``--data`` (consistency, shortcut, QAC, ...) take
+their recipe from :class:`SourceRecipe` and open the run with :func:`begin_source_run`: the student starts from the
+couplings' teacher or from the teacher itself, and its clean samples x0 are the couplings' teacher samples, or the
+data set when ``data`` is given (:meth:`StudentRun.batches`, :func:`clean_samples`).
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from pydantic import Field
+from torch import Tensor, nn
 
 from ..artifacts import Artifact, content_hash, open_on_rank0
 from ..console import log
 from ..errors import AccelkitError
+from ..recipes import StageRecipe
 from ..teacher import NetworkTeacher
 from ..training import Trainer, init_distributed
 
@@ -38,17 +45,31 @@ class StudentRun:
     device: torch.device
     rank: int
     world: int
-    couplings_artifact: Artifact
+    couplings_artifact: Artifact | None
     art: Artifact | None
     path: Path
     complete: bool
     start: NetworkTeacher | None = None
     reference: NetworkTeacher | None = None
     couplings: Any = None  # accelkit.couplings.Couplings
+    data: Tensor | None = None  # begin_source_run with data: the clean samples (the couplings' are not used)
+    teacher_path: Path | None = None  # begin_source_run: the file or folder the student starts from
 
     def close(self) -> None:
         if self.art is not None:
             self.art.close()
+
+    def batches(self, batch_size: int, seed: int, noise=None):
+        """Seeded, resumable batches of this rank's slice: the data set's rows (``x``) when the run has data, else
+        the couplings' rows (``noise``, ``sample``, ``cond.*``); ``noise(generator, n)`` adds per-sample draws.
+        :func:`clean_samples` gives a batch's x0 either way."""
+        from ..data import BatchSampler
+
+        if self.data is not None:
+            return BatchSampler(self.data, batch_size, seed, self.rank, self.world, noise=noise)
+        if self.couplings is None:
+            raise AccelkitError("this run has neither data nor couplings to draw batches from")
+        return self.couplings.sampler(batch_size, seed, self.rank, self.world, noise=noise)
 
 
 def begin_student_run(stage: str, recipe: Any, output: Path | None, force: bool) -> StudentRun:
@@ -83,6 +104,183 @@ def begin_student_run(stage: str, recipe: Any, output: Path | None, force: bool)
     return run
 
 
+class SourceRecipe(StageRecipe):
+    """Base of the recipes of stages whose SOURCE is a couple artifact or a teacher with data (see
+    :func:`begin_source_run`); subclasses add ``seed``, ``batch_size``, ``loop`` and ``device``."""
+
+    input_fields = ("source", "data")
+
+    source: str = Field(description="a complete couple artifact (its teacher is the student's start and its samples "
+                                    "the data), or a teacher (file, folder or artifact) together with data")
+    data: str | None = Field(None, description="clean samples x0: one of the built-in sets or a .safetensors/.npy "
+                                               "file (needed with a teacher as source; overrides couplings' samples)")
+    data_size: int = Field(100_000, ge=16, description="points drawn for a 2-D toy set given as data")
+
+    @property
+    def data_is_file(self) -> bool:
+        from ..data import DATA_NAMES
+
+        return self.data is not None and self.data not in DATA_NAMES
+
+    def inputs(self) -> dict[str, str]:
+        return {"source": self.source, **({"data": self.data} if self.data_is_file else {})}
+
+    def identity_dict(self) -> dict[str, Any]:
+        d = super().identity_dict()
+        if self.data is not None and not self.data_is_file:
+            d["data"] = self.data  # a named set is part of the recipe, a file enters through its content hash
+        else:
+            d.pop("data_size", None)
+        return d
+
+
+def is_couplings(path: str | Path) -> bool:
+    """True when ``path`` is an artifact directory of kind ``couple``."""
+    import json
+
+    manifest = Path(path) / "manifest.json"
+    if not manifest.is_file():
+        return False
+    try:
+        return json.loads(manifest.read_text()).get("kind") == "couple"
+    except (OSError, ValueError):
+        return False
+
+
+def load_teacher_start(path: str | Path, stage: str) -> tuple[NetworkTeacher, NetworkTeacher]:
+    """(student, reference) from a teacher path: a trainable fp32 copy at guidance scale 1, and a frozen one."""
+    from ..models.loading import load_teacher
+
+    teacher = load_teacher(path, dtype="fp32")
+    if not isinstance(teacher, NetworkTeacher):
+        raise AccelkitError(f"{path}: a {type(teacher).__name__} teacher (e.g. a rescale artifact) has no network of "
+                            f"its own schedule to start a {stage} student from; give the network teacher")
+    reference = copy.deepcopy(teacher).eval().requires_grad_(False)
+    teacher.network.requires_grad_(True).train()
+    teacher.guidance_scale = 1.0
+    return teacher, reference
+
+
+def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                     prepare: Any = None, check: Callable[[StudentRun], None] | None = None) -> StudentRun:
+    """Open the run of a :class:`SourceRecipe` (with ``seed``, ``batch_size``, ``loop``, ``device``): SOURCE is a
+    couple artifact (the student starts from its teacher; x0 are its samples unless ``data`` is given) or a teacher
+    with ``data``. The caller trains unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls
+    :meth:`StudentRun.close` when done. ``prepare(start)`` (optional) changes or checks the student's start before
+    the artifact is opened (e.g. adds extra inputs; an error there writes nothing); ``check(run)`` (optional) sees
+    the loaded start, reference and data before the artifact is opened, and raises :class:`AccelkitError` for what
+    the method cannot take (nothing is written then)."""
+    from ..couplings import open_couplings
+    from ..data import load_dataset
+    from .train import resolve_device
+
+    source = Path(recipe.source)
+    couplings_source = is_couplings(source)
+    if not couplings_source and recipe.data is None:
+        raise AccelkitError(f"{recipe.source}: SOURCE is not a couple artifact, so it is taken as a teacher, and a "
+                            f"teacher needs --data (a built-in data set or a .safetensors/.npy file of samples)")
+    device = resolve_device(recipe.device)
+    rank, world = init_distributed(device)
+    if recipe.batch_size % (world * recipe.loop.grad_accum):
+        raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
+                            f"grad_accum {recipe.loop.grad_accum}")
+    # Everything that can be wrong with the inputs is found before the artifact is opened: nothing is written then.
+    couplings_art = Artifact.read(source, "couple") if couplings_source else None
+    if couplings_art is not None:
+        teacher_path = couplings_teacher_path(couplings_art, stage)
+        start, reference = load_student_start(couplings_art, stage)
+    else:
+        teacher_path = source
+        start, reference = load_teacher_start(source, stage)
+    data = couplings = None
+    if recipe.data is not None:
+        ds = load_dataset(recipe.data, recipe.data_size, recipe.seed)
+        if tuple(ds.sample_shape) != tuple(start.sample_shape):
+            raise AccelkitError(f"data {recipe.data!r}: samples of shape {list(ds.sample_shape)}, but the "
+                                f"teacher's are {list(start.sample_shape)}")
+        data = ds.samples
+    else:
+        keys = open_couplings(source).keys
+        couplings = open_couplings(source, keys=["noise", "sample", *[k for k in keys if k.startswith("cond.")]])
+        if tuple(couplings.sample_shape) != tuple(start.sample_shape):
+            raise AccelkitError(f"{recipe.source}: samples of shape {list(couplings.sample_shape)}, but the "
+                                f"teacher's are {list(start.sample_shape)}")
+    if prepare is not None:
+        prepare(start)
+    run = StudentRun(device, rank, world, couplings_art, None, Path(output or "."), False, start, reference,
+                     couplings, data, teacher_path)
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
+    if run.complete and rank == 0:
+        log(f"{stage}: reusing the complete artifact {run.path}")
+    return run
+
+
+class NoiseBatches:
+    """Seeded, resumable batches of per-sample draws only, for methods that need no data (score distillation from
+    a teacher alone): global batch b is ``noise(generator, batch_size)`` with the generator seeded with (seed, 2, b),
+    as :class:`accelkit.data.BatchSampler` draws its noise, and rank r keeps the r-th of ``world`` equal slices.
+    State: the number of batches drawn."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int, world: int, noise):
+        if batch_size % world:
+            raise AccelkitError(f"batch size {batch_size} does not split over {world} processes")
+        self.batch_size, self.seed, self.rank, self.world, self.noise = batch_size, seed, rank, world, noise
+        self.batches = 0
+
+    def __iter__(self) -> NoiseBatches:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        from ..data import seeded_generator
+
+        per = self.batch_size // self.world
+        lo, hi = self.rank * per, (self.rank + 1) * per
+        draws = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
+        self.batches += 1
+        return {k: v[lo:hi] for k, v in draws.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.batches = int(state["batches"])
+
+
+def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                        check: Callable[[StudentRun], None] | None = None) -> StudentRun:
+    """Open the run of a :class:`SourceRecipe` whose SOURCE is a teacher and which has no data: for methods that
+    need only noise (and conditions); the student starts from the teacher, the reference is its frozen copy. Batches
+    come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`.
+    ``check(run)`` as there: it runs before the artifact is opened."""
+    from .train import resolve_device
+
+    device = resolve_device(recipe.device)
+    rank, world = init_distributed(device)
+    if recipe.batch_size % (world * recipe.loop.grad_accum):
+        raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
+                            f"grad_accum {recipe.loop.grad_accum}")
+    start, reference = load_teacher_start(recipe.source, stage)
+    run = StudentRun(device, rank, world, None, None, Path(output or "."), False, start, reference, None, None,
+                     Path(recipe.source))
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
+    if run.complete and rank == 0:
+        log(f"{stage}: reusing the complete artifact {run.path}")
+    return run
+
+
+def clean_samples(batch: Mapping[str, Tensor]) -> Tensor:
+    """A batch's clean samples x0: the couplings' ``sample`` or the data set's ``x``."""
+    return batch["sample"] if "sample" in batch else batch["x"]
+
+
 def couplings_teacher_path(couplings: Artifact, stage: str) -> Path:
     """The teacher a couple artifact was made from, checked against the content hash recorded there."""
     entry = couplings.manifest.get("inputs", {}).get("teacher")
@@ -102,19 +300,10 @@ def load_student_start(couplings: Artifact, stage: str) -> tuple[NetworkTeacher,
     """(student, reference): the couplings' teacher as a trainable :class:`NetworkTeacher` in fp32 on the CPU, at
     guidance scale 1 (the student learns the couplings' possibly guided map in one pass), and a frozen copy at the
     guidance scale the couplings were made with."""
-    from ..models.loading import load_teacher
-
-    path = couplings_teacher_path(couplings, stage)
-    teacher = load_teacher(path, dtype="fp32")
-    if not isinstance(teacher, NetworkTeacher):
-        raise AccelkitError(f"{path}: a {type(teacher).__name__} teacher (e.g. a rescale artifact) has no network of "
-                            "its own schedule to start a student from; couple from the network teacher instead")
-    reference = copy.deepcopy(teacher).eval().requires_grad_(False)
+    teacher, reference = load_teacher_start(couplings_teacher_path(couplings, stage), stage)
     guidance = couplings.recipe.get("guidance")
     if guidance is not None:
         reference.guidance_scale = float(guidance)
-    teacher.network.requires_grad_(True).train()
-    teacher.guidance_scale = 1.0
     return teacher, reference
 
 
@@ -136,9 +325,13 @@ def averaged_network(trainer: Trainer) -> tuple[nn.Module, str]:
 def student_of(reference: NetworkTeacher, network: nn.Module, info: Mapping[str, Any] | None = None
                ) -> NetworkTeacher:
     """``network`` as a teacher of ``reference``'s kind (call, prediction type, schedule, time input, null
-    condition) at guidance scale 1."""
+    condition) at guidance scale 1. A student of a QAC model (``accelkit qac``) keeps its code book (``info.qac``):
+    its network keeps the code input, and its codes are drawn from the same weights."""
+    info = dict(info or {})
+    if "qac" in reference.info and "qac" not in info:
+        info["qac"] = reference.info["qac"]
     return NetworkTeacher(network, reference.call, reference.prediction, reference.schedule, reference.sample_shape,
-                          reference.time_input, 1.0, reference.null_condition, dict(info or {}))
+                          reference.time_input, 1.0, reference.null_condition, info)
 
 
 def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: Mapping[str, Any]) -> None:
@@ -151,5 +344,6 @@ def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: 
     art.complete(summary)
 
 
-__all__ = ["StudentRun", "begin_student_run", "couplings_teacher_path", "load_student_start", "averaged_network",
-           "student_of", "save_student"]
+__all__ = ["StudentRun", "begin_student_run", "SourceRecipe", "begin_source_run", "clean_samples", "is_couplings",
+           "load_teacher_start", "couplings_teacher_path", "load_student_start", "averaged_network",
+           "student_of", "save_student", "NoiseBatches", "begin_data_free_run"]
