@@ -131,10 +131,10 @@ def test_inspect_reads_headers_only(tmp_path, monkeypatch, capsys):
     assert all(p.is_meta for p in teacher.network.parameters())
     assert grown_mib < 1000, f"peak memory grew by {grown_mib:.0f} MiB: the weights were read"
     assert elapsed < 10, f"{elapsed:.1f} s"  # about 1 s on an idle 2-core VM; reading the 3.4 GB would be far more
-    print(f"inspect of a {size / 1e9:.1f} GB checkpoint: {elapsed:.2f} s, peak memory +{grown_mib:.0f} MiB")
     code, stdout, err = run_in_process(monkeypatch, capsys, "inspect", folder, "--json")
     assert code == 0, err
     assert json.loads(stdout)["parameters"] == n_params
+    print(f"inspect of a {size / 1e9:.1f} GB checkpoint: {elapsed:.2f} s, peak memory +{grown_mib:.0f} MiB")
     # the checks of a full load hold: a weight of the wrong shape is named
     weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
     data = weights.read_bytes()[:1 << 20]
