@@ -148,6 +148,26 @@ def prompt_conditions(pipeline: str | os.PathLike, prompts: list[str], negative_
     return (Condition(encoder_hidden_states=embeddings[:-1]), Condition(encoder_hidden_states=embeddings[-1:]))
 
 
+def prompt_conditions_file(pipeline: str | os.PathLike, prompts: list[str], negative_prompt: str | None) -> Path:
+    """A conditions file (``couple --conditions``) of ``prompts``: ``encoder_hidden_states`` with one row per
+    prompt, and guidance's null as ``null.encoder_hidden_states`` (batch 1). Content-addressed in the cache, so the
+    same prompts make the same file and a couple artifact's identity."""
+    from .artifacts import save_safetensors
+    from .models.loading import load_teacher
+
+    check_text_model(load_teacher(pipeline, device="meta"), str(pipeline))
+    cond, null = prompt_conditions(pipeline, prompts, negative_prompt)
+    tensors = {"encoder_hidden_states": cond.encoder_hidden_states.contiguous(),
+               "null.encoder_hidden_states": null.encoder_hidden_states.contiguous()}
+    key = hashlib.sha256(b"".join(t.numpy().tobytes() for t in tensors.values())).hexdigest()
+    path = cache_dir() / f"conditions-{key}.safetensors"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_safetensors(path, tensors, {"format": "accelkit.conditions/1", "prompts": json.dumps(prompts),
+                                         "negative_prompt": negative_prompt or ""})
+    return path
+
+
 def check_text_model(teacher, path: str) -> None:
     """A one-line error unless the teacher takes text embeddings of the width a prompt encodes to."""
     info = getattr(teacher, "info", {}).get("conditioning", {"kind": "none"})
@@ -160,4 +180,5 @@ def check_text_model(teacher, path: str) -> None:
 
 
 __all__ = ["read_prompts_file", "text_encoder_folder", "encode_prompts", "prompt_conditions", "check_text_model",
+           "prompt_conditions_file",
            "cache_dir"]
