@@ -219,6 +219,63 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
     return run
 
 
+class NoiseBatches:
+    """Seeded, resumable batches of per-sample draws only, for methods that need no data (score distillation from
+    a teacher alone): global batch b is ``noise(generator, batch_size)`` with the generator seeded with (seed, 2, b),
+    as :class:`accelkit.data.BatchSampler` draws its noise, and rank r keeps the r-th of ``world`` equal slices.
+    State: the number of batches drawn."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int, world: int, noise):
+        if batch_size % world:
+            raise AccelkitError(f"batch size {batch_size} does not split over {world} processes")
+        self.batch_size, self.seed, self.rank, self.world, self.noise = batch_size, seed, rank, world, noise
+        self.batches = 0
+
+    def __iter__(self) -> NoiseBatches:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        from ..data import seeded_generator
+
+        per = self.batch_size // self.world
+        lo, hi = self.rank * per, (self.rank + 1) * per
+        draws = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
+        self.batches += 1
+        return {k: v[lo:hi] for k, v in draws.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.batches = int(state["batches"])
+
+
+def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                        check: Callable[[StudentRun], None] | None = None) -> StudentRun:
+    """Open the run of a :class:`SourceRecipe` whose SOURCE is a teacher and which has no data: for methods that
+    need only noise (and conditions); the student starts from the teacher, the reference is its frozen copy. Batches
+    come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`.
+    ``check(run)`` as there: it runs before the artifact is opened."""
+    from .train import resolve_device
+
+    device = resolve_device(recipe.device)
+    rank, world = init_distributed(device)
+    if recipe.batch_size % (world * recipe.loop.grad_accum):
+        raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
+                            f"grad_accum {recipe.loop.grad_accum}")
+    start, reference = load_teacher_start(recipe.source, stage)
+    run = StudentRun(device, rank, world, None, None, Path(output or "."), False, start, reference, None, None,
+                     Path(recipe.source))
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
+    if run.complete and rank == 0:
+        log(f"{stage}: reusing the complete artifact {run.path}")
+    return run
+
+
 def clean_samples(batch: Mapping[str, Tensor]) -> Tensor:
     """A batch's clean samples x0: the couplings' ``sample`` or the data set's ``x``."""
     return batch["sample"] if "sample" in batch else batch["x"]
@@ -289,4 +346,4 @@ def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: 
 
 __all__ = ["StudentRun", "begin_student_run", "SourceRecipe", "begin_source_run", "clean_samples", "is_couplings",
            "load_teacher_start", "couplings_teacher_path", "load_student_start", "averaged_network",
-           "student_of", "save_student"]
+           "student_of", "save_student", "NoiseBatches", "begin_data_free_run"]
