@@ -475,3 +475,24 @@ def test_ect_in_bf16_stays_finite_and_beats_the_teacher_at_1_nfe(toy):
     x = solve(load_teacher(out), toy["noise"], solver="tcd", nfe=1)
     s = sliced_wasserstein(x, toy["data"])
     assert s < 0.6 * toy["best"][1], (s, toy["best"][1])  # observed 0.29 against 1.15
+
+
+@pytest.mark.slow
+def test_lcm_lora_exports_as_a_lora_file_that_samples_like_the_student(class_teacher, cli, tmp_path):
+    """The LCM-LoRA student as a LoRA file (accelkit/export/lora.py: the factors of its difference to the teacher):
+    `accelkit sample FILE` adds them to the base and samples with the recorded sampler, as the student does."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    root, file, couple = class_teacher
+    out = root / "lcm-lora"
+    if not (out / "teacher.safetensors").exists():
+        pytest.skip("needs the LCM-LoRA student of test_lcm_lora_changes_only_adapted_layers_and_distils_its_scale")
+    r = cli("export", out, "-o", tmp_path / "lcm.safetensors", "--format", "lora", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    a = cli("sample", out, "-n", "32", "--label", "0", "-o", tmp_path / "a.safetensors", env=ONE_THREAD)
+    b = cli("sample", tmp_path / "lcm.safetensors", "-n", "32", "--label", "0", "-o", tmp_path / "b.safetensors",
+            env=ONE_THREAD)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
+    x, y = load_file(tmp_path / "a.safetensors")["samples"], load_file(tmp_path / "b.safetensors")["samples"]
+    assert float((x - y).norm() / x.norm()) < 1e-5
