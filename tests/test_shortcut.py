@@ -124,6 +124,7 @@ def test_shortcut_and_meanflow_beat_the_teachers_best_solver_at_1_2_4_steps(moon
     assert s4 < s1 and s2 <= 1.05 * s1 and s4 <= 1.05 * s2, errors["shortcut"]  # error falls with the steps
 
 
+@pytest.mark.slow
 def test_the_artifact_records_its_sampler_and_sample_uses_it(moons, students, cli, tmp_path):
     _, _, couple = moons
     for method in ("shortcut", "meanflow"):
@@ -150,6 +151,7 @@ RESUME = ["--batch-size", "64", "--steps", "120", "--set", "shortcut.loop.checkp
           "--set", "shortcut.eval_samples=0", "--set", "shortcut.finest_steps=16", "--device", "cpu"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["shortcut", "meanflow"])
 def test_kill9_then_same_command_equals_uninterrupted(moons, tmp_path, method):
     """shortcut from the couplings (path on stdin); meanflow from the teacher with --data."""
@@ -227,19 +229,19 @@ def test_jvp_on_a_network_without_forward_mode_is_refused_and_auto_falls_back(mo
 
 
 def test_a_teacher_on_another_schedule_is_read_on_the_linear_path(tmp_path):
-    """An eps teacher on vp-cosine: the student keeps its network, schedule and prediction type, loads under the
-    transformation to the linear path, starts there as the teacher's linear-path velocity and says so."""
+    """An eps teacher on DDPM's discrete schedule: the student keeps its network, schedule and prediction type, loads
+    under the transformation to the linear path, starts there as the teacher's linear-path velocity and says so."""
     from accelkit.linear_path import linear_path_teacher
     from accelkit.schedules import schedule_from_name
 
     path = flow_teacher(tmp_path / "eps.safetensors", steps=5, hidden=16, depth=1,
-                        schedule=schedule_from_name("vp-cosine"), prediction="eps")
+                        schedule=schedule_from_name("vp-linear"), prediction="eps")
     out = run_shortcut(ShortcutRecipe(source=str(path), data="moons", data_size=256, method="shortcut",
                                       finest_steps=8, batch_size=32, device="cpu", eval_samples=0,
                                       loop={"steps": 3, "checkpoint_every": 0, "lr": 1e-12}), tmp_path / "s")
     summary = json.loads((out / "manifest.json").read_text())["summary"]
-    assert "rescaled from vp-cosine to the linear path" in summary["linear_path"]["conversion"]
-    assert summary["prediction_type"] == "eps" and summary["schedule"]["name"] == "vp-cosine"
+    assert "rescaled from vp-discrete to the linear path" in summary["linear_path"]["conversion"]
+    assert summary["prediction_type"] == "eps" and summary["schedule"]["name"] == "vp-discrete"
     loaded = load_teacher(out)
     assert loaded.schedule.name == "linear" and loaded.base.prediction == "eps"
     teacher = linear_path_teacher(load_teacher(path))

@@ -94,6 +94,7 @@ def test_a_baked_scale_student_follows_the_guided_teacher_not_the_unguided_one(g
     assert guided_err < 0.6 * unguided_err, (guided_err, unguided_err)
 
 
+@pytest.mark.slow
 def test_sample_with_guidance_picks_the_embedded_scale(guided, tmp_path):
     _, ranged, _, _, _, _ = guided
     from safetensors.torch import load_file
