@@ -250,3 +250,41 @@ def test_a_teacher_on_another_schedule_is_read_on_the_linear_path(tmp_path):
     assert torch.allclose(loaded.velocity(z, t, step), teacher.velocity(z, t), atol=1e-4)  # lr 1e-12: barely moved
     x = sample_batched(loaded, torch.randn(16, 2), "shortcut", 4)
     assert torch.isfinite(x).all()
+
+
+def test_lora_student_keeps_the_teachers_weights_outside_the_adapted_layers(moons, tmp_path):
+    """loop.lora: only the adapted layers and the extra-input embedding change; the adapters are merged, so the
+    student has the teacher's keys plus ``accelkit_extra.*``."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    _, teacher, couple = moons
+    targets = ["blocks.0.1", "blocks.1.1", "out.1"]
+    out = run_shortcut(ShortcutRecipe(source=str(couple), method="shortcut", anchor="teacher", finest_steps=8,
+                                      batch_size=64, device="cpu", eval_samples=0,
+                                      loop={"steps": 20, "lr": 1e-2, "checkpoint_every": 0,
+                                            "lora": {"rank": 4, "target_modules": targets}}), tmp_path / "lora")
+    a, b = load_file(teacher), load_file(out / "teacher.safetensors")
+    assert set(b) == set(a) | {k for k in b if k.startswith("accelkit_extra.")} and len(b) > len(a)
+    adapted = {f"{m}.weight" for m in targets}
+    for k in a:
+        assert torch.equal(a[k], b[k]) == (k not in adapted), k
+    assert "LoRA rank 4 merged" in json.loads((out / "manifest.json").read_text())["summary"]["weights"]
+
+
+@pytest.mark.slow
+def test_toy2d_shortcut_recipe_runs(cli, tmp_path):
+    """recipes/toy2d-shortcut.yaml, shrunk by --set: both students are written and record their samplers."""
+    import os
+
+    from conftest import REPO
+
+    shrink = ["train.loop.steps=200", "train.network.hidden=32", "train.network.depth=1", "train.eval_samples=0",
+              "couple.n=512", "couple.shard_size=512", "couple.micro_batch=256", "shortcut.loop.steps=20",
+              "shortcut.eval_samples=64", "shortcut.batch_size=64", "train.device=cpu", "shortcut.device=cpu"]
+    args = [a for s in shrink for a in ("--set", s)]
+    r = cli("run", os.path.join(REPO, "recipes", "toy2d-shortcut.yaml"), *args, cwd=str(tmp_path), env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    made = [json.loads((p / "manifest.json").read_text()) for p in (tmp_path / "runs").glob("shortcut-*")]
+    assert sorted(m["summary"]["sampling"]["solver"] for m in made) == ["meanflow", "shortcut"]
+    assert all("quality" in m["summary"] for m in made)
