@@ -100,6 +100,7 @@ def test_students_start_as_the_teacher_bit_for_bit_and_stay_close_at_the_finest_
         trained = load_teacher(students[method])
         vs = trained.velocity(z, t, with_extra_inputs(None, **{name: torch.full((512,), value)}))
         rel = float((vs - v).norm() / v.norm())
+        print(f"{method}: relative distance to the teacher's velocity at the finest step after training {rel:.3f}")
         assert 0 < rel < 0.25, (method, rel)  # observed 0.05 (shortcut), 0.1 (meanflow)
 
 
