@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+from . import adversarial_cmd  # noqa: F401
 from . import bespoke_cmd  # noqa: F401
 from . import config_cmd  # noqa: F401
 from . import couple_cmd  # noqa: F401
