@@ -89,7 +89,7 @@ def ring(tmp_path_factory):
     root = tmp_path_factory.mktemp("ring")
     train = run_train(TrainRecipe(data="gaussian-mixture", objective="flow", batch_size=256,
                                   network={"hidden": 64, "depth": 2}, eval_samples=0, device="cpu",
-                                  loop={"steps": 500, "lr": 3e-3, "warmup_steps": 20, "lr_schedule": "cosine",
+                                  loop={"steps": 600, "lr": 3e-3, "warmup_steps": 20, "lr_schedule": "cosine",
                                         "checkpoint_every": 0}), root / "train")
     couple = run_couple(CoupleRecipe(teacher=str(train), n=2048, solver="dpm++2m", nfe=16, micro_batch=1024,
                                      shard_size=2048, batch_size=2048), root / "couple")
@@ -115,9 +115,10 @@ RUNS = {
     "dmd2": dict(method="dmd2", ratio=5, steps_=500, **FAST_FAKE),
     "dmd": dict(method="dmd", steps_=250, **FAST_FAKE),
     "dmd-no-regression": dict(method="dmd", regression_weight=0.0, steps_=250, **FAST_FAKE),
-    "vsd": dict(method="vsd", steps_=250, **FAST_FAKE),
+    "vsd": dict(method="vsd", ratio=2, steps_=300, **FAST_FAKE),  # LoRA rank 8: one update per generator's lags
     "sim": dict(method="sim", steps_=250, **FAST_FAKE),
-    "ladd": dict(method="ladd", steps_=250),
+    # noise levels skewed low (m = -1) for 2-D points; LADD's m = 1 is for high-resolution latents
+    "ladd": dict(method="ladd", steps_=250, discriminator={"logit_mean": -1.0}),
 }
 
 
@@ -126,7 +127,7 @@ def train_generator(ring, name):
     steps = kw.pop("steps_")
     loop = {"steps": steps, "lr": 1e-3, "checkpoint_every": 0, "ema_rates": [0.99], "log_every": 10}
     if kw["method"] == "ladd":
-        loop.update(betas=[0.0, 0.99], validate_every=25)
+        loop.update(betas=[0.0, 0.99], validate_every=10)
         return run_adversarial(AdversarialRecipe(source=str(ring["couple"]), batch_size=256, device="cpu", loop=loop,
                                                  **kw), ring["root"] / name)
     return run_score_distill(ScoreDistillRecipe(source=str(ring["couple"]), batch_size=256, device="cpu", loop=loop,
@@ -171,16 +172,18 @@ def test_update_counts_follow_the_ratio(generators):
 
 
 def test_discriminator_is_informative_and_not_saturated(generators):
+    """Through the run, on a held-out batch: the discriminator tells real samples from the teacher's own 1-step
+    samples (accuracy strictly between 0.5 and 0.95: informative, not saturated), while the generator it trains
+    keeps it near chance (observed 0.45-0.63 against the generator, 0.62-0.69 against the teacher's samples)."""
     out = generators[0]["ladd"]
     summary = json.loads((out / "manifest.json").read_text())["summary"]
-    through = summary["disc_accuracy_through_run"]
+    against_generator = summary["disc_accuracy_through_run"]
+    against_teacher = summary["disc_accuracy_vs_teacher_samples_through_run"]
+    assert len(against_teacher) >= 20
+    assert all(0.5 < a < 0.95 for a in against_teacher), against_teacher
+    assert all(a < 0.95 for a in against_generator), against_generator
     history = json.loads((out / "history.json").read_text())
-    assert len(through) >= 10
-    # above chance while the generator is still off, never saturated; at the end the generator fools it (~0.5)
-    assert max(through) > 0.5 and max(through) < 0.95, through
-    assert all(0.3 < a < 0.95 for a in through), through
-    train_acc = [h["discriminator/d_acc"] for h in history if "discriminator/d_acc" in h]
-    assert max(train_acc) < 0.95
+    assert max(h["discriminator/d_acc"] for h in history if "discriminator/d_acc" in h) < 0.95
     assert all(math.isfinite(v) for h in history for k, v in h.items() if k.endswith("loss"))
 
 
