@@ -22,13 +22,15 @@ from accelkit.teacher import NetworkTeacher
 from accelkit.training import LoopConfig, Trainer
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
-#: MeanFlow as a distillation of the teacher (recipes/toy2d-shortcut.yaml): the teacher's velocity as v, times
-#: uniform, half the pairs with r != t, adaptive weight p = 0.5 (the paper's defaults need far longer on this budget)
-MEANFLOW_DISTILL = dict(anchor="teacher", times="uniform", interval_share=0.5, adaptive_power=0.5)
+#: Both students are anchored to the teacher's velocity (a distillation; on 300 steps the data's eps - x0 is too
+#: noisy: shortcut 0.24 / 0.23 at 1 / 2 jumps against 0.13 / 0.12). MeanFlow as a distillation of the teacher
+#: (recipes/toy2d-shortcut.yaml): times uniform, half the pairs with r != t, adaptive weight p = 0.5 (the paper's
+#: defaults need far longer on this budget).
+MEANFLOW_DISTILL = dict(anchor="teacher", times="uniform", interval_share=0.5, adaptive_power=0.5, loop={"lr": 2e-3})
 SOLVERS = ("euler", "dpm++2m", "ipndm", "unipc", "heun", "midpoint")
 
 
-def flow_teacher(path, steps=500, hidden=128, depth=3, time_scale=1.0, schedule=None, prediction="flow"):
+def flow_teacher(path, steps=400, hidden=64, depth=2, time_scale=1.0, schedule=None, prediction="flow"):
     """A flow-matching MLP on two moons. Its time features are smooth in t (time_scale 1): a network whose velocity
     wiggles at the time embedding's top frequency gives MeanFlow's JVP mostly that wiggle (docs/benchmarks.md)."""
     torch.manual_seed(0)
@@ -44,7 +46,7 @@ def flow_teacher(path, steps=500, hidden=128, depth=3, time_scale=1.0, schedule=
     return save_teacher(NetworkTeacher(net.eval(), builtin_call, prediction, schedule, (2,)), path)
 
 
-def student(couple, out, method, steps=400, **kw):
+def student(couple, out, method, steps=300, **kw):
     loop = {"steps": steps, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0, **kw.pop("loop", {})}
     recipe = ShortcutRecipe(source=str(couple), method=method, batch_size=256, device="cpu", eval_samples=500,
                             finest_steps=64, loop=loop, **kw)
@@ -63,7 +65,7 @@ def moons(tmp_path_factory):
 @pytest.fixture(scope="module")
 def students(moons):
     root, _, couple = moons
-    return {"shortcut": student(couple, root / "shortcut", "shortcut"),
+    return {"shortcut": student(couple, root / "shortcut", "shortcut", anchor="teacher"),
             "meanflow": student(couple, root / "meanflow", "meanflow", **MEANFLOW_DISTILL)}
 
 
@@ -111,7 +113,11 @@ def test_shortcut_and_meanflow_beat_the_teachers_best_solver_at_1_2_4_steps(moon
         errors[method] = [sw(model, noise, data, method, n) for n in (1, 2, 4)]
     for i, nfe in enumerate((1, 2, 4)):
         best = best_teacher_sw(teacher, noise, data, nfe)
-        margin = 0.5 if nfe < 4 else 0.85  # observed: teacher 1.28 / 0.39 / 0.15
+        print(f"NFE {nfe}: teacher's best {best:.3f}, shortcut {errors['shortcut'][i]:.3f}, "
+              f"meanflow {errors['meanflow'][i]:.3f}")
+        # observed: teacher's best 1.12 / 0.27 / 0.120 (its converged ODE: 0.094), shortcut 0.125 / 0.118 / 0.104,
+        # meanflow 0.131 / 0.123 / 0.102: at 4 NFE the teacher is within 0.026 of its own floor
+        margin = {1: 0.3, 2: 0.7, 4: 0.92}[nfe]
         for method in ("shortcut", "meanflow"):
             assert errors[method][i] < margin * best, (method, nfe, errors[method][i], best)
     s1, s2, s4 = errors["shortcut"]
@@ -129,15 +135,15 @@ def test_the_artifact_records_its_sampler_and_sample_uses_it(moons, students, cl
         assert q["student"]["1"] < 0.5 * q["teacher_dpm++2m"]["1"], q
         if method == "meanflow":
             assert summary["derivative"] == "jvp"
-        explicit = cli("sample", out, "--solver", method, "--nfe", "1", "-n", "8", "-o", tmp_path / "e.safetensors",
-                       env=ONE_THREAD)
+        explicit = cli("sample", out, "--solver", method, "--nfe", "1", "-n", "8",
+                       "-o", tmp_path / f"e-{method}.safetensors", env=ONE_THREAD)
         assert explicit.returncode == 0, explicit.stderr
-        r = cli("sample", out, "-n", "8", "-o", tmp_path / "d.safetensors", env=ONE_THREAD)
+        r = cli("sample", out, "-n", "8", "-o", tmp_path / f"d-{method}.safetensors", env=ONE_THREAD)
         assert r.returncode == 0 and f"using {method} at 1 NFE" in r.stderr, r.stderr
         from safetensors.torch import load_file
 
-        assert torch.equal(load_file(tmp_path / "d.safetensors")["samples"],
-                           load_file(tmp_path / "e.safetensors")["samples"])
+        assert torch.equal(load_file(tmp_path / f"d-{method}.safetensors")["samples"],
+                           load_file(tmp_path / f"e-{method}.safetensors")["samples"])
 
 
 RESUME = ["--batch-size", "64", "--steps", "120", "--set", "shortcut.loop.checkpoint_every=10",
