@@ -158,3 +158,39 @@ def test_export_picks_safetensors_for_accelkit_networks(tmp_path, monkeypatch, c
     assert stdout.strip() == str(written)
     x = torch.randn(5, 2)
     assert torch.equal(load_teacher(written).denoise(x, 0.5)[0], load_teacher(path).denoise(x, 0.5)[0])
+
+
+def test_null_class_is_guidances_null_and_is_recorded(tmp_path, monkeypatch, capsys):
+    """--null-class N on a class-conditional UNet2DModel trained with a null class: the same samples as the null
+    condition given as a tensor file, N recorded in the output; bad values are one-line errors."""
+    from diffusers import DDPMScheduler
+    from safetensors.torch import load_file, save_file
+
+    from accelkit.models.loading import read_safetensors_metadata
+
+    folder = tiny_models.write_pipeline(tmp_path / "class", "DDPMPipeline", "unet", tiny_models.tiny_unet2d(4),
+                                        DDPMScheduler(clip_sample=False))
+    save_file({"class_labels": torch.tensor([3])}, tmp_path / "null.safetensors")
+    common = ["sample", folder, "--label", "0,1", "--guidance", "3", "--solver", "dpm++2m", "--nfe", "4", "-n", "2"]
+    code, _, err = run_in_process(monkeypatch, capsys, *common, "--null-class", "3", "-o", tmp_path / "a.safetensors")
+    assert code == 0, err
+    code, _, err = run_in_process(monkeypatch, capsys, *common, "--null-cond", tmp_path / "null.safetensors", "-o",
+                                  tmp_path / "b.safetensors")
+    assert code == 0, err
+    a = load_file(tmp_path / "a.safetensors")["samples"]
+    assert torch.equal(a, load_file(tmp_path / "b.safetensors")["samples"])
+    code, _, err = run_in_process(monkeypatch, capsys, *common, "--null-class", "2", "-o", tmp_path / "c.safetensors")
+    assert code == 0 and not torch.equal(load_file(tmp_path / "c.safetensors")["samples"], a), err
+    settings = json.loads(read_safetensors_metadata(tmp_path / "a.safetensors")["settings"])
+    assert settings["null_class"] == 3
+    for extra, expected in ((("--null-class", "4"), "--null-class 4: expected a class label in 0..3"),
+                            (("--null-class", "-1"), "--null-class -1"),
+                            (("--null-class", "3", "--null-cond", tmp_path / "null.safetensors"), "not both")):
+        out = tmp_path / "bad.safetensors"
+        code, stdout, err = run_in_process(monkeypatch, capsys, *common, *extra, "-o", out)
+        assert code == 2 and stdout == "" and not out.exists(), err
+        assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and expected in err, err
+    text_model = tiny_models.sd_like_pipeline(tmp_path / "text")
+    code, _, err = run_in_process(monkeypatch, capsys, "sample", text_model, "--null-class", "1", "-o",
+                                  tmp_path / "d.safetensors")
+    assert code == 2 and "takes no class labels" in err and not (tmp_path / "d.safetensors").exists(), err

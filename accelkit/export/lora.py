@@ -222,11 +222,9 @@ def base_teacher_path(source: Any) -> Path:
 
 def lora_rank_of(source: Any) -> int:
     """The LoRA rank a student artifact trained with (its recipe's ``loop.lora``); a one-line error otherwise."""
-    from .exporter import STUDENT_KINDS
-
     recipe = (source.manifest or {}).get("recipe") or {}
     lora = (recipe.get("loop") or {}).get("lora")
-    if source.manifest is None or source.kind not in STUDENT_KINDS or not lora:
+    if source.manifest is None or not lora:  # any stage whose student trained loop.lora adapters
         what = "a teacher" if source.manifest is None else f"a full-weight {source.kind} artifact (no loop.lora)"
         raise AccelkitError(f"{source.path}: {what} has no LoRA adapters to export; --format lora / kohya needs a "
                             "student trained with --set <stage>.loop.lora.rank=R (use --format safetensors or "
