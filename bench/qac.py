@@ -74,6 +74,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--eval-n", type=int, default=1000)
+    ap.add_argument("--offline", action="store_true", help="also train the QAC model with offline weights (the same "
+                                                           "training; the summaries compare both books anyway)")
     ap.add_argument("--composition", action="store_true", help="also couple + reflow from the QAC model and the "
                                                                "teacher")
     ap.add_argument("--pairs", type=int, default=4000)
@@ -98,8 +100,10 @@ def main() -> None:
     common = ["--data", args.data, "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr,
               "--device", device]
     models = {}
-    for name, extra in (("control", ["--bits", 0]), ("qac", ["--bits", args.bits]),
-                        ("qac-offline", ["--bits", args.bits, "--collection", "offline"])):
+    runs = [("control", ["--bits", 0]), ("qac", ["--bits", args.bits])]
+    if args.offline:
+        runs.append(("qac-offline", ["--bits", args.bits, "--collection", "offline"]))
+    for name, extra in runs:
         began = time.time()
         models[name] = accelkit("qac", teacher, *common, *extra, "-o", w / name)
         s = summary(models[name])
@@ -108,12 +112,12 @@ def main() -> None:
                      **{k: s.get(k) for k in ("perplexity", "codes_used", "online_offline_tv", "encoder",
                                               "extra_share_of_teacher", "curvature", "straightness", "final_loss")}}
         write(args.json, out)
-    paths = [teacher, models["control"], models["qac"], models["qac-offline"]]
+    names = ["teacher", *models]
+    paths = [teacher, *models.values()]
     rows = json.loads(accelkit("eval", *paths, "--data", args.data, "--solver", SOLVERS,
                                "--nfe", ",".join(map(str, NFES)), "-n", args.eval_n, "--device", device, "--json"))
     out["eval"] = rows
-    best = {name: best_fd(rows, p, NFES) for name, p in zip(("teacher", "control", "qac", "qac-offline"), paths,
-                                                              strict=True)}
+    best = {name: best_fd(rows, p, NFES) for name, p in zip(names, paths, strict=True)}
     out["best_fd"] = {k: {str(n): v for n, v in b.items()} for k, b in best.items()}
     write(args.json, out)
     if args.composition:
@@ -138,7 +142,7 @@ def main() -> None:
     for c in ("NFE", "teacher", "control", "QAC online", "QAC offline", "QAC / control", "QAC solver"):
         t.add_column(c)
     for k in NFES:
-        cells = [best[m].get(k, (float("nan"), "-")) for m in ("teacher", "control", "qac", "qac-offline")]
+        cells = [best.get(m, {}).get(k, (float("nan"), "-")) for m in ("teacher", "control", "qac", "qac-offline")]
         t.add_row(str(k), *[f"{c[0]:.3g}" for c in cells], f"{cells[2][0] / cells[1][0]:.3f}", cells[2][1])
     console = Console(stderr=True)
     console.print(t)

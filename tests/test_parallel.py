@@ -110,7 +110,7 @@ def test_a_sample_does_not_depend_on_its_batch(analytic, trained, spec):
 
 
 def test_names_and_bad_options():
-    assert get_solver("picard:ddim:window=4:tol=0").name == "picard:ddim:window=4:tol=0"
+    assert get_solver("picard:ddim:window=4:tol=0").name == "picard:ddim:window=4:tol=0.0"
     assert wrap("parareal", "euler", blocks=3) == "parareal:euler:blocks=3"
     assert wrap(None, "dpm++2m") == "dpm++2m"
     for call, words in [(lambda: wrap("picard", "dpm++2m"), "multistep"),
@@ -142,8 +142,8 @@ def test_cli_sample_eval_couple_with_parallel(trained, tmp_path):
     r = run_cli("eval", path, "--nfe", "30", "-n", "16", "--parallel", "parareal", "--tol", "0", "--json")
     assert r.returncode == 0, r.stderr
     rows = {row["solver"]: row for row in json.loads(r.stdout)}
-    assert set(rows) == {"euler", "parareal:euler:tol=0"}
-    e, p = rows["euler"], rows["parareal:euler:tol=0"]
+    assert set(rows) == {"euler", "parareal:euler:tol=0.0"}
+    e, p = rows["euler"], rows["parareal:euler:tol=0.0"]
     assert e["rounds"] == 30 and e["nfe_total"] == 30
     assert p["nfe_total"] > 30 and p["rounds"] > 0 and abs(p["rmse"] - e["rmse"]) < 1e-6
 

@@ -82,7 +82,8 @@ def test_a_guidance_range_student_follows_the_teacher_at_the_scale_it_is_given(g
         student.guidance_scale = g  # what `accelkit sample --guidance g` sets: the input, no CFG passes
         x = sample_batched(student, noise, "shortcut", 4, cond=cond)
         own, other = rmse(x, reference[g]), rmse(x, reference[5.0 - g])
-        assert own < 0.6 * other, (g, own, other)  # observed
+        print(f"guidance-range student at g = {g}: rmse to the teacher at {g} {own:.3f}, at {5.0 - g} {other:.3f}")
+        assert own < 0.6 * other, (g, own, other)
     summary = json.loads((ranged / "manifest.json").read_text())["summary"]
     assert summary["guidance"] == {"input": "guidance", "range": [1.0, 4.0]}
 
@@ -91,9 +92,11 @@ def test_a_baked_scale_student_follows_the_guided_teacher_not_the_unguided_one(g
     _, _, baked, noise, cond, reference = guided
     x = sample_batched(load_teacher(baked), noise, "shortcut", 4, cond=cond)
     guided_err, unguided_err = rmse(x, reference[3.0]), rmse(x, reference[1.0])
+    print(f"baked W = 3 student: rmse to the teacher at 3 {guided_err:.3f}, unguided {unguided_err:.3f}")
     assert guided_err < 0.6 * unguided_err, (guided_err, unguided_err)
 
 
+@pytest.mark.slow
 def test_sample_with_guidance_picks_the_embedded_scale(guided, tmp_path):
     _, ranged, _, _, _, _ = guided
     from safetensors.torch import load_file

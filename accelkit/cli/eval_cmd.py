@@ -28,7 +28,8 @@ def eval_command(
                                       "takes); missing or '-': one path from stdin."),
     nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
     solver: str = typer.Option(None, "--solver", help="Comma-separated ODE solvers: euler, heun, "
-                               "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, or bespoke "
+                               "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, "
+                               "solver-stats artifacts (DPM-Solver-v3), or bespoke "
                                "artifacts (learned solvers, at their own NFE and times) (default: euler,dpm++2m; "
                                "euler with --parallel)."),
     grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, "

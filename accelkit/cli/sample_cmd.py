@@ -36,7 +36,8 @@ def sample_command(
     output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
                                "points) or .safetensors (the raw samples)."),
     solver: str = typer.Option(None, "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
-                               "ddim, unipc, unipc2, ipndm, ipndm-v, or a bespoke artifact (a learned solver) "
+                               "ddim, unipc, unipc2, ipndm, ipndm-v, a bespoke artifact (a learned solver) or a "
+                               "solver-stats artifact (DPM-Solver-v3) "
                                "(default: the sampler the model records, as reflow / distill students and exports "
                                "do, else euler)."),
     nfe: int = typer.Option(None, "--nfe", help="Network evaluations per sample (default: the recorded sampler's, "

@@ -40,7 +40,7 @@ EXPORT_FORMAT = "accelkit.export/1"
 #: The file in an exported diffusers folder that records what was exported and how it samples.
 RECORD_FILE = "accelkit_export.json"
 #: Artifact kinds that hold a student (few-step model) rather than a teacher.
-STUDENT_KINDS = ("reflow", "distill")
+STUDENT_KINDS = ("reflow", "distill", "consistency")
 DEFAULT_TEACHER_NFE = 8
 DEFAULT_STUDENT_NFE = 2
 #: diffusers pipelines for model classes that make sense on their own (other components may be passed to

@@ -204,6 +204,13 @@ def base_teacher_path(source: Any) -> Path:
     inputs = manifest.get("inputs", {})
     if "teacher" in inputs:
         return Path(inputs["teacher"]["path"])
+    if "source" in inputs:  # a SOURCE stage (consistency, ...): a couple artifact or the teacher itself
+        from ..stages.student import is_couplings
+
+        src = Path(inputs["source"]["path"])
+        if not is_couplings(src):
+            return src
+        inputs = {"couplings": inputs["source"]}
     if "couplings" in inputs:
         couple = read_manifest(Path(inputs["couplings"]["path"]))
         entry = couple.get("inputs", {}).get("teacher")

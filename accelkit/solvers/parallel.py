@@ -187,10 +187,12 @@ class Picard(ParallelSolver):
         a, c, t = on_device(a_h, x), on_device(c_h, x), host_to_device(ts, dev)
         # threshold on the mean squared change of step j's result: tol^2 sigma(t_j)^2
         thr = on_device((self.tol * teacher.schedule.sigma(ts[:-1].to(torch.float64))) ** 2, x)
-        traj = x.unsqueeze(0).repeat(n + 1, *([1] * x.ndim))  # states x_0 .. x_N of every sample
-        b = torch.zeros(bsz, dtype=torch.long, device=dev)  # each sample's window start
+        # each sample's window: the states x_b .. x_{b+P} of its current window start b (memory (P + 1) per sample)
+        win = x.unsqueeze(1).repeat(1, p + 1, *([1] * (x.ndim - 1)))
+        b = torch.zeros(bsz, dtype=torch.long, device=dev)
         col = torch.arange(bsz, device=dev)
         offsets = torch.arange(p, device=dev)
+        positions = torch.arange(p + 1, device=dev)
         rounds = evaluations = 0
         while True:
             active = b < n
@@ -200,35 +202,30 @@ class Picard(ParallelSolver):
             valid = (j < n) & active[:, None]
             rs, ri = valid.nonzero(as_tuple=True)
             js = j[rs, ri]
-            xs = traj[js, rs]
+            xs = win[rs, ri]  # x^k_{b+i}
             f = _f(self.base, teacher, xs, t[js], _rows(cond, rs))
             rounds, evaluations = rounds + 1, evaluations + len(js)
             phi = torch.zeros((bsz, p, *x.shape[1:]), dtype=x.dtype, device=dev)
             phi[rs, ri] = _apply(self.base, a[js], c[js], xs, f)
-            jc = j.clamp(max=n - 1)
-            old_in = traj[jc, col[:, None]]  # x^k_{b+i}
-            old_out = traj[jc + 1, col[:, None]]  # x^k_{b+i+1}
-            new, cur = [], traj[b.clamp(max=n), col]
+            new, cur = [], phi[:, 0]
             for i in range(p):  # x^{k+1}_{b+i+1} = Phi(x^k_{b+i}) + (x^{k+1}_{b+i} - x^k_{b+i})
-                cur = phi[:, i] + (cur - old_in[:, i]) if i else phi[:, 0]
+                cur = phi[:, i] + (cur - win[:, i]) if i else cur
                 new.append(cur)
             new_t = torch.stack(new, 1)  # (B, P, ...)
-            err = (new_t - old_out).pow(2).reshape(bsz, p, -1).mean(-1)
-            ok = (err <= thr[jc]) & valid
+            err = (new_t - win[:, 1:]).pow(2).reshape(bsz, p, -1).mean(-1)
+            ok = (err <= thr[j.clamp(max=n - 1)]) & valid
             ok[:, 0] = valid[:, 0]  # the window's first step starts from a final state
-            traj[j[rs, ri] + 1, rs] = new_t[rs, ri]
             advance = ok.long().cumprod(1).sum(1)
-            last = (valid.long().sum(1) - 1).clamp(min=0)
-            end_state = new_t[col, last]  # the window's last state starts the steps that enter it
+            filled = valid.long().sum(1)  # window positions 1 .. filled now hold new states
+            win[rs, ri + 1] = new_t[rs, ri]
+            # slide: position m takes old position m + advance; past the computed ones, the window's last state
+            src = torch.minimum(positions[None, :] + advance[:, None], filled[:, None])
+            win = win[col[:, None], src]
             b = torch.where(active, (b + advance).clamp(max=n), b)
-            window_end = j[:, -1] + 1  # states beyond the old window: initialised at its last state
-            later = (torch.arange(n + 1, device=dev)[:, None] > window_end[None, :]) & active[None, :]
-            later = later.reshape(n + 1, bsz, *([1] * (x.ndim - 1)))
-            traj = torch.where(later, end_state.unsqueeze(0), traj)
         _sync(x)
         _report(ParallelReport(self.name, bsz, n, rounds, n, evaluations / bsz, n, time.perf_counter() - start,
                                rounds))
-        return traj[n]
+        return win[:, 0]
 
 
 class Parareal(ParallelSolver):
@@ -330,7 +327,7 @@ def parallel_spec(method: str, base: str, **options) -> str:
     """The solver name of a parallel method over ``base`` with its options (None: left at the default)."""
     if method not in METHODS:
         raise AccelkitError(f"--parallel {method!r}: expected one of {', '.join(METHODS)}")
-    parts = [method, base] + [f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}"
+    parts = [method, base] + [f"{k}={v!r}" if isinstance(v, float) else f"{k}={v}"
                               for k, v in options.items() if v is not None]
     return ":".join(parts)
 

@@ -14,7 +14,10 @@ Two parameter groups of the one :class:`accelkit.training.Trainer`:
 
 Real samples x_real are the data set's (``--data``) or the couplings' teacher samples (SOURCE a couple artifact).
 The artifact is the generator's first EMA with its K-step sampler recorded in ``summary.sampling``; the summary also
-reports the discriminator's accuracy on a held-out batch at the end (``disc_accuracy``).
+reports the discriminator's accuracy on a held-out batch (real rows and draws of another seed) against the
+generator's samples (``disc_accuracy``, and at every ``loop.validate_every`` steps that are also log steps:
+``disc_accuracy_through_run``) and against the frozen teacher's own K-step samples
+(``disc_accuracy_vs_teacher_samples_through_run``: what a working discriminator recognises as fake).
 """
 
 from __future__ import annotations
@@ -144,10 +147,15 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
 
         held_out = held_out_batch(recipe, run, draw)
 
+        with torch.no_grad():  # the frozen teacher's own K-step samples: fakes a working discriminator spots
+            start_fakes = generate(frozen, held_out["z"], times, condition_of(held_out))
+
         def validate(tr: Trainer) -> dict[str, float]:  # the discriminator on a batch it never trains on
             real_logits, _ = logits(students.clean_samples(held_out), held_out, "eps_d_real")
             fake_logits, _ = logits(samples(held_out), held_out, "eps_d")
-            return {"disc_accuracy": gan.accuracy(real_logits, fake_logits)}
+            start_logits, _ = logits(start_fakes, held_out, "eps_d")
+            return {"disc_accuracy": gan.accuracy(real_logits, fake_logits),
+                    "disc_accuracy_teacher_samples": gan.accuracy(real_logits, start_logits)}
 
         trainer = Trainer(model, None, batches, recipe.loop, checkpoint_dir=path / "checkpoint", device=device,
                           on_log=on_log, groups=groups, validate_fn=validate)
@@ -158,9 +166,12 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
         if run.rank == 0:
             assert art is not None
             through = [h["val/disc_accuracy"] for h in trainer.history if "val/disc_accuracy" in h]
+            against_teacher = [h["val/disc_accuracy_teacher_samples"] for h in trainer.history
+                               if "val/disc_accuracy_teacher_samples" in h]
             finish_generator(art, recipe, run, trainer, logs, seconds, "accelkit adversarial",
                              {"ratio": ratio, "disc_accuracy": logs.get("val/disc_accuracy"),
-                              "disc_accuracy_through_run": through})
+                              "disc_accuracy_through_run": through,
+                              "disc_accuracy_vs_teacher_samples_through_run": against_teacher})
             shutil.rmtree(path / "checkpoint", ignore_errors=True)
         barrier()
         return path

@@ -42,7 +42,7 @@ def lora_targets(network: nn.Module, settings: LoraSettings | None) -> LoraSetti
     if settings is not None and any(n.endswith(t) for t in settings.target_modules for n in names):
         return settings
     layers = [n for n, m in network.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    base = settings or LoraSettings(rank=4, alpha=4.0)
+    base = settings or LoraSettings(rank=8, alpha=8.0)
     return base.model_copy(update={"target_modules": layers})
 
 
