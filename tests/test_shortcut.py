@@ -191,12 +191,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(moons, cli, tmp_path):
     _, teacher, couple = moons
     cases = [
         (("shortcut", couple, "--set", "shortcut.finest_steps=100"), "power of two"),
-        (("shortcut", couple, "--nfe", "3"), "power of two"),
         (("shortcut", couple, "--guidance-range", "1,4"), "unconditional"),
-        (("shortcut", couple, "--guidance", "3"), "unconditional"),
-        (("shortcut", couple, "--guidance-range", "4,1"), "A < B"),
         (("shortcut", teacher), "--data"),
-        (("shortcut", couple, "--method", "consistency"), "meanflow"),
     ]
     for i, (args, expected) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -205,6 +201,17 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(moons, cli, tmp_path):
         assert expected in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
         assert len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert not out.exists(), args
+    # the same checks in the recipe and the stage, without a process each
+    from accelkit.errors import AccelkitError
+
+    for bad, expected in (({"nfe": 3}, "power of two"), ({"guidance_range": (4.0, 1.0)}, "A < B"),
+                          ({"method": "consistency"}, "meanflow"), ({"guidance": 1.0, "guidance_range": (1, 2)},
+                                                                     "not both")):
+        with pytest.raises(ValueError, match=expected):
+            ShortcutRecipe(source=str(couple), **bad)
+    with pytest.raises(AccelkitError, match="unconditional"):
+        run_shortcut(ShortcutRecipe(source=str(couple), guidance=3.0), tmp_path / "g")
+    assert not (tmp_path / "g").exists()
 
 
 class NoForwardMode(torch.autograd.Function):
