@@ -20,6 +20,26 @@ Rank 0 writes the checkpoint's shared files, every rank writes its own random-ge
 
 A non-finite loss or gradient norm stops training with :class:`TrainingDiverged`, before the optimizer step, so the
 last checkpoint on disk stays a good one.
+
+Several networks in one run (a generator and a fake score, a discriminator, an encoder): pass ``groups``, a list of
+:class:`ParamGroup` ``(name, module, loss_fn, settings)``, instead of one ``loss_fn``. ``model`` is then the container
+of every trained network (e.g. an ``nn.ModuleDict``); each group owns the trainable parameters of its ``module`` (a
+submodule of ``model``; groups are disjoint and cover every trainable parameter) and has its own optimizer, learning
+rate, betas, weight decay, gradient clipping, update schedule and, optionally, EMA (:class:`GroupSettings`; unset
+fields take the loop's value). Frozen networks (a teacher) are not in ``model``: they are plain inputs of the losses.
+
+    step s updates group g  iff  s % g.every == g.offset        (in the order the groups are listed)
+
+so ``every=1`` is every step, ``every=k`` every k-th step, two groups with ``every=2`` and offsets 0 / 1 alternate,
+and DMD2's "5 fake-score updates per generator update" is ``fake_score: every=1`` listed after
+``generator: every=5``. A step draws one batch; each group due at that step computes ``loss_fn(model, batch)``,
+back-propagates with only its own parameters requiring gradients (the other networks pass gradients through to their
+inputs, but accumulate none), clips its own gradient norm and takes its optimizer step; the group's learning rate is
+its peak ``lr`` times the loop's schedule (warm-up, cosine) at the step. ``config.steps`` counts steps, not updates;
+``trainer.updates[name]`` counts each group's optimizer steps. A checkpoint is taken between steps and holds every
+network, every group's optimizer, gradient scaler, update count and EMA, so a run killed anywhere (also between one
+group's update and the next in the same step) resumes exactly. Under DDP the groups are not wrapped: each group's
+gradients are averaged over the ranks with one all-reduce after its backward pass (the same mean as DDP's).
 """
 
 from __future__ import annotations
@@ -34,12 +54,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from torch import Tensor, nn
 
 from .artifacts import atomic_write_json, save_safetensors
@@ -117,6 +138,53 @@ class LoopConfig(BaseModel):
             span = max(1, self.steps - self.warmup_steps)
             return 0.5 * self.lr * (1.0 + math.cos(math.pi * min(1.0, (step - self.warmup_steps) / span)))
         return self.lr
+
+
+class GroupSettings(BaseModel):
+    """How one network of a several-network run trains (see the module docstring); unset fields take the loop's."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    lr: float | None = Field(None, gt=0, description="peak learning rate (null: the loop's lr); the loop's warm-up "
+                                                     "and schedule apply")
+    betas: tuple[float, float] | None = Field(None, description="Adam betas (null: the loop's)")
+    weight_decay: float | None = Field(None, ge=0, description="weight decay (null: the loop's)")
+    grad_clip: float | Literal["off"] | None = Field(None, description="clip this group's gradient norm to this "
+                                                                       "(null: the loop's grad_clip; off: no clip)")
+    every: int = Field(1, ge=1, description="update at the steps s with s % every == offset")
+    offset: int = Field(0, ge=0, description="see every; 0 <= offset < every")
+    ema: bool = Field(False, description="keep EMAs of this group's weights at the loop's ema_rates")
+
+    @model_validator(mode="after")
+    def _offset_below_every(self) -> GroupSettings:
+        if self.offset >= self.every:
+            raise ValueError(f"offset {self.offset}: expected 0 <= offset < every = {self.every}")
+        return self
+
+    def due(self, step: int) -> bool:
+        """Whether this group takes an optimizer step at (0-based) step ``step``."""
+        return step % self.every == self.offset
+
+    def clip(self, loop: LoopConfig) -> float | None:
+        """The gradient-norm bound of this group (None: no clipping)."""
+        if self.grad_clip == "off":
+            return None
+        return loop.grad_clip if self.grad_clip is None else float(self.grad_clip)
+
+    def lr_at(self, loop: LoopConfig, step: int) -> float:
+        """This group's learning rate at step ``step``: its peak lr times the loop's schedule at that step."""
+        return loop.lr_at(step) if self.lr is None else self.lr * (loop.lr_at(step) / loop.lr)
+
+
+@dataclass
+class ParamGroup:
+    """One trained network of a several-network run: ``module`` (a submodule of the trainer's model) is trained on
+    ``loss_fn(model, batch)`` (``model``: the whole container) with ``settings``."""
+
+    name: str
+    module: nn.Module
+    loss_fn: LossFn
+    settings: GroupSettings = field(default_factory=GroupSettings)
 
 
 # --------------------------------------------------------------------------------------------------------- protocols
@@ -347,6 +415,22 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _load_optimizer(optimizer: torch.optim.Optimizer, opt: dict[str, Any]) -> None:
+    """Load an optimizer state read back from JSON + safetensors (int state keys, tuple betas)."""
+    opt["state"] = {int(k): v for k, v in opt["state"].items()}
+    for group in opt["param_groups"]:
+        if "betas" in group:
+            group["betas"] = tuple(group["betas"])
+    optimizer.load_state_dict(opt)
+
+
+def _make_optimizer(config: LoopConfig, params: list[nn.Parameter], lr: float, betas: tuple[float, float],
+                    weight_decay: float) -> torch.optim.Optimizer:
+    opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.RAdam
+    kw: dict[str, Any] = {"decoupled_weight_decay": True} if config.optimizer == "radam" else {}
+    return opt_cls(params, lr=lr, betas=tuple(betas), eps=config.eps, weight_decay=weight_decay, **kw)
+
+
 class Trainer:
     """Trains ``model`` on ``loss_fn(model, batch)`` for ``config.steps`` optimizer steps; see the module docstring.
 
@@ -355,6 +439,9 @@ class Trainer:
     ``checkpoint_dir`` (optional) is where checkpoints go; :meth:`fit` resumes from the latest one found there.
     ``validate_fn(trainer)`` runs every ``config.validate_every`` steps and at the end; its metrics are logged.
     ``on_log(step, values)`` receives logged values (rank 0), e.g. for a metrics file or a progress display.
+    ``groups`` (with ``loss_fn=None``): train several networks of ``model``, each on its own loss and schedule (see
+    the module docstring); ``trainer.updates[name]`` counts each group's updates, ``trainer.optimizers[name]`` and
+    ``trainer.emas[name]`` hold its optimizer and EMA, ``trainer.ema_weights(rate, group=name)`` its averaged weights.
     """
 
     def __init__(
@@ -368,6 +455,7 @@ class Trainer:
         device: torch.device | str | None = None,
         on_log: Callable[[int, dict[str, float]], None] | None = None,
         progress: bool = True,
+        groups: list[ParamGroup] | None = None,
     ):
         self.config = config
         self.device = torch.device(device) if device is not None else default_device()
@@ -378,11 +466,17 @@ class Trainer:
             torch.use_deterministic_algorithms(True, warn_only=self.device.type == "cuda")
             if self.device.type == "cuda":
                 os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        if groups is not None and (loss_fn is not None or config.lora is not None):
+            raise AccelkitError("a Trainer with parameter groups takes its losses from the groups (loss_fn=None) and "
+                                "LoRA per network (apply_lora on the module before), not loop.lora")
         if config.lora is not None:
             model = apply_lora(model, config.lora)
         self.model = model.to(self.device)
         self.module: nn.Module = self.model
-        if self.world > 1:
+        self.groups: list[ParamGroup] = list(groups or [])
+        if self.groups:
+            self._init_groups()
+        elif self.world > 1:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.loss_fn, self.data, self.validate_fn, self.on_log = loss_fn, data, validate_fn, on_log
@@ -391,11 +485,10 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         if not params:
             raise AccelkitError("the model has no trainable parameters")
-        opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.RAdam
-        kw: dict[str, Any] = {"decoupled_weight_decay": True} if config.optimizer == "radam" else {}
-        self.optimizer = opt_cls(params, lr=config.lr_at(0), betas=tuple(config.betas), eps=config.eps,
-                                 weight_decay=config.weight_decay, **kw)
-        self.ema = EMA(self.model, config.ema_rates, config.ema_warmup)
+        if not self.groups:
+            self.optimizer = _make_optimizer(config, params, config.lr_at(0), config.betas, config.weight_decay)
+        # with groups, this EMA covers no parameters (each group keeps its own in self.emas)
+        self.ema = EMA(self.model if not self.groups else nn.Module(), config.ema_rates, config.ema_warmup)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.step = 0
         self.recent_losses: deque[float] = deque(maxlen=16)
@@ -405,10 +498,65 @@ class Trainer:
         self._stop: int | None = None  # the signal that stops every rank, once the ranks agreed on it
         self._save_due = False
 
+    def _init_groups(self) -> None:
+        """Per-group parameters, optimizers, gradient scalers, EMAs and update counts (several-network runs)."""
+        cfg = self.config
+        names = [g.name for g in self.groups]
+        if len(set(names)) != len(names) or any(not n or "/" in n for n in names):
+            raise AccelkitError(f"parameter groups {names}: expected distinct, non-empty names without '/'")
+        owner: dict[int, str] = {}
+        self._group_params: dict[str, list[nn.Parameter]] = {}
+        inside = {id(p) for p in self.model.parameters()}
+        for g in self.groups:
+            params = [p for p in g.module.parameters() if p.requires_grad]
+            if not params:
+                raise AccelkitError(f"parameter group {g.name!r} has no trainable parameters")
+            for p in params:
+                if id(p) not in inside:
+                    raise AccelkitError(f"parameter group {g.name!r}: its module is not part of the trainer's model")
+                if id(p) in owner:
+                    raise AccelkitError(f"parameter groups {owner[id(p)]!r} and {g.name!r} share parameters")
+                owner[id(p)] = g.name
+            self._group_params[g.name] = params
+        loose = [n for n, p in self.model.named_parameters() if p.requires_grad and id(p) not in owner]
+        if loose:
+            raise AccelkitError(f"trainable parameters that no group trains: {loose[:3]}; freeze them "
+                                f"(requires_grad_(False)) or give them a group")
+        period = math.lcm(*(g.settings.every for g in self.groups))
+        idle = [s for s in range(period) if not any(g.settings.due(s) for g in self.groups)]
+        if idle:
+            raise AccelkitError(f"parameter groups' schedules (every/offset) update nothing at step {idle[0]} "
+                                f"(and every {period} steps after): expected at least one group due at every step")
+        self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.scalers: dict[str, torch.amp.GradScaler] = {}
+        self.emas: dict[str, EMA] = {}
+        self.updates: dict[str, int] = {}
+        for g in self.groups:
+            st = g.settings
+            self.optimizers[g.name] = _make_optimizer(
+                cfg, self._group_params[g.name], st.lr_at(cfg, 0), st.betas or cfg.betas,
+                cfg.weight_decay if st.weight_decay is None else st.weight_decay)
+            self.scalers[g.name] = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
+            if st.ema:
+                self.emas[g.name] = EMA(g.module, cfg.ema_rates, cfg.ema_warmup)
+            self.updates[g.name] = 0
+
     # --------------------------------------------------------------------------------------------------- weights
 
-    def ema_weights(self, rate: float | None = None) -> dict[str, Tensor]:
-        """The model's state dict averaged at ``rate`` (default: the first EMA rate; no EMA: the raw weights)."""
+    def ema_weights(self, rate: float | None = None, group: str | None = None) -> dict[str, Tensor]:
+        """The model's state dict averaged at ``rate`` (default: the first EMA rate; no EMA: the raw weights).
+
+        With parameter groups: the state dict of group ``group``'s module (default: the first group with EMA), its
+        trainable parameters averaged at ``rate`` (a group without EMA: its raw weights)."""
+        if self.groups:
+            if group is None:
+                group = next(iter(self.emas), self.groups[0].name)
+            module = next((g.module for g in self.groups if g.name == group), None)
+            if module is None:
+                raise AccelkitError(f"no parameter group {group!r}: expected one of {[g.name for g in self.groups]}")
+            if group not in self.emas or not self.config.ema_rates:
+                return {k: v.detach().clone() for k, v in module.state_dict().items()}
+            return self.emas[group].weights(module, self.config.ema_rates[0] if rate is None else rate)
         if rate is None:
             if not self.ema.rates:
                 return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
@@ -458,7 +606,10 @@ class Trainer:
         _save_tensors(tmp / f"rank{self.rank}.safetensors", {**{f"rng.{k}": v for k, v in rng_tensors.items()},
                                                                 **{f"data.{k}": v for k, v in data_tensors.items()}})
         atomic_write_json(tmp / f"rank{self.rank}.json", {"rng": rng_plain, "data": data_plain})
-        if self.rank == 0:
+        if self.rank == 0 and self.groups:
+            _save_tensors(tmp / "model.safetensors", self.model.state_dict())
+            groups_plain = self._save_groups(tmp)
+        elif self.rank == 0:
             _save_tensors(tmp / "model.safetensors", self.model.state_dict())
             _save_tensors(tmp / "ema.safetensors", self.ema.tensors(),
                           metadata={"rates": json.dumps(self.ema.rates)})
@@ -469,11 +620,14 @@ class Trainer:
         if self.rank == 0:
             state = {
                 "format": CHECKPOINT_FORMAT, "step": self.step, "world_size": self.world,
-                "optimizer": opt_plain, "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
                 "recent_losses": list(self.recent_losses), "ema_rates": self.ema.rates, "history": self.history,
-                "ema_updates": self.ema.updates,
                 "config": self.config.model_dump(mode="json"), "time": time.time(),
             }
+            if self.groups:
+                state["groups"] = groups_plain
+            else:
+                state.update({"optimizer": opt_plain, "ema_updates": self.ema.updates,
+                              "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None})
             atomic_write_json(tmp / "state.json", state)  # written last: the checkpoint is complete once it exists
             if final.exists():
                 shutil.rmtree(final)
@@ -483,6 +637,43 @@ class Trainer:
         self._barrier()
         self.last_checkpoint = final
         return final
+
+    def _save_groups(self, tmp: Path) -> dict[str, Any]:
+        """Write each group's optimizer (``optimizer-NAME``) and EMA (``ema-NAME``) tensors; returns the JSON part."""
+        plain: dict[str, Any] = {}
+        for g in self.groups:
+            opt_tensors: dict[str, Tensor] = {}
+            opt_plain = split_state(self.optimizers[g.name].state_dict(), opt_tensors)
+            _save_tensors(tmp / f"optimizer-{g.name}.safetensors", opt_tensors)
+            ema = self.emas.get(g.name)
+            if ema is not None:
+                _save_tensors(tmp / f"ema-{g.name}.safetensors", ema.tensors(),
+                              metadata={"rates": json.dumps(ema.rates)})
+            scaler = self.scalers[g.name]
+            plain[g.name] = {"optimizer": opt_plain, "updates": self.updates[g.name],
+                             "ema_updates": ema.updates if ema is not None else None,
+                             "scaler": scaler.state_dict() if scaler.is_enabled() else None}
+        return plain
+
+    def _load_groups(self, path: Path, state: dict[str, Any]) -> None:
+        saved = state.get("groups")
+        names = [g.name for g in self.groups]
+        if saved is None or list(saved) != names:
+            raise AccelkitError(f"{path}: checkpoint has parameter groups {list(saved or [])}, this run {names}")
+        for g in self.groups:
+            entry = saved[g.name]
+            opt = join_state(entry["optimizer"], _load_tensors(path / f"optimizer-{g.name}.safetensors"))
+            _load_optimizer(self.optimizers[g.name], opt)
+            ema = self.emas.get(g.name)
+            if (ema is None) != (entry["ema_updates"] is None):
+                raise AccelkitError(f"{path}: group {g.name!r} has EMA {'off' if ema is None else 'on'} in this run, "
+                                    f"not in the checkpoint")
+            if ema is not None:
+                ema.load_tensors(_load_tensors(path / f"ema-{g.name}.safetensors"))
+                ema.updates = int(entry["ema_updates"])
+            if entry.get("scaler") and self.scalers[g.name].is_enabled():
+                self.scalers[g.name].load_state_dict(entry["scaler"])
+            self.updates[g.name] = int(entry["updates"])
 
     def _prune(self, root: Path, keep: str) -> None:
         done = sorted(p for p in root.glob("step-*") if p.is_dir() and (p / "state.json").exists())
@@ -506,17 +697,19 @@ class Trainer:
                                 f"{unexpected[:3]}): was it made by another recipe?")
         if [float(r) for r in state["ema_rates"]] != self.ema.rates:
             raise AccelkitError(f"{path}: checkpoint has EMA rates {state['ema_rates']}, this run {self.ema.rates}")
-        self.ema.load_tensors(_load_tensors(path / "ema.safetensors"))
-        opt = join_state(state["optimizer"], _load_tensors(path / "optimizer.safetensors"))
-        opt["state"] = {int(k): v for k, v in opt["state"].items()}
-        for group in opt["param_groups"]:
-            if "betas" in group:
-                group["betas"] = tuple(group["betas"])
-        self.optimizer.load_state_dict(opt)
-        if state.get("scaler") and self.scaler.is_enabled():
-            self.scaler.load_state_dict(state["scaler"])
+        if self.groups:
+            self._load_groups(path, state)
+        else:
+            if "optimizer" not in state:
+                raise AccelkitError(f"{path}: a checkpoint of a run with parameter groups, this run has none")
+            self.ema.load_tensors(_load_tensors(path / "ema.safetensors"))
+            opt = join_state(state["optimizer"], _load_tensors(path / "optimizer.safetensors"))
+            _load_optimizer(self.optimizer, opt)
+            if state.get("scaler") and self.scaler.is_enabled():
+                self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
-        self.ema.updates = int(state.get("ema_updates", self.step))
+        if not self.groups:
+            self.ema.updates = int(state.get("ema_updates", self.step))
         self.recent_losses = deque(state.get("recent_losses", []), maxlen=16)
         self.history = list(state.get("history", []))
         rank_file = path / f"rank{self.rank}.json"
@@ -552,6 +745,8 @@ class Trainer:
 
     def train_step(self, batch: Any) -> dict[str, float]:
         """One optimizer step on ``batch`` (this rank's part of the global batch); returns the logged values."""
+        if self.groups:
+            return self._train_step_groups(batch)
         cfg = self.config
         micro = _split_batch(_to_device(batch, self.device), cfg.grad_accum)
         self.optimizer.zero_grad(set_to_none=True)
@@ -606,6 +801,86 @@ class Trainer:
                   **dict(zip(keys, values[1:1 + len(keys)], strict=True))}
         if grad_norm is not None:
             logged["grad_norm"] = grad_norm
+        return logged
+
+    def _train_step_groups(self, batch: Any) -> dict[str, float]:
+        """One step of a several-network run: every group due at this step, in order, takes one optimizer step on
+        its own loss over ``batch``; logged values are prefixed with the group's name (``loss``: the last one's)."""
+        cfg = self.config
+        micro = _split_batch(_to_device(batch, self.device), cfg.grad_accum)
+        due = [g for g in self.groups if g.settings.due(self.step)]
+        logged: dict[str, float] = {}
+        for i, g in enumerate(due):
+            st, params = g.settings, self._group_params[g.name]
+            optimizer, scaler = self.optimizers[g.name], self.scalers[g.name]
+            others = [p for h in self.groups if h is not g for p in self._group_params[h.name]]
+            self.model.zero_grad(set_to_none=True)
+            total = torch.zeros((), device=self.device, dtype=torch.float32)
+            extra: dict[str, Tensor] = {}
+            for p in others:  # the other networks pass gradients through to their inputs but accumulate none
+                p.requires_grad_(False)
+            try:
+                for mb in micro:
+                    with self._autocast():
+                        out = g.loss_fn(self.model, mb)
+                    loss, logs = out if isinstance(out, tuple) else (out, {})
+                    scaler.scale(loss / len(micro)).backward()
+                    total += loss.detach().float() / len(micro)
+                    for k, v in logs.items():
+                        extra[k] = extra.get(k, 0.0) + torch.as_tensor(v, dtype=torch.float32).detach() / len(micro)
+            finally:
+                for p in others:
+                    p.requires_grad_(True)
+            if self.world > 1:  # average this group's gradients over the ranks: one all-reduce
+                grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+                flat = torch.cat([gr.reshape(-1) for gr in grads])
+                torch.distributed.all_reduce(flat)
+                flat /= self.world
+                for p, chunk in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                    p.grad = chunk.view_as(p).to(p.dtype)
+            clip = st.clip(cfg)
+            grad_norm_t = None
+            if clip is not None:
+                scaler.unscale_(optimizer)
+                grad_norm_t = nn.utils.clip_grad_norm_(params, clip)
+            last = i == len(due) - 1  # the last update of the step carries the signal and the checkpoint timer
+            keys = sorted(extra)
+            ck = self._checkpointer
+            signum = float(ck.signum or 0) if ck is not None and last else 0.0
+            timer = float(last and ck is not None and self.rank == 0 and ck.due())
+            norm = [grad_norm_t.detach().float().reshape(())] if grad_norm_t is not None else []
+            packed = torch.cat([torch.stack([total, *[extra[k].to(self.device) for k in keys], *norm]),
+                                torch.tensor([signum, timer], device=self.device)])
+            if self.world > 1:
+                torch.distributed.all_reduce(packed)
+                packed[:-2] /= self.world
+            values = packed.tolist()
+            loss_value = values[0]
+            if last:
+                if values[-2] > 0:
+                    self._stop = int(ck.signum) if ck is not None and ck.signum else signal.SIGTERM
+                self._save_due = values[-1] > 0 or self._stop is not None
+            if not math.isfinite(loss_value):
+                self._diverged(f"{g.name} loss = {loss_value}")
+            lr = st.lr_at(cfg, self.step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            grad_norm = values[-3] if grad_norm_t is not None else None
+            if grad_norm is not None and not math.isfinite(grad_norm) and not scaler.is_enabled():
+                self._diverged(f"{g.name} gradient norm = {grad_norm}")
+            scaler.step(optimizer)
+            scaler.update()
+            if g.name in self.emas:
+                self.emas[g.name].update(g.module)
+            self.updates[g.name] += 1
+            logged.update({f"{g.name}/loss": loss_value, f"{g.name}/lr": lr,
+                           **{f"{g.name}/{k}": v for k, v in zip(keys, values[1:1 + len(keys)], strict=True)}})
+            if grad_norm is not None:
+                logged[f"{g.name}/grad_norm"] = grad_norm
+            logged["loss"] = loss_value
+        self.model.zero_grad(set_to_none=True)
+        self.step += 1
+        self.recent_losses.append(logged["loss"])
         return logged
 
     def _diverged(self, what: str) -> None:
@@ -695,7 +970,7 @@ class Trainer:
 
 
 __all__ = [
-    "LoopConfig", "LoraSettings", "Trainer", "EMA", "TrainingDiverged", "LossFn",
+    "LoopConfig", "LoraSettings", "Trainer", "EMA", "GroupSettings", "ParamGroup", "TrainingDiverged", "LossFn",
     "ValidateFn", "ResumableIterator", "init_distributed", "default_device", "apply_lora", "merge_lora",
     "rng_state", "set_rng_state",
 ]

@@ -20,7 +20,7 @@ data set when ``data`` is given (:meth:`StudentRun.batches`, :func:`clean_sample
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -161,11 +161,15 @@ def load_teacher_start(path: str | Path, stage: str) -> tuple[NetworkTeacher, Ne
     return teacher, reference
 
 
-def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool) -> StudentRun:
+def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                     prepare: Any = None, check: Callable[[StudentRun], None] | None = None) -> StudentRun:
     """Open the run of a :class:`SourceRecipe` (with ``seed``, ``batch_size``, ``loop``, ``device``): SOURCE is a
     couple artifact (the student starts from its teacher; x0 are its samples unless ``data`` is given) or a teacher
     with ``data``. The caller trains unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls
-    :meth:`StudentRun.close` when done."""
+    :meth:`StudentRun.close` when done. ``prepare(start)`` (optional) changes or checks the student's start before
+    the artifact is opened (e.g. adds extra inputs; an error there writes nothing); ``check(run)`` (optional) sees
+    the loaded start, reference and data before the artifact is opened, and raises :class:`AccelkitError` for what
+    the method cannot take (nothing is written then)."""
     from ..couplings import open_couplings
     from ..data import load_dataset
     from .train import resolve_device
@@ -201,11 +205,74 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         if tuple(couplings.sample_shape) != tuple(start.sample_shape):
             raise AccelkitError(f"{recipe.source}: samples of shape {list(couplings.sample_shape)}, but the "
                                 f"teacher's are {list(start.sample_shape)}")
-    art, path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force, seeds={"seed": recipe.seed})
-    run = StudentRun(device, rank, world, couplings_art, art, path, state == "complete", start, reference,
+    if prepare is not None:
+        prepare(start)
+    run = StudentRun(device, rank, world, couplings_art, None, Path(output or "."), False, start, reference,
                      couplings, data, teacher_path)
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
     if run.complete and rank == 0:
-        log(f"{stage}: reusing the complete artifact {path}")
+        log(f"{stage}: reusing the complete artifact {run.path}")
+    return run
+
+
+class NoiseBatches:
+    """Seeded, resumable batches of per-sample draws only, for methods that need no data (score distillation from
+    a teacher alone): global batch b is ``noise(generator, batch_size)`` with the generator seeded with (seed, 2, b),
+    as :class:`accelkit.data.BatchSampler` draws its noise, and rank r keeps the r-th of ``world`` equal slices.
+    State: the number of batches drawn."""
+
+    def __init__(self, batch_size: int, seed: int, rank: int, world: int, noise):
+        if batch_size % world:
+            raise AccelkitError(f"batch size {batch_size} does not split over {world} processes")
+        self.batch_size, self.seed, self.rank, self.world, self.noise = batch_size, seed, rank, world, noise
+        self.batches = 0
+
+    def __iter__(self) -> NoiseBatches:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        from ..data import seeded_generator
+
+        per = self.batch_size // self.world
+        lo, hi = self.rank * per, (self.rank + 1) * per
+        draws = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
+        self.batches += 1
+        return {k: v[lo:hi] for k, v in draws.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"batches": self.batches}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.batches = int(state["batches"])
+
+
+def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                        check: Callable[[StudentRun], None] | None = None) -> StudentRun:
+    """Open the run of a :class:`SourceRecipe` whose SOURCE is a teacher and which has no data: for methods that
+    need only noise (and conditions); the student starts from the teacher, the reference is its frozen copy. Batches
+    come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`.
+    ``check(run)`` as there: it runs before the artifact is opened."""
+    from .train import resolve_device
+
+    device = resolve_device(recipe.device)
+    rank, world = init_distributed(device)
+    if recipe.batch_size % (world * recipe.loop.grad_accum):
+        raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
+                            f"grad_accum {recipe.loop.grad_accum}")
+    start, reference = load_teacher_start(recipe.source, stage)
+    run = StudentRun(device, rank, world, None, None, Path(output or "."), False, start, reference, None, None,
+                     Path(recipe.source))
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
+    if run.complete and rank == 0:
+        log(f"{stage}: reusing the complete artifact {run.path}")
     return run
 
 
@@ -233,19 +300,10 @@ def load_student_start(couplings: Artifact, stage: str) -> tuple[NetworkTeacher,
     """(student, reference): the couplings' teacher as a trainable :class:`NetworkTeacher` in fp32 on the CPU, at
     guidance scale 1 (the student learns the couplings' possibly guided map in one pass), and a frozen copy at the
     guidance scale the couplings were made with."""
-    from ..models.loading import load_teacher
-
-    path = couplings_teacher_path(couplings, stage)
-    teacher = load_teacher(path, dtype="fp32")
-    if not isinstance(teacher, NetworkTeacher):
-        raise AccelkitError(f"{path}: a {type(teacher).__name__} teacher (e.g. a rescale artifact) has no network of "
-                            "its own schedule to start a student from; couple from the network teacher instead")
-    reference = copy.deepcopy(teacher).eval().requires_grad_(False)
+    teacher, reference = load_teacher_start(couplings_teacher_path(couplings, stage), stage)
     guidance = couplings.recipe.get("guidance")
     if guidance is not None:
         reference.guidance_scale = float(guidance)
-    teacher.network.requires_grad_(True).train()
-    teacher.guidance_scale = 1.0
     return teacher, reference
 
 
@@ -267,9 +325,13 @@ def averaged_network(trainer: Trainer) -> tuple[nn.Module, str]:
 def student_of(reference: NetworkTeacher, network: nn.Module, info: Mapping[str, Any] | None = None
                ) -> NetworkTeacher:
     """``network`` as a teacher of ``reference``'s kind (call, prediction type, schedule, time input, null
-    condition) at guidance scale 1."""
+    condition) at guidance scale 1. A student of a QAC model (``accelkit qac``) keeps its code book (``info.qac``):
+    its network keeps the code input, and its codes are drawn from the same weights."""
+    info = dict(info or {})
+    if "qac" in reference.info and "qac" not in info:
+        info["qac"] = reference.info["qac"]
     return NetworkTeacher(network, reference.call, reference.prediction, reference.schedule, reference.sample_shape,
-                          reference.time_input, 1.0, reference.null_condition, dict(info or {}))
+                          reference.time_input, 1.0, reference.null_condition, info)
 
 
 def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: Mapping[str, Any]) -> None:
@@ -284,4 +346,4 @@ def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: 
 
 __all__ = ["StudentRun", "begin_student_run", "SourceRecipe", "begin_source_run", "clean_samples", "is_couplings",
            "load_teacher_start", "couplings_teacher_path", "load_student_start", "averaged_network",
-           "student_of", "save_student"]
+           "student_of", "save_student", "NoiseBatches", "begin_data_free_run"]
