@@ -146,15 +146,18 @@ def test_the_artifact_records_its_sampler_and_sample_uses_it(moons, students, cl
 
         assert torch.equal(load_file(tmp_path / f"d-{method}.safetensors")["samples"],
                            load_file(tmp_path / f"e-{method}.safetensors")["samples"])
-    # the single-file export carries the student's extra inputs and its sampler; diffusers folders are refused
+    # the single-file export carries the student's extra inputs and its sampler; couple jumps as it does
     exported = tmp_path / "student.safetensors"
     assert cli("export", out, "-o", exported, "--format", "safetensors", env=ONE_THREAD).returncode == 0
     r = cli("sample", exported, "-n", "8", "-o", tmp_path / "x.safetensors", env=ONE_THREAD)
     assert r.returncode == 0 and "using meanflow at 1 NFE" in r.stderr, r.stderr
     assert torch.equal(load_file(tmp_path / "x.safetensors")["samples"], load_file(tmp_path / "d-meanflow.safetensors")
                        ["samples"])
-    r = cli("export", out, "-o", tmp_path / "folder", env=ONE_THREAD)
-    assert r.returncode == 2 and "--format safetensors" in r.stderr and not (tmp_path / "folder").exists()
+    r = cli("couple", out, "-n", "8", "--micro-batch", "8", "--shard-size", "8", "-o", tmp_path / "pairs",
+            env=ONE_THREAD)
+    assert r.returncode == 0 and "using meanflow at 1 NFE" in r.stderr, r.stderr
+    assert json.loads((tmp_path / "pairs" / "manifest.json").read_text())["recipe"]["solver"] == "meanflow"
+
 
 
 RESUME = ["--batch-size", "64", "--steps", "120", "--set", "shortcut.loop.checkpoint_every=10",
