@@ -41,6 +41,8 @@ class QualityRow:
     frechet: float | None = None
     straightness: float | None = None
     curvature: float | None = None
+    rounds: float | None = None  # sequential rounds of teacher evaluations per batch (parallel solvers: fewer)
+    nfe_total: float | None = None  # teacher evaluations per sample (parallel solvers: more than nfe)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -177,14 +179,21 @@ def evaluate(teacher: Teacher, noise: Tensor, reference: Tensor, solvers: Sequen
     data_stats = None
     if data is not None and tuple(data.shape[1:]) != (2,):
         data_stats = metrics.feature_statistics(_features(features, data, batch_size))
+    from .solvers.parallel import is_parallel_spec, parallel_reports
+
     for solver in solvers:
         for nfe in nfes:
             start = time.perf_counter()
-            if straightness:
-                x, s, k = sample_with_path_measures(teacher, noise, solver, nfe, cond, batch_size, grid)
-            else:
-                x, s, k = sample_batched(teacher, noise, solver, nfe, cond, batch_size, grid=grid), None, None
+            with parallel_reports() as reports:
+                if straightness and not is_parallel_spec(solver):  # a parallel window mixes times in one call
+                    x, s, k = sample_with_path_measures(teacher, noise, solver, nfe, cond, batch_size, grid)
+                else:
+                    x, s, k = sample_batched(teacher, noise, solver, nfe, cond, batch_size, grid=grid), None, None
             seconds = max(time.perf_counter() - start, 1e-9)
+            rounds, total = float(nfe), float(nfe)  # a sequential solver: every evaluation is a round
+            if reports:
+                rounds = sum(r.rounds for r in reports) / len(reports)
+                total = sum(r.nfe * r.samples for r in reports) / sum(r.samples for r in reports)
             sw = mm = fd = None
             if data_stats is not None:
                 fd = metrics.frechet_distance(*metrics.feature_statistics(_features(features, x, batch_size)),
@@ -194,7 +203,7 @@ def evaluate(teacher: Teacher, noise: Tensor, reference: Tensor, solvers: Sequen
                 sw = metrics.sliced_wasserstein(x[:n], data[:n])
                 mm = metrics.mmd(x[:n], data[:n])
             rows.append(QualityRow(method, solver, int(nfe), metrics.rmse(x, reference), metrics.psnr(x, reference),
-                                   sw, mm, len(x) / seconds, fd, s, k))
+                                   sw, mm, len(x) / seconds, fd, s, k, rounds, total))
     return rows
 
 
@@ -230,8 +239,9 @@ def print_quality_table(rows: Sequence[QualityRow], title: str = "quality agains
     has = {"SW2": any(r.sliced_w2 is not None for r in rows), "MMD²": any(r.mmd2 is not None for r in rows),
            "FD": any(r.frechet is not None for r in rows), "straight.": any(r.straightness is not None for r in rows),
            "curv.": any(r.curvature is not None for r in rows)}
+    parallel = any(r.rounds is not None and r.rounds != r.nfe for r in rows)
     cols = ["solver", "NFE", "RMSE", "PSNR", *[c for c in ("SW2", "MMD²", "FD", "straight.", "curv.") if has[c]],
-            "samp/s"]
+            *(["rounds", "total NFE"] if parallel else []), "samp/s"]
     for col in cols:
         table.add_column(col, justify="left" if col == "solver" else "right")
 
@@ -244,7 +254,8 @@ def print_quality_table(rows: Sequence[QualityRow], title: str = "quality agains
         cells = {"solver": name, "NFE": str(r.nfe), "RMSE": fmt(r.rmse, ".4f"), "PSNR": fmt(r.psnr, ".1f"),
                  "SW2": fmt(r.sliced_w2, ".4f"), "MMD²": fmt(r.mmd2, ".5f"), "FD": fmt(r.frechet, ".4g"),
                  "straight.": fmt(r.straightness, ".4f"), "curv.": fmt(r.curvature, ".4f"),
-                 "samp/s": fmt(r.samples_per_s, ".0f")}
+                 "samp/s": fmt(r.samples_per_s, ".0f"), "rounds": fmt(r.rounds, ".1f"),
+                 "total NFE": fmt(r.nfe_total, ".1f")}
         table.add_row(*[cells[c] for c in cols])
     err.print(table)
 

@@ -86,3 +86,34 @@ def frechet_distance(mu1: Tensor, cov1: Tensor, mu2: Tensor, cov2: Tensor) -> fl
     cross = torch.linalg.eigvalsh(s1 @ ((cov2 + cov2.T) / 2) @ s1).clamp(min=0).sqrt().sum()
     d2 = float(((mu1 - mu2) ** 2).sum() + torch.trace(cov1) + torch.trace(cov2) - 2 * cross)
     return max(d2, 0.0)
+
+
+def ssim(x: Tensor, ref: Tensor, data_range: float = 2.0, std: float = 1.5) -> float:
+    """Mean structural similarity of image batches (N, C, H, W) (Wang, Bovik, Sheikh & Simoncelli 2004):
+
+        SSIM = (2 mu_x mu_y + c1) (2 s_xy + c2) / ((mu_x^2 + mu_y^2 + c1) (s_x^2 + s_y^2 + c2)),
+
+    local statistics under a Gaussian window of ``std`` = 1.5 pixels, 11 wide or the image size if smaller (odd),
+    valid positions only, c1 = (0.01 L)^2, c2 = (0.03 L)^2 for the data range L; averaged over positions, channels
+    and images.
+    """
+    x, ref = x.double(), ref.double()
+    if x.shape != ref.shape or x.ndim != 4:
+        raise ValueError(f"ssim needs two image batches of one shape (N, C, H, W), got {tuple(x.shape)} and "
+                         f"{tuple(ref.shape)}")
+    size = min(11, x.shape[-2], x.shape[-1])
+    size -= 1 - size % 2
+    d = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    g = torch.exp(-(d**2) / (2 * std**2))
+    g = g / g.sum()
+    c = x.shape[1]
+    window = (g[:, None] * g[None, :]).expand(c, 1, size, size).to(x.device)
+
+    def filt(v: Tensor) -> Tensor:
+        return torch.nn.functional.conv2d(v, window, groups=c)
+
+    mx, my = filt(x), filt(ref)
+    sxx, syy, sxy = filt(x * x) - mx**2, filt(ref * ref) - my**2, filt(x * ref) - mx * my
+    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    s = ((2 * mx * my + c1) * (2 * sxy + c2)) / ((mx**2 + my**2 + c1) * (sxx + syy + c2))
+    return float(s.mean())

@@ -132,11 +132,14 @@ class StageSpec:
 
 
 _STAGES: dict[str, StageSpec] = {}
-#: Modules under accelkit.stages that register a stage when imported (one line per stage).
-STAGE_MODULES: list[str] = ["accelkit.stages.couple", "accelkit.stages.rescale", "accelkit.stages.train",
-                            "accelkit.stages.reflow", "accelkit.stages.distill", "accelkit.stages.bespoke"]
-STAGE_MODULES.append("accelkit.stages.score_distill")
-STAGE_MODULES.append("accelkit.stages.adversarial")
+#: Modules under accelkit.stages that register a stage when imported: every module of the package, found by
+#: :func:`stage_modules` (so adding a stage touches no list here).
+def stage_modules() -> list[str]:
+    import pkgutil
+
+    from . import stages
+
+    return sorted(f"accelkit.stages.{m.name}" for m in pkgutil.iter_modules(stages.__path__) if not m.ispkg)
 
 
 def register_stage(name: str, recipe: type[StageRecipe], run: RunFn, help: str = "") -> StageSpec:
@@ -149,7 +152,7 @@ def register_stage(name: str, recipe: type[StageRecipe], run: RunFn, help: str =
 
 def load_stages() -> dict[str, StageSpec]:
     """Import every stage module (each registers itself) and return the registry."""
-    for mod in STAGE_MODULES:
+    for mod in stage_modules():
         importlib.import_module(mod)
     return dict(_STAGES)
 
@@ -387,5 +390,5 @@ def pipeline_as_data(plan: list[PlannedStage]) -> dict[str, Any]:
 __all__ = [
     "StageRecipe", "StageSpec", "register_stage", "load_stages", "get_stage", "load_yaml", "load_recipe_file",
     "dump_yaml", "RecipeLoader", "parse_set", "apply_sets", "resolve_stage", "resolve_pipeline", "validate_stage",
-    "validation_message", "yaml_path", "PlannedStage", "pipeline_as_data", "STAGE_MODULES",
+    "validation_message", "yaml_path", "PlannedStage", "pipeline_as_data", "stage_modules",
 ]

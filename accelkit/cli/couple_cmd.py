@@ -30,6 +30,12 @@ def couple(
     grid: str | None = typer.Option(None, help="Time grid name, or comma-separated decreasing times."),
     guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (needs --conditions)."),
     conditions: str | None = typer.Option(None, help="Conditions file (.safetensors or .json): row i mod M."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable; sample i takes prompt i mod P), "
+                                     "encoded with the pipeline's tokenizer and text encoder into a cached "
+                                     "conditions file."),
+    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
+                                               "--prompt: the empty prompt)."),
     save_trajectory: int | None = typer.Option(None, "--save-trajectory", help="Also store K intermediate states."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per step (does not change results)."),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="Samples per teacher call (default 64)."),
@@ -44,6 +50,12 @@ def couple(
     recipe: Path | None = typer.Option(None, "--recipe", help="Recipe YAML with a 'couple' section."),
     set_: list[str] = typer.Option([], "--set", help="Override a recipe key: couple.key=value (repeatable)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Validate and print the plan; do no work."),
+    parallel: str | None = typer.Option(None, "--parallel", help="Parallel sampling over --solver (euler, the "
+                                        "default here, or ddim): picard or parareal; the same pairs in fewer "
+                                        "sequential rounds."),
+    window: int | None = typer.Option(None, "--window", help="picard: steps per window (default 16)."),
+    tol: float | None = typer.Option(None, "--tol", help="picard / parareal tolerance (0: exact)."),
+    blocks: int | None = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default ~sqrt(steps))."),
 ) -> None:
     """Generate (noise, sample) couplings from TEACHER's probability-flow ODE; prints the artifact path."""
     from ..recipes import resolve_stage
@@ -51,6 +63,27 @@ def couple(
     teacher_path = teacher if teacher not in (None, "-") else None
     if teacher_path is None and not (recipe is not None and teacher is None):
         teacher_path = input_path(teacher, "teacher")
+    if parallel is not None or window is not None or tol is not None or blocks is not None:
+        from ..solvers.parallel import wrap
+
+        solver = wrap(parallel, solver or "euler", window=window, tol=tol, blocks=blocks)
+    from ..errors import AccelkitError
+
+    texts = list(prompt or [])
+    if prompts_file is not None:
+        from ..prompts import read_prompts_file
+
+        texts += read_prompts_file(prompts_file)
+    if texts:
+        from ..prompts import prompt_conditions_file
+
+        if conditions is not None:
+            raise AccelkitError("give the conditions either with --prompt / --prompts or with --conditions, not both")
+        if teacher_path is None:
+            raise AccelkitError("--prompt: needs the teacher on the command line (its pipeline encodes the prompts)")
+        conditions = str(prompt_conditions_file(teacher_path, texts, negative_prompt))
+    elif negative_prompt is not None:
+        raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
     flags = {"teacher": teacher_path, "n": n, "solver": solver, "nfe": nfe, "guidance": guidance,
              "conditions": conditions, "save_trajectory": save_trajectory, "batch_size": batch_size,
              "micro_batch": micro_batch, "shard_size": shard_size, "seed": seed, "dtype": dtype, "device": device,

@@ -27,9 +27,11 @@ def eval_command(
     paths: list[str] = typer.Argument(None, help="Teachers / students to compare (any checkpoint accelkit sample "
                                       "takes); missing or '-': one path from stdin."),
     nfe: str = typer.Option("1,2,4,8", "--nfe", help="Comma-separated NFEs."),
-    solver: str = typer.Option("euler,dpm++2m", "--solver", help="Comma-separated ODE solvers: euler, heun, "
-                               "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, or bespoke "
-                               "artifacts (learned solvers, at their own NFE and times)."),
+    solver: str = typer.Option(None, "--solver", help="Comma-separated ODE solvers: euler, heun, "
+                               "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, "
+                               "solver-stats artifacts (DPM-Solver-v3), or bespoke "
+                               "artifacts (learned solvers, at their own NFE and times) (default: euler,dpm++2m; "
+                               "euler with --parallel)."),
     grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, "
                              "comma-separated times from 1 to 0, or recommended (the grid a phased reflow student "
                              "records); runs whose steps do not fit a list of times are left out (default: each "
@@ -54,6 +56,11 @@ def eval_command(
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow pickled checkpoints (weights_only)."),
     force: bool = typer.Option(False, "--force", help="Use a learned --solver trained for another teacher."),
+    parallel: str = typer.Option(None, "--parallel", help="Also run each --solver (euler or ddim) in parallel: "
+                                 "picard or parareal; rows gain sequential rounds and total NFE."),
+    window: int = typer.Option(None, "--window", help="picard: steps per window (default 16)."),
+    tol: float = typer.Option(None, "--tol", help="picard / parareal tolerance (0: exact)."),
+    blocks: int = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default ~sqrt(steps))."),
 ) -> None:
     """Quality against NFE of every model with every solver on the same noise: RMSE / PSNR to the teacher's ODE
     endpoint, distribution distance to data, path straightness and curvature, and samples per second (table on
@@ -63,7 +70,13 @@ def eval_command(
 
     paths = list(dict.fromkeys(input_path(p, "model") for p in (paths or [None])))  # each model once
     nfes = parse_nfes(nfe)
+    if solver is None:
+        solver = "euler" if parallel is not None else "euler,dpm++2m"
     solvers = [s.strip() for s in solver.split(",") if s.strip()]
+    if parallel is not None or window is not None or tol is not None or blocks is not None:
+        from ..solvers.parallel import wrap
+
+        solvers = [name for s in solvers for name in (s, wrap(parallel, s, window=window, tol=tol, blocks=blocks))]
     n_given = n is not None
     n = DEFAULT_SAMPLES if n is None else n
     if n < 2:
@@ -86,13 +99,14 @@ def eval_command(
     from ..models.loading import load_teacher
     from ..solvers import GRID_NAMES, get_solver, is_solver, solver_names
     from ..solvers.learned import check_solver_teacher
+    from ..solvers.parallel import is_parallel_spec
     from .sample_cmd import _parse_grid
 
     for s in solvers or [""]:
         if not is_solver(s):
             raise AccelkitError(f"--solver {s!r}: unknown solver; expected one of {', '.join(solver_names())} or a "
                                 "bespoke artifact")
-        if s not in solver_names():
+        if s not in solver_names() and not is_parallel_spec(s):
             for p in paths:
                 check_solver_teacher(s, p, force)
     times = _parse_grid(grid) if grid is not None else None
@@ -161,16 +175,21 @@ def eval_command(
         noise = sample_noise(seed, range(n), shape)
         cond_fn = condition_from_options(teachers[paths[0]], paths[0], None, None)  # class labels cycled
         cond = cond_fn(list(range(n))) if cond_fn is not None else None
+        from ..qac import with_codes
+
+        ref_cond = with_codes(teachers[paths[0]], cond, seed, range(n))  # a QAC model: its codes of (seed, i)
         ref = ev.sample_batched(teachers[paths[0]], noise.to(device), ev.REFERENCE_SOLVER, reference_nfe,
-                                cond=_to(cond, device), batch_size=batch_size)
+                                cond=_to(ref_cond, device), batch_size=batch_size)
         ref_text = f"{paths[0]} solved with {ev.REFERENCE_SOLVER} at {reference_nfe} NFE"
     cond = _to(cond, device)
     noise, ref = noise.to(device), ref.to(device)
 
     rows: list[ev.QualityRow] = []
+    from ..qac import with_codes
     for p, teacher in teachers.items():
+        model_cond = _to(with_codes(teacher, cond, seed, range(n)), device)  # a QAC model: its codes of (seed, i)
         for s, ks in runs.items():
-            rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=cond,
+            rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=model_cond,
                                 batch_size=batch_size, features=feature_net, straightness=True, grid=times)
     distance = "" if data_name is None else (f"; SW2, MMD² to {data_name}" if shape == (2,) else
                                              f"; FD to {data_name} on " + (f"features of {features}" if feature_net

@@ -28,8 +28,9 @@ def inspect_command(
     from .common import emit, input_path
 
     path = input_path(path, "teacher checkpoint")
+    # device "meta": the header and configs only, no weight is read (a multi-GB checkpoint is described at once)
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, prediction_type=prediction_type,
-                           schedule=schedule)
+                           schedule=schedule, device="meta")
     desc = {"path": path, **teacher.describe()}
     header = exported_header(path)
     if header:
@@ -80,6 +81,14 @@ def _conditioning_text(cond: dict | None) -> str:
     return str(cond)
 
 
+def _qac_text(book: dict | None) -> str | None:
+    """A QAC model's code book in one line (``accelkit qac``)."""
+    if not isinstance(book, dict) or "codes" not in book:
+        return None
+    return (f"{book.get('levels')}^{book.get('bits')} codebook, {len(book['codes'])} codes in use; sample i's code "
+            "drawn from their weights (or --code)")
+
+
 def print_description(desc: dict) -> None:
     """The description of a teacher as a two-column table on stderr."""
     from rich.table import Table
@@ -102,6 +111,7 @@ def print_description(desc: dict) -> None:
         ("guidance scale", desc.get("guidance_scale")),
         ("sample shape", " x ".join(map(str, desc.get("sample_shape", [])))),
         ("latent (VAE)", desc.get("vae")),
+        ("QAC codes", _qac_text(desc.get("qac"))),
     ]
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")

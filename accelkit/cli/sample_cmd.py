@@ -36,7 +36,8 @@ def sample_command(
     output: str = typer.Option(..., "-o", "--output", help="Output file: .png (image grid, or scatter of 2-D "
                                "points) or .safetensors (the raw samples)."),
     solver: str = typer.Option(None, "--solver", help="ODE solver: euler, heun, midpoint, dpm++2m, dpm++3m, "
-                               "ddim, unipc, unipc2, ipndm, ipndm-v, or a bespoke artifact (a learned solver) "
+                               "ddim, unipc, unipc2, ipndm, ipndm-v, a bespoke artifact (a learned solver) or a "
+                               "solver-stats artifact (DPM-Solver-v3) "
                                "(default: the sampler the model records, as reflow / distill students and exports "
                                "do, else euler)."),
     nfe: int = typer.Option(None, "--nfe", help="Network evaluations per sample (default: the recorded sampler's, "
@@ -55,6 +56,15 @@ def sample_command(
                               "cycled over the samples (default: 0, 1, 2, ...)."),
     cond: str = typer.Option(None, "--cond", help="Conditioning tensors (.safetensors: encoder_hidden_states, "
                              "encoder_attention_mask, pooled_projections, class_labels); sample i takes row i mod R."),
+    code: int = typer.Option(None, "--code", help="QAC models (accelkit qac): this code index for every sample "
+                             "(default: sample i's code drawn from the model's code weights with (seed, i))."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable; sample i takes prompt i mod "
+                                     "P), encoded with the pipeline's own tokenizer and text encoder (cached)."),
+    prompts_file: str = typer.Option(None, "--prompts", help="Text file of prompts, one a line (after any --prompt)."),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", help="The prompt guidance steers away from "
+                                        "(default with --prompt: the empty prompt, as diffusers)."),
+    null_class: int = typer.Option(None, "--null-class", help="The class label a class-conditional model was trained "
+                                   "with as its null (dropped-label) class: guidance's null condition."),
     null_cond: str = typer.Option(None, "--null-cond", help="Null condition for guidance (.safetensors, batch 1); "
                                   "default: the null class, or zero text embeddings."),
     config: str = typer.Option(None, "--config", help="config.json (or its folder) of a single-file diffusers "
@@ -65,9 +75,18 @@ def sample_command(
                                         "checkpoint does not say."),
     schedule: str = typer.Option(None, "--schedule", help="Noise schedule, where the checkpoint does not say."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="Network dtype: fp32, fp16, bf16 (default: as stored)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Network dtype: fp32, fp16, bf16, or auto: float32 on the "
+                              "CPU (as diffusers loads half-precision weights), the stored dtype on CUDA."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file; use a learned --solver "
                                "trained for another teacher."),
+    parallel: str = typer.Option(None, "--parallel", help="Parallel sampling over --solver (euler or ddim) on its "
+                                 "grid: picard (ParaDiGMS sliding window) or parareal (SRDS); the same samples in "
+                                 "fewer sequential rounds, more NFE (reported on stderr)."),
+    window: int = typer.Option(None, "--window", help="picard: steps per window, one batched evaluation (default "
+                               "16)."),
+    tol: float = typer.Option(None, "--tol", help="picard: per-step tolerance relative to the noise level "
+                              "(default 0.1); parareal: RMS change of the block ends (default 5e-3); 0: exact."),
+    blocks: int = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default about sqrt(steps))."),
 ) -> None:
     """Draw samples from the teacher's ODE and write them to -o (atomically; nothing is written on error)."""
     import math
@@ -110,12 +129,18 @@ def sample_command(
         log(f"sample: {path} records its sampler; using {solver} at {nfe} NFE"
             f"{' on its grid' if time_grid is recorded['grid'] and time_grid is not None else ''}")
     solver = "euler" if solver is None else solver
+    if parallel is not None or window is not None or tol is not None or blocks is not None:
+        from ..solvers.parallel import wrap
+
+        solver = wrap(parallel, solver, window=window, tol=tol, blocks=blocks)
     if not is_solver(solver):
         raise AccelkitError(f"--solver {solver!r}: unknown solver; expected one of {', '.join(solver_names())} or "
                             "a bespoke artifact")
-    learned = solver not in solver_names()
+    from ..solvers.parallel import is_parallel_spec
+
+    learned = solver not in solver_names() and not is_parallel_spec(solver)
     if learned:
-        if grid is not None or shift is not None:
+        if (grid is not None or shift is not None) and getattr(get_solver(solver), "own_times", True):
             raise AccelkitError(f"--grid / --shift: the learned solver {solver} steps on its own learned times")
         nfe = getattr(get_solver(solver), "nfe", 8) if nfe is None else nfe
     nfe = 8 if nfe is None else nfe
@@ -135,9 +160,34 @@ def sample_command(
         check_solver_teacher(solver, path, force)
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
-    condition = condition_from_options(teacher, path, labels, cond)
+    texts = list(prompt or [])
+    if prompts_file is not None:
+        from ..prompts import read_prompts_file
+
+        texts += read_prompts_file(prompts_file)
+    if texts:
+        from ..prompts import check_text_model, prompt_conditions
+        from ..sampling import cycled_condition
+
+        if cond is not None:
+            raise AccelkitError("give the text condition either with --prompt / --prompts or with --cond, not both")
+        check_text_model(teacher, path)
+        text_cond, text_null = prompt_conditions(path, texts, negative_prompt)
+        condition = cycled_condition(text_cond)
+        teacher.null_condition = text_null
+    elif negative_prompt is not None:
+        raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
+    else:
+        condition = condition_from_options(teacher, path, labels, cond)
+    from ..qac import code_condition
+
+    condition = code_condition(teacher, seed, code)(condition)  # a QAC model's code of sample i
     if null_cond is not None:
         teacher.null_condition = read_condition(null_cond, batch_one=True)
+    if null_class is not None:
+        if null_cond is not None:
+            raise AccelkitError("give the null condition either with --null-class or with --null-cond, not both")
+        teacher.null_condition = _null_class_condition(teacher, path, null_class)
     guidance = teacher.guidance_scale if guidance is None else guidance
     if guidance != 1.0:
         _check_guidance(teacher, path, guidance, condition is not None)
@@ -165,17 +215,40 @@ def sample_command(
             done = progress.tasks[0].completed
             progress.update(task, rate=f"{done / elapsed:.1f} samples/s" if elapsed > 0 else "")
 
-        with torch.inference_mode():
+        from ..solvers.parallel import parallel_reports
+
+        with torch.inference_mode(), parallel_reports() as reports:
             samples = draw_samples(teacher, n, seed=seed, solver=solver, nfe=nfe, grid=time_grid, grid_kw=grid_kw,
                                    batch_size=batch_size, condition=condition, device=device, on_batch=on_batch)
+    for k, report in enumerate(reports):
+        log(f"batch {k + 1}: {report.line()}")
     if not bool(torch.isfinite(samples).all()):
         raise AccelkitError(f"{path}: sampling produced NaN or inf (solver {solver}, NFE {nfe}); "
                             "nothing was written")
     out.parent.mkdir(parents=True, exist_ok=True)
     writer(samples, {"teacher": path, "solver": solver, "nfe": nfe, "n": n, "seed": seed, "guidance": guidance,
                      "grid": time_grid, **grid_kw, "batch_size": batch_size, "labels": labels, "cond": cond,
-                     "null_cond": null_cond})
+                     "null_cond": null_cond, "code": code, "prompts": texts or None, "null_class": null_class,
+                     "negative_prompt": negative_prompt})
     emit(str(out))
+
+
+def _null_class_condition(teacher, path: str, label: int):
+    """Condition(class_labels=[label]) after checking that the model takes class labels and has that class: the
+    labels 0 .. N-1 of a diffusers class embedding, or also the extra null row N of accelkit's and DiT's tables."""
+    import torch
+
+    from ..errors import AccelkitError
+    from ..teacher import Condition
+
+    info = getattr(teacher, "info", {}).get("conditioning", {}) or {}
+    n = info.get("num_classes")
+    if info.get("kind") != "class" and n is None:
+        raise AccelkitError(f"{path}: the model takes no class labels; --null-class is for class-conditional models")
+    rows = None if n is None else int(n) + (1 if info.get("null_class") == n else 0)
+    if label < 0 or (rows is not None and label >= rows):
+        raise AccelkitError(f"--null-class {label}: expected a class label in 0..{(rows or 1) - 1} of {path}")
+    return Condition(class_labels=torch.tensor([label]))
 
 
 def _check_guidance(teacher, path: str, guidance: float, conditioned: bool) -> None:
@@ -188,7 +261,8 @@ def _check_guidance(teacher, path: str, guidance: float, conditioned: bool) -> N
     if not conditioned:
         raise AccelkitError(f"--guidance {guidance}: needs a condition; pass --cond FILE (text embeddings)")
     if getattr(teacher, "null_condition", None) is None:
-        raise AccelkitError(f"{path}: the model has no null condition to guide against; pass --null-cond FILE")
+        raise AccelkitError(f"{path}: the model has no null condition to guide against; pass --null-class N (the "
+                            "null class it was trained with) or --null-cond FILE")
 
 
 def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "cpu"):

@@ -69,6 +69,24 @@ class GaussianMixtureTeacher(Teacher):
         x = self.means[k] + self.variances[k].sqrt() * noise
         return x.reshape(n, *self.sample_shape)
 
+    def linear_gaussian_posterior(self, h: Tensor, y: Tensor, noise_std: float) -> tuple[Tensor, Tensor, Tensor]:
+        """The exact posterior of x0 given y = H x0 + n, n ~ N(0, noise_std^2 I), for a dense H (m x D), float64:
+        a mixture with weights pi_k prop. to w_k N(y; H mu_k, H V_k H^T + s^2 I), means m_k = mu_k + V_k H^T
+        (H V_k H^T + s^2 I)^-1 (y - H mu_k) and covariances C_k = V_k - V_k H^T (H V_k H^T + s^2 I)^-1 H V_k.
+        Returns (weights (K,), means (K, D), covariances (K, D, D)) for one flat measurement y (m,)."""
+        h, y = h.to(torch.float64), y.to(torch.float64).reshape(-1)
+        means, log_w = [], []
+        covs = []
+        for mu, var, lw in zip(self.means, self.variances, self.log_weights, strict=True):
+            v = torch.diag(var)
+            s = h @ v @ h.T + noise_std**2 * torch.eye(h.shape[0], dtype=torch.float64)
+            gain = v @ h.T @ torch.linalg.inv(s)
+            r = y - h @ mu
+            means.append(mu + gain @ r)
+            covs.append(v - gain @ h @ v)
+            log_w.append(lw + torch.distributions.MultivariateNormal(h @ mu, covariance_matrix=s).log_prob(y))
+        return torch.softmax(torch.stack(log_w), 0), torch.stack(means), torch.stack(covs)
+
     def config(self) -> dict[str, Any]:
         return {"schedule": self.schedule.config(), "sample_shape": list(self.sample_shape),
                 "components": int(self.means.shape[0])}

@@ -10,6 +10,8 @@ Solvers (registered by name; :func:`register_solver` adds more, e.g. learned bes
   ``ddim`` is its first-order update (DDIM with eta = 0);
 * ``unipc``, ``unipc2``              UniPC-3 / UniPC-2 (bh2) predictor-corrector (:mod:`.unipc`);
 * ``ipndm``, ``ipndm-v``             improved PNDM, fixed / variable-step Adams-Bashforth (:mod:`.ipndm`);
+* ``consistency``, ``tcd``          consistency students' multistep samplers with re-noising (:mod:`.consistency`);
+* ``shortcut``, ``meanflow``         the jumps of self-consistency students (:mod:`.self_consistency`);
 * a ``bespoke`` artifact's path       a learned solver (:mod:`.learned`: :mod:`.bespoke` scale-time, :mod:`.bns`
                                      non-stationary), for its own teacher and NFE.
 
@@ -26,10 +28,12 @@ from torch import Tensor
 from ..errors import AccelkitError
 from ..teacher import Condition, Teacher
 from .base import GridNodes, Solver, get_solver, is_solver, register_solver, solver_names
+from .consistency import ConsistencySampler
 from .dpm_solver import DPMSolverPP
 from .grids import GRID_NAMES, check_user_grid, default_grid, make_grid
 from .ipndm import IPNDM
 from .runge_kutta import Euler, Heun, Midpoint
+from .self_consistency import MeanFlowSolver, ShortcutSolver  # noqa: F401  (registers shortcut, meanflow)
 from .unipc import UniPC
 
 #: The built-in solvers, in the order tables list them.
@@ -78,5 +82,5 @@ def solve(
 __all__ = [
     "solve", "solver_grid", "make_grid", "default_grid", "SOLVER_NAMES", "GRID_NAMES",
     "Solver", "register_solver", "get_solver", "is_solver", "solver_names", "GridNodes",
-    "Euler", "Heun", "Midpoint", "DPMSolverPP", "UniPC", "IPNDM",
+    "Euler", "Heun", "Midpoint", "DPMSolverPP", "UniPC", "IPNDM", "ConsistencySampler",
 ]

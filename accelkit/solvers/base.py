@@ -122,8 +122,9 @@ def solver_names() -> tuple[str, ...]:
 def is_solver(name: str) -> bool:
     """True for a registered solver name or the path of a learned solver (a ``bespoke`` artifact)."""
     from .learned import is_learned_solver
+    from .parallel import is_parallel_spec
 
-    return name in _REGISTRY or is_learned_solver(name)
+    return name in _REGISTRY or is_parallel_spec(name) or is_learned_solver(name)
 
 
 def get_solver(solver: str | Solver) -> Solver:
@@ -133,6 +134,10 @@ def get_solver(solver: str | Solver) -> Solver:
         return solver
     if isinstance(solver, str) and solver not in _REGISTRY:
         from .learned import is_learned_solver, load_learned_solver
+        from .parallel import is_parallel_spec, parse_parallel
+
+        if is_parallel_spec(solver):
+            return parse_parallel(solver)
 
         if is_learned_solver(solver):
             return load_learned_solver(solver)

@@ -31,10 +31,13 @@ from .base import GridNodes, Solver, host_to_device, on_device, register_solver
 class DPMSolverPP(Solver):
     """DPM-Solver++(2M) (``order=2``) or (3M) (``order=3``); one evaluation per step."""
 
-    def __init__(self, order: int = 2):
+    def __init__(self, order: int = 2, exact_phi: bool = False):
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver++ order {order}: expected 1, 2 or 3")
         self.order = order
+        #: second-order steps with the exact integral of the linear interpolation, alpha_{i+1} (E / h + 1) D1_0,
+        #: instead of Algorithm 2's midpoint form (diffusers' solver_type "heun" against "midpoint")
+        self.exact_phi = exact_phi
         self.name = f"dpm++{order}m" if order > 1 else "ddim"
 
     def coefficients(self, g: GridNodes) -> tuple[list[int], dict[str, list[float]]]:
@@ -54,7 +57,10 @@ class DPMSolverPP(Solver):
             c["inv_r2"].append(1.0 / r2)
             c["q"].append(r1 / (r1 + r2))
             c["inv_r12"].append(1.0 / (r1 + r2))
-            if p == 2:
+            if p == 2 and self.exact_phi:
+                c["w1"].append(alpha_next * (e / h + 1.0))
+                c["w2"].append(0.0)
+            elif p == 2:
                 c["w1"].append(-0.5 * alpha_next * e)  # D - m_i = (m_i - m_{i-1}) / (2 r_1) = D1_0 / 2
                 c["w2"].append(0.0)
             elif p == 3:

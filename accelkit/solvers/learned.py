@@ -23,6 +23,7 @@ from ..teacher import Condition, Teacher
 from .base import Solver
 
 KIND = "bespoke"
+STATS_KIND = "solver-stats"  # DPM-Solver-v3's empirical model statistics (accelkit solver-stats)
 SOLVER_FILE = "solver.safetensors"
 CONFIG_FILE = "solver.json"
 FORMAT = "accelkit.learned-solver"
@@ -87,8 +88,9 @@ def is_learned_solver(path: str | os.PathLike) -> bool:
 _CACHE: dict[tuple[str, float], LearnedSolver] = {}
 
 
-def load_learned_solver(path: str | os.PathLike) -> LearnedSolver:
-    """The solver in a complete bespoke artifact (checked against its manifest)."""
+def load_learned_solver(path: str | os.PathLike) -> Solver:
+    """The solver in a complete bespoke artifact (checked against its manifest), or DPM-Solver-v3 on the statistics
+    of a solver-stats artifact."""
     from safetensors.torch import load_file
 
     from ..artifacts import Artifact
@@ -100,12 +102,23 @@ def load_learned_solver(path: str | os.PathLike) -> LearnedSolver:
     key = (str(p.resolve()), (p / SOLVER_FILE).stat().st_mtime)
     if key in _CACHE:
         return _CACHE[key]
-    art = Artifact.read(p, KIND)
+    art = Artifact.read(p)
+    if art.manifest["kind"] not in (KIND, STATS_KIND):
+        raise AccelkitError(f"{p} is a {art.manifest['kind']!r} artifact; expected a {KIND!r} or {STATS_KIND!r} "
+                            "artifact")
     art.check_file(SOLVER_FILE)
     try:
         config = json.loads((p / CONFIG_FILE).read_text())
     except ValueError as e:
         raise AccelkitError(f"{p / CONFIG_FILE}: unreadable ({e})") from None
+    if config.get("kind") == "dpm-solver-v3":  # empirical model statistics: DPM-Solver-v3 at any NFE and grid
+        from .dpm_solver_v3 import DPMSolverV3, EmpiricalStatistics
+
+        t = load_file(str(p / SOLVER_FILE))
+        stats = EmpiricalStatistics(t["lam"], t["l"], t["s"], t["b"])
+        v3 = DPMSolverV3(stats, int(config.get("order", 2)), bool(config.get("corrector", True)), config, str(path))
+        _CACHE[key] = v3
+        return v3
     module = build_module(config)
     state = load_file(str(p / SOLVER_FILE))
     missing, unexpected = module.load_state_dict(state, strict=False)

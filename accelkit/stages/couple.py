@@ -68,9 +68,16 @@ class CoupleRecipe(StageRecipe):
     @classmethod
     def _known_solver(cls, v: str) -> str:
         from ..solvers import solver_names
+        from ..solvers.parallel import is_parallel_spec, parse_parallel
 
+        if is_parallel_spec(v):
+            try:
+                parse_parallel(v)
+            except AccelkitError as e:
+                raise ValueError(str(e)) from None
+            return v
         if v not in solver_names():
-            raise ValueError(f"expected one of {', '.join(solver_names())}")
+            raise ValueError(f"expected one of {', '.join(solver_names())}, or picard:BASE / parareal:BASE")
         return v
 
     @field_validator("grid")
@@ -103,6 +110,9 @@ class CoupleRecipe(StageRecipe):
             if len(self.grid) - 1 != steps:
                 raise ValueError(f"grid has {len(self.grid) - 1} steps but {self.solver} at nfe {self.nfe} takes "
                                  f"{steps}")
+        if self.save_trajectory and ":" in self.solver:
+            raise ValueError(f"save_trajectory: the parallel solver {self.solver} evaluates many times at once; "
+                             "store trajectories with a sequential solver")
         if self.save_trajectory >= self.nfe:
             raise ValueError(f"save_trajectory {self.save_trajectory} must be below nfe {self.nfe} "
                              f"(the intermediate states are taken where the teacher is evaluated)")
@@ -138,6 +148,7 @@ def load_conditions(path: str | Path) -> Condition:
         tensors = {k: torch.as_tensor(v) for k, v in data.items()}
     else:
         raise AccelkitError(f"{p}: expected a .safetensors or .json conditions file")
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(NULL_PREFIX)}  # see load_null_condition
     if not tensors:
         raise AccelkitError(f"{p}: no conditions in the file")
     sizes = {k: v.shape[0] if v.ndim else None for k, v in tensors.items()}
@@ -147,6 +158,25 @@ def load_conditions(path: str | Path) -> Condition:
         tensors["class_labels"] = tensors["class_labels"].long()
     return Condition(**{k: v for k, v in tensors.items() if k in CONDITION_FIELDS},
                      extra={k: v for k, v in tensors.items() if k not in CONDITION_FIELDS})
+
+
+#: Tensors named ``null.<field>`` in a conditions file are guidance's null condition (batch 1), e.g. the encoded
+#: negative prompt of ``couple --prompt``; without them the teacher's own null is used.
+NULL_PREFIX = "null."
+
+
+def load_null_condition(path: str | Path) -> Condition | None:
+    """The null condition a ``.safetensors`` conditions file carries (``null.<field>`` tensors), or None."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        null = {k.removeprefix(NULL_PREFIX): f.get_tensor(k) for k in f.keys() if k.startswith(NULL_PREFIX)}
+    if not null:
+        return None
+    return Condition(**{k: v for k, v in null.items() if k in CONDITION_FIELDS},
+                     extra={k: v for k, v in null.items() if k not in CONDITION_FIELDS})
 
 
 def conditions_for(cond: Condition | None, indices: Tensor) -> Condition | None:
@@ -222,6 +252,7 @@ def shard_ranges(n: int, shard_size: int) -> list[tuple[int, int]]:
 def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condition | None) -> dict[str, Tensor]:
     """Couplings for consecutive sample indices forming whole micro-batches (see the module docstring)."""
     from ..noise import sample_noise
+    from ..qac import with_codes
     from ..solvers import solve
 
     dtype, device = DTYPES[recipe.dtype], torch.device(recipe.device)
@@ -229,6 +260,7 @@ def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condi
     noise = sample_noise(recipe.seed, indices, teacher.sample_shape)
     idx = torch.tensor(list(indices), dtype=torch.int64)
     c = conditions_for(cond, idx)
+    c = with_codes(teacher, c, recipe.seed, idx)  # a QAC model: sample i's code from (seed, i), kept as cond.code
     c_dev = c.map(lambda v: v.to(device)) if c is not None else None
     model = RecordingTeacher(teacher) if recipe.save_trajectory else teacher
     x1 = teacher.prior_sample(noise.to(device=device, dtype=dtype))
@@ -309,6 +341,9 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
     ``teacher``: an already loaded teacher to use instead of loading ``recipe.teacher`` (which still names the file
     whose content hash identifies the artifact).
     """
+    from ..models.loading import check_device
+
+    check_device(recipe.device)  # before any artifact is opened: --device cuda without CUDA is a one-line error
     rank, world = init_distributed(recipe.device)
     if recipe.device == "cuda" and world > 1:  # one GPU per process
         recipe = recipe.model_copy(update={"device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"})
@@ -341,6 +376,9 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
         if teacher is None:
             teacher = load_teacher_for(recipe)
         cond = load_conditions(recipe.conditions) if recipe.conditions else None
+        null = load_null_condition(recipe.conditions) if recipe.conditions else None
+        if null is not None:
+            teacher.null_condition = null
         my_total = sum(b - a for k, (a, b) in enumerate(ranges) if k in todo)
         start_time = time.perf_counter()
         with Checkpointer(recipe.checkpoint_every, what="couple") as ckpt, \

@@ -33,6 +33,17 @@ update (Song et al. 2021, eta = 0), which on the linear schedule is exactly Eule
   ``checkpoint/round-R``); its student (EMA weights) is written as ``round-R.safetensors`` (a loadable teacher) and
   its quality recorded before the next round starts, so a run killed in any round resumes there.
 
+* ``guided`` (Meng et al. 2023, "On distillation of guided diffusion models"): stage one (round 1) trains a student
+  that takes the guidance scale g as an input (the extra input ``guidance``, :mod:`accelkit.extra_inputs`, zero
+  initialised) to give in one evaluation the teacher's classifier-free-guided output, g drawn per example from
+  ``guidance_range`` [A, B] (accelkit's scale: out_null + g (out_cond - out_null); their w = g - 1):
+
+      L = E_{x0, eps, t, g} || out_theta(z_t, t, g) - (out_null(z_t, t) + g (out_cond(z_t, t) - out_null(z_t, t))) ||^2;
+
+  stage two runs the progressive rounds above on that student, g kept as an input and drawn per example, so the
+  final N-step student follows any g in the range (``accelkit sample --guidance G``). Needs conditional couplings
+  (class labels or text embeddings) of a teacher with a null condition.
+
 Quality is the RMSE, on the first ``eval_samples`` couplings, between a model's N-step sample from eps_i and the
 teacher's ODE sample x0*_i: for every round (its student at N and its teacher at 2N) and for the original teacher
 at every NFE of the chain with the same first-order sampler. The artifact holds ``teacher.safetensors`` (the final
@@ -64,7 +75,9 @@ from ..training import LoopConfig, Trainer
 from . import student as students
 
 KIND = "distill"
-METHODS = ("direct", "progressive")
+METHODS = ("direct", "progressive", "guided")
+#: Sinusoidal features of g * 100 for the student's guidance input (as accelkit.stages.consistency's LCM input).
+GUIDANCE_INPUT_SCALE = 100.0
 DIRECT_NFES = (1, 2, 4)
 LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
                          "validate_every")
@@ -81,8 +94,9 @@ class DistillRecipe(StageRecipe):
     execution_fields = frozenset({"device", "eval_samples"})
 
     couplings: str = Field(description="a complete couple artifact (its teacher is the student's start)")
-    method: Literal["direct", "progressive"] = Field(
-        "progressive", description="direct: regress the N-step sample on the teacher's; progressive: halve the "
+    method: Literal["direct", "progressive", "guided"] = Field(
+        "progressive", description="direct: regress the N-step sample on the teacher's; guided: the guided teacher "
+                                   "as a student with g as input, then progressive rounds; progressive: halve the "
                                    "steps round by round (Salimans & Ho 2022)")
     nfe: int = Field(1, ge=1, description="the student's steps (direct: 1, 2 or 4)")
     start_nfe: int = Field(8, ge=2, description="progressive: the teacher's steps in the first round (nfe x 2^k)")
@@ -94,6 +108,8 @@ class DistillRecipe(StageRecipe):
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the pair order, the training times and the fresh noise")
     loop: LoopConfig = Field(default_factory=default_loop, description="the training loop (progressive: per round)")
+    guidance_range: tuple[float, float] | None = Field(
+        None, description="guided: the range [A, B] of the guidance scale g (accelkit's scale) the student takes")
     eval_samples: int = Field(1000, ge=0, description="couplings for the quality record (0: skip)")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
 
@@ -102,13 +118,21 @@ class DistillRecipe(StageRecipe):
         if self.method == "direct" and self.nfe not in DIRECT_NFES:
             raise ValueError(f"nfe {self.nfe}: --method direct trains a 1-, 2- or 4-step student; expected one of "
                              f"{', '.join(map(str, DIRECT_NFES))}")
-        if self.method == "progressive":
+        if self.method == "guided":
+            if self.guidance_range is None:
+                raise ValueError("method guided needs guidance_range A,B (accelkit's guidance scale g; Meng et al.'s "
+                                 "w = g - 1), e.g. --guidance-range 1,4")
+            if not self.guidance_range[0] <= self.guidance_range[1]:
+                raise ValueError(f"guidance_range {list(self.guidance_range)}: expected A <= B")
+        elif self.guidance_range is not None:
+            raise ValueError(f"guidance_range {list(self.guidance_range)}: applies to --method guided")
+        if self.method in ("progressive", "guided"):
             ratio, rest = divmod(self.start_nfe, self.nfe)
             if rest or ratio < 2 or ratio & (ratio - 1):
                 raise ValueError(f"start_nfe {self.start_nfe} with nfe {self.nfe}: progressive distillation halves "
                                  f"the steps each round, so start_nfe must be nfe times a power of two (e.g. "
                                  f"{2 * self.nfe}, {4 * self.nfe}, {8 * self.nfe})")
-        if self.data is not None and self.method != "progressive":
+        if self.data is not None and self.method not in ("progressive", "guided"):
             raise ValueError(f"data {self.data!r}: direct distillation learns the couplings' noise-to-sample map; "
                              "data applies to --method progressive")
         if self.data is not None and self.data not in DATA_NAMES and not self.data.endswith((".safetensors",
@@ -138,13 +162,16 @@ class DistillRecipe(StageRecipe):
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
         if self.method == "direct":
             d.pop("start_nfe")  # only progressive uses it
+        if self.guidance_range is None:
+            d.pop("guidance_range", None)  # the methods without it keep their identity
         return d
 
     def round_nfes(self) -> list[int]:
-        """The student's steps round by round: direct [nfe]; progressive start_nfe / 2, ..., nfe."""
+        """The student's steps round by round: direct [nfe]; progressive start_nfe / 2, ..., nfe; guided the same after
+        stage one (the guided teacher at start_nfe, with g as an input)."""
         if self.method == "direct":
             return [self.nfe]
-        out, n = [], self.start_nfe
+        out, n = [self.start_nfe] if self.method == "guided" else [], self.start_nfe
         while n > self.nfe:
             n //= 2
             out.append(n)
@@ -224,6 +251,11 @@ def quality(model: Teacher, pairs: dict[str, Tensor], nfe: int, device: torch.de
 
 def run_distill(recipe: DistillRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
+    if recipe.method == "guided":
+        keys = Artifact.read(recipe.couplings, "couple").manifest.get("summary", {}).get("keys", [])
+        if not any(k.startswith("cond.") for k in keys):
+            raise AccelkitError(f"{recipe.couplings}: --method guided distils classifier-free guidance, but these "
+                                "couplings are unconditional; couple a conditional teacher with --conditions")
     run = students.begin_student_run(KIND, recipe, output, force)
     art, path, device, rank, world = run.art, run.path, run.device, run.rank, run.world
     try:
@@ -266,10 +298,21 @@ class DistillJob:
                                     f"teacher's are {list(reference.sample_shape)}")
             self.data = ds.samples
         n = min(recipe.eval_samples, len(couplings))
+        if recipe.method == "guided":
+            n = 0  # the couplings' samples are not the guided teacher's at every g: no RMSE record
         self.eval_pairs = couplings.get(torch.arange(n)) if n > 0 else None
+        self.kind = reference
+        if recipe.method == "guided":  # the students' network call feeds the guidance input
+            from ..extra_inputs import ExtraInputCall, base_call
+
+            if reference.null_condition is None:
+                raise AccelkitError("--method guided: the teacher has no null condition to guide against")
+            self.kind = NetworkTeacher(reference.network, ExtraInputCall(base_call(reference.call)),
+                                       reference.prediction, reference.schedule, reference.sample_shape,
+                                       reference.time_input, 1.0, reference.null_condition, reference.info)
 
     def model(self, network: torch.nn.Module, info: dict[str, Any] | None = None) -> NetworkTeacher:
-        return students.student_of(self.reference, network, info)
+        return students.student_of(self.kind, network, info)
 
     def teacher_of_round(self, r: int, network: torch.nn.Module) -> Teacher:
         """Round 1's teacher is the couplings' teacher (at their guidance scale); later rounds' the last student."""
@@ -295,7 +338,13 @@ class DistillJob:
         recipe = self.recipe
         teacher = self.teacher_of_round(r, network).to(self.device)
         trainable = copy.deepcopy(network).requires_grad_(True).train()
-        loss_fn, draw = self.objective(teacher, nfe)
+        if recipe.method == "guided" and r == 1:
+            from ..extra_inputs import ExtraInput, attach_to_network
+
+            with torch.random.fork_rng(devices=[]):  # the embedding's first layer: seeded, so a run repeats
+                torch.manual_seed(stream_seed(recipe.seed, 0xC0))
+                attach_to_network(trainable, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
+        loss_fn, draw = self.objective(teacher, nfe, r)
         seed = stream_seed(recipe.seed, r)
         if self.data is not None:
             sampler = BatchSampler(self.data, recipe.batch_size, seed, self.rank, self.world, noise=draw)
@@ -315,9 +364,11 @@ class DistillJob:
             assert self.art is not None
             model = self.model(student, {"trained_by": "accelkit distill", "method": recipe.method, "round": r,
                                          "sampling": recommended_sampling(self.reference, nfe)})
-            progressive = recipe.method == "progressive"
+            progressive = recipe.method in ("progressive", "guided")
             final_loss = trainer.history[-1].get("loss") if trainer.history else None
-            record: dict[str, Any] = {"round": r, "nfe": nfe, "teacher_nfe": 2 * nfe if progressive else None,
+            stage_one = recipe.method == "guided" and r == 1
+            record: dict[str, Any] = {"round": r, "nfe": nfe, "teacher_nfe": 2 * nfe if progressive and not stage_one
+                                      else None,
                                       "steps": trainer.step, "final_loss": final_loss, "weights": weights}
             if self.eval_pairs is not None:
                 record["rmse"] = quality(model, self.eval_pairs, nfe, self.device)
@@ -345,12 +396,14 @@ class DistillJob:
         p = self.path / f"history-round-{r}.json"
         return json.loads(p.read_text()) if p.exists() else []
 
-    def objective(self, teacher: Teacher, nfe: int):
-        """(loss_fn, per-batch draws) of the method for an ``nfe``-step student."""
+    def objective(self, teacher: Teacher, nfe: int, r: int = 0):
+        """(loss_fn, per-batch draws) of the method for an ``nfe``-step student (round ``r``)."""
         from ..objectives import condition_of, regression_loss
 
         recipe = self.recipe
         shape = tuple(self.reference.sample_shape)
+        if recipe.method == "guided":
+            return self.guided_objective(teacher, nfe, r)
         if recipe.method == "direct":
             def direct_loss(network: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
                 x = sample_steps(self.model(network), batch["noise"], nfe, condition_of(batch))
@@ -375,6 +428,47 @@ class DistillJob:
 
         return progressive_loss, draw
 
+    def guided_objective(self, teacher: Teacher, nfe: int, r: int):
+        """Meng et al.'s two stages: round 1 regresses the teacher's guided output at per-example g (the student takes
+        g as its ``guidance`` input); later rounds are progressive rounds with g drawn per example."""
+        from ..consistency import guided_denoise
+        from ..extra_inputs import with_extra_inputs
+        from ..objectives import condition_of, regression_loss
+        from ..teacher import x0_eps_to_output
+
+        recipe = self.recipe
+        shape = tuple(self.reference.sample_shape)
+        lo, hi = recipe.guidance_range  # type: ignore[misc]
+        schedule = self.reference.schedule
+        stage_one = r == 1
+
+        def draw(generator: torch.Generator, n: int) -> dict[str, Tensor]:
+            if stage_one:
+                t = 1e-3 + (1.0 - 1e-3) * torch.rand(n, generator=generator, dtype=torch.float64)
+            else:
+                t = torch.randint(1, nfe + 1, (n,), generator=generator).double() / nfe
+            g = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
+            return {"t": t, "eps": torch.randn(n, *shape, generator=generator), "g": g}
+
+        def guided_loss(network: torch.nn.Module, batch: dict[str, Tensor]) -> Tensor:
+            x0 = (batch["sample"] if "sample" in batch else batch["x"]).float()
+            cond, t, g = condition_of(batch), batch["t"], batch["g"]
+            z_t = broadcast_to(schedule.alpha(t), x0) * x0 + broadcast_to(schedule.sigma(t), x0) * batch["eps"]
+            seen = with_extra_inputs(cond, guidance=g.float())
+            if stage_one:
+                with torch.no_grad():
+                    x0_g, eps_g = guided_denoise(self.reference, z_t, t, cond, g)
+                    target = x0_eps_to_output(self.reference.prediction, x0_g, eps_g, t, schedule)
+                student = self.model(network)
+                out = student.network_output(z_t, t, seen)
+                return regression_loss(out.float() - target.float(), recipe.loss, recipe.huber_c)
+            target, weight = progressive_target(teacher, z_t, t, nfe, seen)
+            x0_hat = self.model(network).predict_x0(z_t, t, seen)
+            diff = broadcast_to(weight.sqrt(), x0) * (x0_hat.float() - target)
+            return regression_loss(diff, recipe.loss, recipe.huber_c)
+
+        return guided_loss, draw
+
     def finish(self, couplings: Artifact, network: torch.nn.Module, seconds: float) -> None:
         """Write the last student as teacher.safetensors with its summary: the rounds, the recommended sampling and
         the original teacher's quality at every NFE of the chain with the same sampler."""
@@ -385,6 +479,9 @@ class DistillJob:
                 "couplings": str(couplings.path), "steps": sum(int(r["steps"]) for r in self.records),
                 "rounds": [r["nfe"] for r in self.records], "sampling": sampling}
         model = self.model(network, info)
+        if recipe.guidance_range is not None:
+            lo, hi = recipe.guidance_range
+            model.guidance_scale = 1.0 if lo <= 1.0 <= hi else float(lo)  # the default when sampled without --guidance
         summary: dict[str, Any] = {
             "method": recipe.method, "nfe": nfe, "sampling": sampling, "prediction_type": model.prediction,
             "schedule": model.schedule.config(), "sample_shape": list(model.sample_shape),
@@ -394,6 +491,11 @@ class DistillJob:
             "steps": info["steps"], "final_loss": self.records[-1].get("final_loss"), "processes": self.world,
             "seconds_last_run": round(seconds, 3),
         }
+        if recipe.guidance_range is not None:
+            summary["guidance"] = {"input": "guidance", "range": list(recipe.guidance_range),
+                                   "default": model.guidance_scale,
+                                   "convention": "accelkit's g (out_null + g (out_cond - out_null)); Meng et al.'s "
+                                                 "w = g - 1"}
         if self.eval_pairs is not None:
             nfes = sorted({*summary["nfe_per_round"]})
             summary["quality"] = {

@@ -162,13 +162,14 @@ def load_teacher_start(path: str | Path, stage: str) -> tuple[NetworkTeacher, Ne
 
 
 def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
-                     check: Callable[[StudentRun], None] | None = None) -> StudentRun:
+                     prepare: Any = None, check: Callable[[StudentRun], None] | None = None) -> StudentRun:
     """Open the run of a :class:`SourceRecipe` (with ``seed``, ``batch_size``, ``loop``, ``device``): SOURCE is a
     couple artifact (the student starts from its teacher; x0 are its samples unless ``data`` is given) or a teacher
-    with ``data``. ``check(run)`` (optional) sees the loaded start, reference and data before the artifact is opened,
-    and raises :class:`AccelkitError` for what the method cannot take (nothing is written then). The caller trains
-    unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls :meth:`StudentRun.close` when
-    done."""
+    with ``data``. The caller trains unless ``complete``, draws batches with :meth:`StudentRun.batches` and calls
+    :meth:`StudentRun.close` when done. ``prepare(start)`` (optional) changes or checks the student's start before
+    the artifact is opened (e.g. adds extra inputs; an error there writes nothing); ``check(run)`` (optional) sees
+    the loaded start, reference and data before the artifact is opened, and raises :class:`AccelkitError` for what
+    the method cannot take (nothing is written then)."""
     from ..couplings import open_couplings
     from ..data import load_dataset
     from .train import resolve_device
@@ -204,6 +205,8 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         if tuple(couplings.sample_shape) != tuple(start.sample_shape):
             raise AccelkitError(f"{recipe.source}: samples of shape {list(couplings.sample_shape)}, but the "
                                 f"teacher's are {list(start.sample_shape)}")
+    if prepare is not None:
+        prepare(start)
     run = StudentRun(device, rank, world, couplings_art, None, Path(output or "."), False, start, reference,
                      couplings, data, teacher_path)
     if check is not None:
@@ -322,9 +325,13 @@ def averaged_network(trainer: Trainer) -> tuple[nn.Module, str]:
 def student_of(reference: NetworkTeacher, network: nn.Module, info: Mapping[str, Any] | None = None
                ) -> NetworkTeacher:
     """``network`` as a teacher of ``reference``'s kind (call, prediction type, schedule, time input, null
-    condition) at guidance scale 1."""
+    condition) at guidance scale 1. A student of a QAC model (``accelkit qac``) keeps its code book (``info.qac``):
+    its network keeps the code input, and its codes are drawn from the same weights."""
+    info = dict(info or {})
+    if "qac" in reference.info and "qac" not in info:
+        info["qac"] = reference.info["qac"]
     return NetworkTeacher(network, reference.call, reference.prediction, reference.schedule, reference.sample_shape,
-                          reference.time_input, 1.0, reference.null_condition, dict(info or {}))
+                          reference.time_input, 1.0, reference.null_condition, info)
 
 
 def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: Mapping[str, Any]) -> None:

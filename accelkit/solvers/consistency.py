@@ -1,0 +1,79 @@
+"""Samplers of consistency students: one step, multistep with re-noising (Song et al. 2023, Alg. 1; LCM), and TCD's
+gamma (Zheng et al. 2024, "Trajectory consistency distillation").
+
+On the grid t_0 = 1 > t_1 > ... > t_N (N = NFE), step k evaluates the consistency function
+x0_k = f(x, t_k) (:func:`accelkit.consistency.consistency_function`, the student's recorded parameterisation) with
+its implied noise eps_k = (x - alpha_k x0_k) / sigma_k, goes back along the trajectory to s' = (1 - gamma) t_{k+1}
+and re-noises forward to t_{k+1} with fresh noise z:
+
+    x_{s'}   = alpha_{s'} x0_k + sigma_{s'} eps_k,
+    x_{k+1}  = (alpha_{k+1} / alpha_{s'}) x_{s'} + sqrt(sigma_{k+1}^2 - (alpha_{k+1} sigma_{s'} / alpha_{s'})^2) z.
+
+gamma = 1 (``consistency``) is the multistep consistency sampler (x_{k+1} = alpha x0_k + sigma z); gamma = 0 is
+deterministic (a DDIM jump with the consistency function as x0); ``tcd`` takes gamma = 0.3, TCD's default. The last
+step ends at t_N (= 0: the sample x0). One NFE per step.
+
+Fresh noise keeps samples independent of the batch: sample i's z at step k comes from a generator seeded with a hash
+of sample i's own starting state (itself drawn from (seed, i)) and k, so the result does not depend on how samples
+are batched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import Tensor
+
+from ..consistency import Parameterisation, consistency_function
+from ..errors import AccelkitError
+from ..teacher import Condition, Teacher
+from .base import Solver, register_solver
+
+
+def fresh_noise(x_start: Tensor, step: int) -> Tensor:
+    """Standard normal noise shaped like ``x_start``, row i seeded by a hash of row i of ``x_start`` and ``step``."""
+    rows = x_start.detach().to("cpu", torch.float32).reshape(x_start.shape[0], -1).numpy()
+    out = []
+    for row in rows:
+        digest = hashlib.blake2b(row.tobytes() + int(step).to_bytes(4, "little"), digest_size=8).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(digest, "little") >> 1)
+        out.append(torch.randn(x_start.shape[1:], generator=g))
+    return torch.stack(out).to(device=x_start.device, dtype=x_start.dtype)
+
+
+class ConsistencySampler(Solver):
+    """Multistep consistency sampling with TCD's gamma in [0, 1] (see the module docstring)."""
+
+    def __init__(self, gamma: float = 1.0, name: str = "consistency"):
+        if not 0.0 <= gamma <= 1.0:
+            raise ValueError(f"gamma {gamma}: expected a value in [0, 1]")
+        self.gamma, self.name = float(gamma), name
+
+    def sample(self, teacher: Teacher, x: Tensor, ts: Tensor, nfe: int, cond: Condition | None = None) -> Tensor:
+        param = Parameterisation.of(teacher)
+        sch = teacher.schedule
+        start = x
+        ts = ts.to(torch.float64)
+        for k in range(len(ts) - 1):
+            t, nxt = ts[k], ts[k + 1]
+            x0 = consistency_function(teacher, param, x, t.to(x.device), cond)
+            a_t, s_t = float(sch.alpha(t)), float(sch.sigma(t))
+            eps = (x - a_t * x0) / s_t
+            back = (1.0 - self.gamma) * nxt
+            a_b, s_b, a_n, s_n = (float(v) for v in (sch.alpha(back), sch.sigma(back), sch.alpha(nxt), sch.sigma(nxt)))
+            x = a_b * x0 + s_b * eps
+            if float(back) < float(nxt):
+                if getattr(teacher, "symbolic", False):
+                    raise AccelkitError(f"the {self.name} sampler re-noises with fresh noise after its first step, "
+                                        "so it has no fixed linear form to export; export it at 1 NFE, or sample "
+                                        "it with accelkit")
+                spread = max(s_n**2 - (a_n * s_b / a_b) ** 2, 0.0) ** 0.5
+                x = (a_n / a_b) * x + spread * fresh_noise(start, k)
+        return x
+
+
+register_solver("consistency", lambda: ConsistencySampler(1.0, "consistency"))
+register_solver("tcd", lambda: ConsistencySampler(0.3, "tcd"))
+
+__all__ = ["ConsistencySampler", "fresh_noise"]
