@@ -134,9 +134,15 @@ def train_generator(ring, name):
                                                 **kw), ring["root"] / name)
 
 
+def has_peft() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
+
+
 @pytest.fixture(scope="module")
 def generators(ring):
-    out = {name: train_generator(ring, name) for name in RUNS}
+    out = {name: train_generator(ring, name) for name in RUNS if name != "vsd" or has_peft()}
     quality = {}
     for name, path in out.items():
         summary = json.loads((path / "manifest.json").read_text())["summary"]
@@ -149,6 +155,8 @@ def generators(ring):
 
 @pytest.mark.parametrize("name", ["dmd2", "dmd", "vsd", "sim", "ladd"])
 def test_one_step_generator_matches_the_teachers_ode_and_covers_the_modes(generators, ring, name):
+    if name == "vsd" and not has_peft():
+        pytest.skip("vsd's LoRA fake score needs peft")
     sw, cov, summary = generators[1][name]
     # observed (2-core VM): every method 0.15-0.19 against the teacher's ODE 0.16 and its best 1-NFE solver 1.3
     assert sw < 1.5 * ring["ode"], (name, sw, ring["ode"])
