@@ -283,3 +283,25 @@ def test_steps_the_discrete_grid_cannot_take(tmp_path):
     with pytest.raises(AccelkitError, match="--steps 1001: the generator's time grid cannot take it"):
         run_score_distill(ScoreDistillRecipe(source=str(pipe), method="dmd2", steps=1001, device="cpu"), out)
     assert not out.exists()
+
+
+def test_a_teacher_alone_is_a_source_and_noise_batches_resume_exactly(ring, tmp_path):
+    """Score distillation needs no data: from the teacher alone the batches are seeded draws (NoiseBatches), whose
+    state is a counter, so a restored iterator continues with the same draws."""
+    from accelkit.stages.student import NoiseBatches
+
+    out = run_score_distill(ScoreDistillRecipe(source=str(ring["train"]), method="sim", batch_size=64, device="cpu",
+                                               loop={"steps": 12, "lr": 1e-3, "checkpoint_every": 0}), tmp_path / "a")
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["updates"] == {"fake_score": 12, "generator": 12} and summary["sampling"]["nfe"] == 1
+
+    def draw(g, n):
+        return {"z": torch.randn(n, 2, generator=g)}
+
+    a = NoiseBatches(8, 3, 0, 1, draw)
+    first = [next(a)["z"] for _ in range(5)]
+    b = NoiseBatches(8, 3, 0, 1, draw)
+    b.load_state_dict(json.loads(json.dumps({"batches": 2})))
+    assert all(torch.equal(next(b)["z"], want) for want in first[2:])
+    halves = [next(NoiseBatches(8, 3, r, 2, draw))["z"] for r in range(2)]
+    assert torch.equal(torch.cat(halves), first[0])  # two ranks' slices are the one-process batch
