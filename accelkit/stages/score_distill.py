@@ -158,7 +158,8 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
         fake_part = nn.ModuleDict({"network": fake_net})
         disc = None
         if gan:
-            disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width)
+            disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width,
+                                        seed=recipe.seed)
             fake_part["heads"] = disc
         model = nn.ModuleDict({"generator": generator.network, "fake_score": fake_part})
         objective = DenoisingObjective(real.schedule, real.prediction, real.call, real.time_input)
