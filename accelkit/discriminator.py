@@ -16,9 +16,10 @@ and the approximated R1 penalty of Seaweed-APT (Lin et al. 2025, "Diffusion adve
 video generation"): lambda E || D(x_real) - D(x_real + s n) ||^2, n ~ N(0, I), instead of the gradient penalty's
 double backward. A healthy discriminator's accuracy stays well below 1 (FIELD-NOTES.md); batch >= 2.
 
-Heads by feature shape: (B, C) -> Linear-SiLU-Linear; (B, C, H, W) -> conv3x3-GroupNorm-SiLU, spatial mean, Linear;
-(B, N, C) tokens -> token mean, Linear-SiLU-Linear. Layers ``auto``: a diffusers UNet's ``mid_block``, the builtin
-UNet's ``mid``, every block of the builtin MLP, a transformer's middle and last block.
+Heads by feature shape: (B, C) -> Linear-SiLU-Linear; (B, C, H, W) -> conv3x3-GroupNorm-SiLU, spatial mean, then
+the same MLP; (B, N, C) tokens -> token mean, then the MLP; the MLP also sees (t, sin pi t, cos pi t). Layers
+``auto``: a diffusers UNet's ``mid_block``, the builtin UNet's ``mid``, every block of the builtin MLP, a
+transformer's middle and last block.
 """
 
 from __future__ import annotations
@@ -61,8 +62,15 @@ def _first_tensor(out) -> Tensor:
     raise AccelkitError(f"a discriminator layer returned {type(out).__name__}, not a tensor")
 
 
+def noise_level_features(t: Tensor) -> Tensor:
+    """(t, sin(pi t), cos(pi t)) per sample: what a head knows of the noise level (LADD's heads are conditioned
+    on it, so each level has its own decision threshold)."""
+    t = t.float().reshape(-1, 1)
+    return torch.cat([t, torch.sin(torch.pi * t), torch.cos(torch.pi * t)], dim=1)
+
+
 class Head(nn.Module):
-    """One logit per sample from one layer's features (see the module docstring for the shapes)."""
+    """One logit per sample from one layer's features and the noise level (see the module docstring)."""
 
     def __init__(self, shape: Sequence[int], width: int):
         super().__init__()
@@ -71,19 +79,19 @@ class Head(nn.Module):
         if self.rank == 3:
             self.conv = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(min(8, width), width),
                                       nn.SiLU())
-            self.mlp = nn.Linear(width, 1)
-        elif self.rank in (1, 2):
-            self.mlp = nn.Sequential(nn.Linear(channels, width), nn.SiLU(), nn.Linear(width, 1))
-        else:
+            channels = width
+        elif self.rank not in (1, 2):
             raise AccelkitError(f"discriminator features of shape {list(shape)}: expected (C), (N, C) or (C, H, W)")
+        self.mlp = nn.Sequential(nn.Linear(channels + 3, width), nn.SiLU(), nn.Linear(width, 1))
 
-    def forward(self, f: Tensor) -> Tensor:
+    def forward(self, f: Tensor, t: Tensor) -> Tensor:
         f = f.float()
         if self.rank == 3:
-            return self.mlp(self.conv(f).mean((2, 3)))[:, 0]
-        if self.rank == 2:
+            f = self.conv(f).mean((2, 3))
+        elif self.rank == 2:
             f = f.mean(1)
-        return self.mlp(f)[:, 0]
+        level = noise_level_features(t.to(f.device).expand(f.shape[0]) if t.ndim == 0 else t.to(f.device))
+        return self.mlp(torch.cat([f, level], dim=1))[:, 0]
 
 
 class FeatureDiscriminator(nn.Module):
@@ -141,7 +149,7 @@ class FeatureDiscriminator(nn.Module):
 
     def forward(self, x_t: Tensor, t: Tensor, cond: Condition | None = None) -> Tensor:
         feats = self.features(x_t, t, cond)
-        return torch.stack([head(feats[n]) for n, head in zip(self.layers, self.heads, strict=True)]).mean(0)
+        return torch.stack([head(feats[n], t) for n, head in zip(self.layers, self.heads, strict=True)]).mean(0)
 
 
 def discriminator_loss(logits_real: Tensor, logits_fake: Tensor) -> Tensor:
@@ -167,4 +175,4 @@ def accuracy(logits_real: Tensor, logits_fake: Tensor) -> float:
 
 
 __all__ = ["FeatureDiscriminator", "Head", "auto_layers", "discriminator_loss", "generator_gan_loss",
-           "approximate_r1", "accuracy"]
+           "approximate_r1", "accuracy", "noise_level_features"]

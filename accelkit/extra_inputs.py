@@ -62,7 +62,7 @@ class ExtraInput:
 class ExtraInputEmbedding(nn.Module):
     """sum_k W2_k SiLU(W1_k phi_k(v_k)) over the inputs, W2_k zero-initialised; ``width`` is the time embedding's."""
 
-    def __init__(self, inputs: Sequence[ExtraInput], width: int, features: int = 128):
+    def __init__(self, inputs: Sequence[ExtraInput], width: int, features: int = 128, seed: int = 0):
         super().__init__()
         names = [spec.name for spec in inputs]
         if not names or len(set(names)) != len(names):
@@ -70,9 +70,14 @@ class ExtraInputEmbedding(nn.Module):
         self.inputs = tuple(inputs)
         self.width, self.features = int(width), int(features)
         self.mlps = nn.ModuleDict()
+        generator = torch.Generator().manual_seed(int(seed))  # the first layers' draw: seeded, not the global RNG
         for spec in self.inputs:
             fin = self.features if spec.kind == "scalar" else spec.dim
             mlp = nn.Sequential(nn.Linear(fin, self.width), nn.SiLU(), nn.Linear(self.width, self.width))
+            with torch.no_grad():  # nn.Linear's default init, U(-1/sqrt(fin), 1/sqrt(fin)), from the seeded generator
+                bound = 1.0 / fin**0.5
+                mlp[0].weight.copy_(torch.rand(mlp[0].weight.shape, generator=generator) * 2 * bound - bound)
+                mlp[0].bias.copy_(torch.rand(mlp[0].bias.shape, generator=generator) * 2 * bound - bound)
             nn.init.zeros_(mlp[2].weight)
             nn.init.zeros_(mlp[2].bias)
             self.mlps[spec.name] = mlp
@@ -157,13 +162,14 @@ def extra_inputs_of(network: nn.Module) -> tuple[ExtraInput, ...]:
     return emb.inputs if emb is not None else ()
 
 
-def attach_to_network(network: nn.Module, inputs: Sequence[ExtraInput]) -> ExtraInputEmbedding:
-    """Give ``network`` the extra inputs (in place): the zero-initialised embedding and its hooks."""
+def attach_to_network(network: nn.Module, inputs: Sequence[ExtraInput], seed: int = 0) -> ExtraInputEmbedding:
+    """Give ``network`` the extra inputs (in place): the zero-initialised embedding and its hooks. ``seed`` draws
+    the first layers (the same seed gives the same student start in every process and run)."""
     if embedding_of(network) is not None:
         raise AccelkitError(f"this network already has extra inputs {[s.name for s in extra_inputs_of(network)]}")
     modules, width = _time_embedding_modules(network)
     param = next(network.parameters(), None)
-    emb = ExtraInputEmbedding(inputs, width)
+    emb = ExtraInputEmbedding(inputs, width, seed=seed)
     if param is not None:
         emb.to(device=param.device, dtype=param.dtype if param.is_floating_point() else None)
     setattr(network, EMBEDDING_ATTR, emb)
@@ -239,9 +245,10 @@ def base_call(call: Any) -> Any:
     return call.base if isinstance(call, ExtraInputCall) else call
 
 
-def attach_extra_inputs(teacher: Any, inputs: Sequence[ExtraInput]) -> Any:
-    """Give a :class:`accelkit.teacher.NetworkTeacher` the extra ``inputs`` (in place; returns it)."""
-    attach_to_network(teacher.network, inputs)
+def attach_extra_inputs(teacher: Any, inputs: Sequence[ExtraInput], seed: int = 0) -> Any:
+    """Give a :class:`accelkit.teacher.NetworkTeacher` the extra ``inputs`` (in place; returns it); ``seed`` draws
+    the embedding's first layers (pass the recipe's seed)."""
+    attach_to_network(teacher.network, inputs, seed)
     teacher.call = ExtraInputCall(base_call(teacher.call))
     return teacher
 

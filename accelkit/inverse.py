@@ -94,7 +94,8 @@ class PiGDMTeacher(Teacher):
         return x0 + self.gamma * s**2 / a * g, eps - self.gamma * s * g
 
 
-def dps_sample(prior: Teacher, op: LinearOperator, y: Tensor, x: Tensor, ts: Tensor, zeta: float = 1.0) -> Tensor:
+def dps_sample(prior: Teacher, op: LinearOperator, y: Tensor, x: Tensor, ts: Tensor, zeta: float = 1.0,
+               cond: Condition | None = None) -> Tensor:
     """DPS: DDIM steps x_next = alpha_next x0_hat + sigma_next eps_hat, each followed by
     x_next <- x_next - zeta grad_{x_t} ||y - H x0_hat(x_t)|| (one VJP per step; per-sample norms)."""
     sched = prior.schedule
@@ -102,7 +103,7 @@ def dps_sample(prior: Teacher, op: LinearOperator, y: Tensor, x: Tensor, ts: Ten
         t, t_next = ts[i], ts[i + 1]
         with torch.enable_grad():
             xg = x.detach().requires_grad_(True)
-            x0, eps = prior.denoise(xg, t)
+            x0, eps = prior.denoise(xg, t, cond)
             norm = (y - op(x0)).flatten(1).norm(dim=1)
             (grad,) = torch.autograd.grad(norm.sum(), xg)
         a, s = broadcast_to(sched.alpha(t_next), x), broadcast_to(sched.sigma(t_next), x)
@@ -111,7 +112,8 @@ def dps_sample(prior: Teacher, op: LinearOperator, y: Tensor, x: Tensor, ts: Ten
 
 
 def ddrm_sample(prior: Teacher, op: LinearOperator, y: Tensor, noise_std: float, noise: Tensor, ts: Tensor,
-                step_noise: Callable[[int], Tensor], eta: float = 0.85, eta_b: float = 1.0) -> Tensor:
+                step_noise: Callable[[int], Tensor], eta: float = 0.85, eta_b: float = 1.0,
+                cond: Condition | None = None) -> Tensor:
     """DDRM in the spectral basis of H (Kawar et al. 2022, eq. 7-8), in the variance-exploding state
     xbar = V^T x / alpha at noise level phi = sigma / alpha; y_bar = S^+ U^T y with noise s_y / s_i per coefficient.
 
@@ -136,7 +138,7 @@ def ddrm_sample(prior: Teacher, op: LinearOperator, y: Tensor, noise_std: float,
     xbar = torch.where(observed & (sy < phi), ybar + init_var.sqrt() * eps, phi * eps)
     for i in range(len(ts) - 1):
         x = float(alphas[i]) * op.v(xbar)
-        x0bar = op.vt(prior.predict_x0(x, ts[i]).detach())
+        x0bar = op.vt(prior.predict_x0(x, ts[i], cond).detach())
         phi, phi_next = phis[i], phis[i + 1]
         fresh = op.vt(step_noise(i))
         hidden = x0bar + phi_next * (math.sqrt(1 - eta**2) * (xbar - x0bar) / phi + eta * fresh)
@@ -182,10 +184,12 @@ def method_grid(teacher: Teacher, settings: RestoreSettings) -> Tensor:
 
 def restore(teacher: Teacher, op: LinearOperator, y: Tensor, noise_std: float, settings: RestoreSettings, *,
             n: int = 1, seed: int = 0, batch_size: int = 64, device: torch.device | str = "cpu",
+            condition: Callable[[list[int]], Condition | None] | None = None,
             on_batch: Callable[[int], None] | None = None) -> Tensor:
     """``n`` posterior samples for each of the measurements ``y`` (one per row), shape (len(y), n, *image).
 
-    Sample k = i n + j of input i starts from the noise of (seed, k); ``op`` may hold one mask per input.
+    Sample k = i n + j of input i starts from the noise of (seed, k); ``op`` may hold one mask per input;
+    ``condition`` gives the teacher's condition for a list of input indices (class labels, text embeddings).
     """
     from .solvers import get_solver
 
@@ -197,8 +201,9 @@ def restore(teacher: Teacher, op: LinearOperator, y: Tensor, noise_std: float, s
     ts = method_grid(teacher, settings)
     sched = teacher.schedule
     a0, s0 = float(sched.alpha(ts[0])), float(sched.sigma(ts[0]))
-    dtype = next((p.dtype for p in teacher.parameters() if p.is_floating_point()), torch.float32)
-    dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    tensors = [*teacher.parameters(), *teacher.buffers()]
+    dtype = next((p.dtype for p in tensors if p.is_floating_point()), torch.float32)
+    dtype = torch.float64 if dtype == torch.float64 else torch.float32  # fp16 / bf16 networks: fp32 guidance
     y = y.to(device=device, dtype=dtype)
     shape = tuple(teacher.sample_shape)
     total = y.shape[0] * n
@@ -208,19 +213,23 @@ def restore(teacher: Teacher, op: LinearOperator, y: Tensor, noise_std: float, s
         rows = torch.tensor([k // n for k in ks])
         op_b, y_b = op.select(rows), y[rows.to(y.device)]
         noise = sample_noise(seed, ks, shape, device=device, dtype=dtype)
+        cond = condition(rows.tolist()) if condition is not None else None
+        if cond is not None:
+            cond = cond.map(lambda v: v.to(device))
         if settings.method == "ddrm":
             def step_noise(i: int, ks=ks) -> Tensor:
                 return sample_noise(stream_seed(seed, 0xDD, i), ks, shape, device=device, dtype=dtype)
 
-            x = ddrm_sample(teacher, op_b, y_b, noise_std, noise, ts, step_noise, settings.eta, settings.eta_b)
+            x = ddrm_sample(teacher, op_b, y_b, noise_std, noise, ts, step_noise, settings.eta, settings.eta_b,
+                            cond)
         else:
             x = a0 * op_b.regularized_pinv(y_b, noise_std**2) + s0 * noise
             if settings.method == "pigdm":
                 guided = PiGDMTeacher(teacher, op_b, y_b, noise_std, settings.gamma)
                 with torch.no_grad():
-                    x = get_solver(settings.solver).sample(guided, x, ts, settings.nfe)
+                    x = get_solver(settings.solver).sample(guided, x, ts, settings.nfe, cond)
             else:
-                x = dps_sample(teacher, op_b, y_b, x, ts, settings.zeta)
+                x = dps_sample(teacher, op_b, y_b, x, ts, settings.zeta, cond)
         out.append(x.detach().to(torch.float32 if dtype != torch.float64 else dtype).cpu())
         if on_batch is not None:
             on_batch(len(ks))

@@ -13,7 +13,7 @@ online and offline, and their total variation), the encoder's and the extra para
 the training cost (steps/s). Composition (``--composition``): couplings of the QAC model and of the original teacher
 (dpm++2m, 32 NFE) and a rectified-flow student of each, FD at 1 and 2 NFE (euler). Table on stderr, JSON to --json.
 
-    python bench/qac.py [--teacher-steps 1000] [--steps 500] [--bits 8] [--composition] [--workdir bench/work-qac]
+    python bench/qac.py [--teacher PATH | --teacher-steps 1000 --base 32] [--steps 500] [--bits 8] [--composition]
 """
 
 from __future__ import annotations
@@ -43,14 +43,17 @@ def summary(path: str) -> dict:
     return json.loads((Path(path) / "manifest.json").read_text()).get("summary", {})
 
 
+METRIC = "frechet"  # sliced_w2 on a 2-D set (--data)
+
+
 def best_fd(rows: list[dict], model: str, nfes) -> dict[int, tuple[float, str]]:
-    """(FD, solver) of ``model``'s best solver at each NFE."""
+    """(distance, solver) of ``model``'s best solver at each NFE (FD on images, sliced W2 on 2-D sets)."""
     out = {}
     for k in nfes:
-        mine = [r for r in rows if r["method"] == model and r["nfe"] == k and r.get("frechet") is not None]
+        mine = [r for r in rows if r["method"] == model and r["nfe"] == k and r.get(METRIC) is not None]
         if mine:
-            r = min(mine, key=lambda r: r["frechet"])
-            out[k] = (r["frechet"], r["solver"])
+            r = min(mine, key=lambda r: r[METRIC])
+            out[k] = (r[METRIC], r["solver"])
     return out
 
 
@@ -61,12 +64,18 @@ def write(path: str, out: dict) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default="digits", help="digits, or a 2-D set (e.g. gaussian-mixture: sliced W2, an "
+                                                     "MLP teacher)")
+    ap.add_argument("--teacher", default=None, help="an existing teacher of --data (default: train one here)")
     ap.add_argument("--teacher-steps", type=int, default=1000)
+    ap.add_argument("--base", type=int, default=32, help="the trained teacher's SmallUNet width")
     ap.add_argument("--steps", type=int, default=500, help="optimizer steps of the QAC models and the control")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--lr", type=float, default=2e-4)
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--eval-n", type=int, default=1000)
+    ap.add_argument("--offline", action="store_true", help="also train the QAC model with offline weights (the same "
+                                                           "training; the summaries compare both books anyway)")
     ap.add_argument("--composition", action="store_true", help="also couple + reflow from the QAC model and the "
                                                                "teacher")
     ap.add_argument("--pairs", type=int, default=4000)
@@ -81,13 +90,20 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args)}
-    teacher = accelkit("train", "--data", "digits", "--objective", "flow", "--steps", args.teacher_steps,
-                       "--device", device, "-o", w / "teacher")
-    common = ["--data", "digits", "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr,
+    global METRIC
+    two_d = args.data != "digits"
+    METRIC = "sliced_w2" if two_d else "frechet"
+    net = ["train.network.hidden=128", "train.network.depth=3"] if two_d else [f"train.network.base={args.base}"]
+    teacher = args.teacher or accelkit("train", "--data", args.data, "--objective", "flow", "--steps",
+                                       args.teacher_steps, *[a for n in net for a in ("--set", n)], "--device",
+                                       device, "-o", w / "teacher")
+    common = ["--data", args.data, "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr,
               "--device", device]
     models = {}
-    for name, extra in (("control", ["--bits", 0]), ("qac", ["--bits", args.bits]),
-                        ("qac-offline", ["--bits", args.bits, "--collection", "offline"])):
+    runs = [("control", ["--bits", 0]), ("qac", ["--bits", args.bits])]
+    if args.offline:
+        runs.append(("qac-offline", ["--bits", args.bits, "--collection", "offline"]))
+    for name, extra in runs:
         began = time.time()
         models[name] = accelkit("qac", teacher, *common, *extra, "-o", w / name)
         s = summary(models[name])
@@ -96,12 +112,12 @@ def main() -> None:
                      **{k: s.get(k) for k in ("perplexity", "codes_used", "online_offline_tv", "encoder",
                                               "extra_share_of_teacher", "curvature", "straightness", "final_loss")}}
         write(args.json, out)
-    paths = [teacher, models["control"], models["qac"], models["qac-offline"]]
-    rows = json.loads(accelkit("eval", *paths, "--data", "digits", "--solver", SOLVERS,
+    names = ["teacher", *models]
+    paths = [teacher, *models.values()]
+    rows = json.loads(accelkit("eval", *paths, "--data", args.data, "--solver", SOLVERS,
                                "--nfe", ",".join(map(str, NFES)), "-n", args.eval_n, "--device", device, "--json"))
     out["eval"] = rows
-    best = {name: best_fd(rows, p, NFES) for name, p in zip(("teacher", "control", "qac", "qac-offline"), paths,
-                                                              strict=True)}
+    best = {name: best_fd(rows, p, NFES) for name, p in zip(names, paths, strict=True)}
     out["best_fd"] = {k: {str(n): v for n, v in b.items()} for k, b in best.items()}
     write(args.json, out)
     if args.composition:
@@ -111,7 +127,7 @@ def main() -> None:
                              "--micro-batch", 256, "--device", device, "--seed", 1, "-o", w / f"pairs-{name}")
             reflowed[name] = accelkit("reflow", pairs, "--steps", args.steps, "--batch-size", args.batch_size,
                                       "--device", device, "-o", w / f"reflow-{name}")
-        comp = json.loads(accelkit("eval", reflowed["teacher"], reflowed["qac"], "--data", "digits", "--solver",
+        comp = json.loads(accelkit("eval", reflowed["teacher"], reflowed["qac"], "--data", args.data, "--solver",
                                    "euler", "--nfe", "1,2", "-n", args.eval_n, "--device", device, "--json"))
         out["composition"] = {name: best_fd(comp, p, (1, 2)) for name, p in reflowed.items()}
         out["composition"] = {k: {str(n): v for n, v in b.items()} for k, b in out["composition"].items()}
@@ -121,12 +137,12 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"digits: QAC ({args.bits} bits) vs the control after {args.steps} steps, FD with each model's "
-                    f"best of {SOLVERS} (n = {args.eval_n})")
+    t = Table(title=f"{args.data}: QAC ({args.bits} bits) vs the control after {args.steps} steps, "
+                    f"{'sliced W2' if two_d else 'FD'} with each model's best of {SOLVERS} (n = {args.eval_n})")
     for c in ("NFE", "teacher", "control", "QAC online", "QAC offline", "QAC / control", "QAC solver"):
         t.add_column(c)
     for k in NFES:
-        cells = [best[m].get(k, (float("nan"), "-")) for m in ("teacher", "control", "qac", "qac-offline")]
+        cells = [best.get(m, {}).get(k, (float("nan"), "-")) for m in ("teacher", "control", "qac", "qac-offline")]
         t.add_row(str(k), *[f"{c[0]:.3g}" for c in cells], f"{cells[2][0] / cells[1][0]:.3f}", cells[2][1])
     console = Console(stderr=True)
     console.print(t)
@@ -137,7 +153,7 @@ def main() -> None:
                   f"extra parameters {100 * q['extra_share_of_teacher']:.2f} % of the teacher; steps/s QAC "
                   f"{q['steps_per_s']:.2f}, control {out['control']['steps_per_s']:.2f}")
     if "composition" in out:
-        console.print(f"composition (reflow students, FD at 1 / 2 NFE euler): {out['composition']}")
+        console.print(f"composition (reflow students, {METRIC} at 1 / 2 NFE euler): {out['composition']}")
     print(args.json)
 
 

@@ -246,14 +246,18 @@ def test_multistep_sampling_does_not_depend_on_the_batch(toy):
 TINY = ["--batch-size", "64", "--steps", "200", "--set", "consistency.loop.checkpoint_every=10", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("method", ["cd", pytest.param("ect", marks=pytest.mark.slow),
+@pytest.mark.parametrize("method", [pytest.param("cd", marks=pytest.mark.slow),
+                                    pytest.param("ect", marks=pytest.mark.slow),
                                     pytest.param("sct", marks=pytest.mark.slow),
-                                    pytest.param("pcm", marks=pytest.mark.slow)])
+                                    pytest.param("pcm", marks=pytest.mark.slow),
+                                    pytest.param("pcm-adv", marks=pytest.mark.slow)])
 def test_kill9_then_same_command_equals_uninterrupted(toy, tmp_path, method):
     """Killed at a random point after the first checkpoint and run again: the weights (and for cd the EMA target
     that shaped them) equal an uninterrupted run's bit for bit."""
     source = toy["train"] if method in ("ect", "sct") else toy["couple"]
     extra = ["--data", "moons", "--set", "consistency.data_size=4096"] if method in ("ect", "sct") else []
+    if method == "pcm-adv":  # the discriminator heads and their optimizer resume too
+        method, extra = "pcm", ["--set", "consistency.adversarial_weight=0.1", "--set", "consistency.disc.lr=0.001"]
     args = ["consistency", "--method", method, *extra, *TINY]
     full = run_cli(*args[:1], source, *args[1:], "-o", tmp_path / "full", env=ONE_THREAD)
     assert full.returncode == 0, full.stderr
@@ -396,3 +400,128 @@ def test_guided_distillation_follows_the_guided_teacher_and_beats_it_at_2_nfe(cl
                                  grid=summary["sampling"]["grid"]), endpoint)
         print(f"guided 2-step student at g={scale}: RMSE {s2:.4f} against the teacher's best 2-NFE {t2:.4f}")
         assert s2 < 0.75 * t2, (scale, s2, t2)  # observed 0.130 / 0.202 (g = 2), 0.114 / 0.293 (g = 3.5)
+
+
+@pytest.mark.slow
+def test_lcm_lora_changes_only_adapted_layers_and_distils_its_one_scale(class_teacher):
+    """LCM-LoRA (Luo et al.): one guidance scale distilled through LoRA adapters (no guidance input), merged into the
+    teacher's weights: same keys, only the adapted layers change, and the 2-step student is closer to the teacher's
+    guided samples at that scale than to its unguided ones."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from accelkit.teacher import Condition
+
+    root, file, couple = class_teacher
+    targets = ["inp", "blocks.0.1", "blocks.0.3", "blocks.1.1", "blocks.1.3", "out.1"]
+    out = run_consistency(ConsistencyRecipe(source=str(couple), method="lcm", guidance=3.0, batch_size=256,
+                                            device="cpu",
+                                            loop={"steps": 300, "lr": 3e-3, "warmup_steps": 20, "checkpoint_every": 0,
+                                                  "lora": {"rank": 8, "target_modules": targets}}), root / "lcm-lora")
+    a = load_file(file)
+    b = {k: v for k, v in load_file(out / "teacher.safetensors").items() if not k.startswith("accelkit.null")}
+    assert a.keys() == b.keys()
+    adapted = {f"{m}.weight" for m in targets}
+    for k in a:
+        assert torch.equal(a[k], b[k]) == (k not in adapted), k
+    noise = torch.randn(1000, 2, generator=torch.Generator().manual_seed(5))
+    cond = Condition(class_labels=torch.arange(1000) % 2)
+    x = sample_batched(load_teacher(out), noise, "consistency", 2, cond=cond)
+    guided = sample_batched(load_teacher(file, guidance=3.0), noise, "dpm++2m", 32, cond=cond)
+    plain = sample_batched(load_teacher(file), noise, "dpm++2m", 32, cond=cond)
+    to_guided, to_plain = sliced_wasserstein(x, guided), sliced_wasserstein(x, plain)
+    print(f"lcm-lora g=3: SW2 to the guided teacher {to_guided:.3f}, to the unguided {to_plain:.3f}")
+    assert to_guided < 0.7 * to_plain, (to_guided, to_plain)
+
+
+@pytest.mark.slow
+def test_lcm_kill9_then_same_command_equals_uninterrupted(class_teacher, tmp_path):
+    """LCM with the guidance input: the EMA target and the guidance embedding resume bit for bit."""
+    couple = class_teacher[2]
+    args = ["consistency", "--method", "lcm", "--guidance-range", "1,4", *TINY]
+    full = run_cli(*args[:1], couple, *args[1:], "-o", tmp_path / "full", env=ONE_THREAD)
+    assert full.returncode == 0, full.stderr
+    out = tmp_path / "killed"
+    kill9_during([*args[:1], couple, *args[1:], "-o", out], out / "checkpoint" / "latest.json")
+    resumed = run_cli(*args[:1], couple, *args[1:], "-o", out, env=ONE_THREAD)
+    assert resumed.returncode == 0 and "resumed from" in resumed.stderr, resumed.stderr
+    assert_same_tensors(tmp_path / "full" / "teacher.safetensors", out / "teacher.safetensors", "lcm after kill -9")
+
+
+@pytest.mark.slow
+def test_export_keeps_the_one_step_sampler_and_refuses_a_re_noising_one(toy, cli, tmp_path):
+    """A 1-step consistency student exports as one file whose recorded sampler reproduces accelkit's samples; the
+    re-noising multistep sampler has no fixed linear form, so exporting it at 2 NFE is a one-line error."""
+    from safetensors.torch import load_file
+
+    out = student(toy, "cd")
+    r = cli("export", out, "-o", tmp_path / "s.safetensors", "--format", "safetensors", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    a = cli("sample", out, "-n", "16", "-o", tmp_path / "a.safetensors", env=ONE_THREAD)
+    b = cli("sample", tmp_path / "s.safetensors", "-n", "16", "-o", tmp_path / "b.safetensors", env=ONE_THREAD)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
+    assert torch.allclose(load_file(tmp_path / "a.safetensors")["samples"],
+                          load_file(tmp_path / "b.safetensors")["samples"], atol=1e-6)
+    r = cli("export", out, "-o", tmp_path / "t.safetensors", "--format", "safetensors", "--nfe", "2", env=ONE_THREAD)
+    assert r.returncode == 2 and "no fixed linear form" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "t.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_ect_in_bf16_stays_finite_and_beats_the_teacher_at_1_nfe(toy):
+    """ECT's fp16 runs go NaN (locuslab/ect#12); bf16 autocast trains with finite losses and a useful student."""
+    out = run_consistency(ConsistencyRecipe(source=str(toy["train"]), data="moons", data_size=20000, method="ect",
+                                            stage_steps=250, batch_size=256, device="cpu",
+                                            loop={"steps": 300, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0,
+                                                  "precision": "bf16"}), toy["root"] / "ect-bf16")
+    losses = [e["loss"] for e in json.loads((out / "history.json").read_text())]
+    assert losses and all(math.isfinite(v) for v in losses)
+    x = solve(load_teacher(out), toy["noise"], solver="tcd", nfe=1)
+    s = sliced_wasserstein(x, toy["data"])
+    assert s < 0.6 * toy["best"][1], (s, toy["best"][1])  # observed 0.29 against 1.15
+
+
+@pytest.mark.slow
+def test_lcm_lora_exports_as_a_lora_file_that_samples_like_the_student(class_teacher, cli, tmp_path):
+    """The LCM-LoRA student as a LoRA file (accelkit/export/lora.py: the factors of its difference to the teacher):
+    `accelkit sample FILE` adds them to the base and samples with the recorded sampler, as the student does."""
+    pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    root, file, couple = class_teacher
+    out = root / "lcm-lora"
+    if not (out / "teacher.safetensors").exists():
+        pytest.skip("needs the LCM-LoRA student of test_lcm_lora_changes_only_adapted_layers_and_distils_its_scale")
+    r = cli("export", out, "-o", tmp_path / "lcm.safetensors", "--format", "lora", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    a = cli("sample", out, "-n", "32", "--label", "0", "-o", tmp_path / "a.safetensors", env=ONE_THREAD)
+    b = cli("sample", tmp_path / "lcm.safetensors", "-n", "32", "--label", "0", "-o", tmp_path / "b.safetensors",
+            env=ONE_THREAD)
+    assert a.returncode == 0 and b.returncode == 0, (a.stderr, b.stderr)
+    x, y = load_file(tmp_path / "a.safetensors")["samples"], load_file(tmp_path / "b.safetensors")["samples"]
+    assert float((x - y).norm() / x.norm()) < 1e-5
+
+
+@pytest.mark.slow
+def test_pcm_adversarial_term_trains_stably_and_does_not_hurt(toy):
+    """PCM with its adversarial term (heads on the frozen teacher's features, hinge loss, two parameter groups of one
+    Trainer): every loss finite, the heads' accuracy never runs away (below 0.95), and the 2-phase student is no
+    worse than the same run without the term. On this 2-D teacher the accuracy stays at chance (0.50 +- 0.01):
+    the student's jumps and their targets are too close for the heads to tell apart."""
+    out = run_consistency(ConsistencyRecipe(source=str(toy["couple"]), method="pcm", phases=2, adversarial_weight=0.1,
+                                            disc={"lr": 1e-3}, batch_size=256, device="cpu",
+                                            loop={"steps": 300, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0,
+                                                  "log_every": 10}), toy["root"] / "pcm2-adv")
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    history = json.loads((out / "history.json").read_text())
+    for key in ("discriminator/loss", "student/loss", "student/adv_loss"):
+        assert all(math.isfinite(h[key]) for h in history), key
+    accs = summary["adversarial"]["disc_accuracy_through_run"]
+    assert len(accs) == 30 and 0.4 < min(accs) and max(accs) < 0.95, accs
+    model = load_teacher(out)
+    with_adv = sliced_wasserstein(sample_batched(model, toy["noise"], "euler", 2, grid=summary["sampling"]["grid"]),
+                                  toy["data"])
+    without = sw_recorded(toy, "pcm2", 2)
+    print(f"pcm 2 phases: SW2 {with_adv:.3f} with the adversarial term, {without:.3f} without; heads' accuracy "
+          f"{min(accs):.3f}..{max(accs):.3f}")
+    assert with_adv < 1.1 * without, (with_adv, without)

@@ -237,8 +237,8 @@ def test_bad_input_is_one_line_exit_2(ddpm, tmp_path, monkeypatch, capsys):
                            tmp_path / "mlp.safetensors")
     cases = [
         (("export", tmp_path / "missing", "-o", tmp_path / "a"), "no such file"),
-        (("export", builtin, "-o", tmp_path / "b"), "--format safetensors"),
-        (("export", ddpm, "-o", tmp_path / "c", "--format", "onnx"), "diffusers or safetensors"),
+        (("export", builtin, "-o", tmp_path / "b", "--format", "diffusers"), "--format safetensors"),
+        (("export", ddpm, "-o", tmp_path / "c", "--format", "onnx"), "diffusers, safetensors, lora or kohya"),
         (("export", ddpm, "-o", tmp_path / "d", "--solver", "rk45"), "unknown"),
         (("export", ddpm, "-o", tmp_path / "e", "--nfe", "0"), "--nfe"),
         (("export", ddpm, "-o", tmp_path / "f", "--grid", "1,0.5,0"), "steps"),
@@ -249,6 +249,10 @@ def test_bad_input_is_one_line_exit_2(ddpm, tmp_path, monkeypatch, capsys):
         assert expected in err and "Traceback" not in err, (args, err)
         assert len(err.strip().splitlines()) == 1 and err.startswith("error:"), err
     assert not (tmp_path / "b").exists()
+    # without --format an accelkit network exports as one file by itself (in the -o folder, named after its source)
+    code, stdout, err = run_in_process(monkeypatch, capsys, "export", builtin, "-o", tmp_path / "b")
+    assert code == 0 and stdout.strip() == str(tmp_path / "b" / "mlp.safetensors"), err
+    assert load_teacher(tmp_path / "b" / "mlp.safetensors").info["architecture"] == "accelkit.MLP"
     # the builtin MLP exports as one file, which loads back
     code, _, err = run_in_process(monkeypatch, capsys, "export", builtin, "-o", tmp_path / "mlp-out.safetensors",
                                   "--format", "safetensors")

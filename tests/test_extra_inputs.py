@@ -185,3 +185,12 @@ def test_a_teacher_built_around_a_network_with_extra_inputs_feeds_them():
     rebuilt = NetworkTeacher(student.network, builtin_call, "flow", LinearSchedule(), (2,))
     x, t, c = torch.randn(3, 2), torch.rand(3), code_cond(3)
     assert torch.equal(rebuilt.network_output(x, t, c), student.network_output(x, t, c))
+
+
+def test_the_embedding_start_is_seeded_not_drawn_from_the_global_rng():
+    a = attach_extra_inputs(mlp_teacher(), INPUTS, seed=3).network.accelkit_extra.state_dict()
+    torch.manual_seed(12345)
+    b = attach_extra_inputs(mlp_teacher(), INPUTS, seed=3).network.accelkit_extra.state_dict()
+    c = attach_extra_inputs(mlp_teacher(), INPUTS, seed=4).network.accelkit_extra.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert any(not torch.equal(a[k], c[k]) for k in a)

@@ -136,6 +136,9 @@ def test_weights_state_restores_exactly_and_costs_what_the_used_codes_cost():
     other = CodeWeights(2, 20)
     other.load_state_dict(state)
     assert torch.equal(other.codes, w.codes) and torch.equal(other.weights, w.weights)  # bit for bit (float64)
+    huge = CodeWeights(2, 48)  # 2^48 codes: no dense vector could hold them, the sparse store holds the used ones
+    huge.update(torch.randint(0, 2**48, (64,), generator=g), 0.5)
+    assert huge.state_dict()["_extra_state"].shape == (2, len(huge)) and len(huge) <= 64
     empty = CodeWeights(2, 20)
     assert empty.state_dict()["_extra_state"].shape == (2, 0)
     # the header form: exact too (float64 through JSON's repr)

@@ -93,3 +93,71 @@ def dit_pipeline(folder: Path) -> Path:
     from diffusers import DDIMScheduler
 
     return write_pipeline(folder, "DiTPipeline", "transformer", tiny_dit(), DDIMScheduler(clip_sample=False))
+
+
+#: The words the tiny CLIP tokenizer knows (each one token); other text falls back to its letters.
+TINY_WORDS = ("a", "photo", "of", "cat", "dog", "red", "blue", "blurry", "ugly", "house", "tree")
+
+
+def tiny_clip_tokenizer(folder: Path, max_length: int = 16):
+    """A CLIPTokenizer with a small vocabulary this test suite writes: the letters, the words of TINY_WORDS (with the
+    byte-pair merges that build them) and the start / end tokens; saved with save_pretrained."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for tok in letters + [f"{c}</w>" for c in letters]:
+        vocab.setdefault(tok, len(vocab))
+    merges = []
+    for word in TINY_WORDS:  # left-to-right merges: w, wo, wor, ... word</w>
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        current = pieces[0]
+        for nxt in pieces[1:]:
+            merges.append(f"{current} {nxt}")
+            current = current + nxt
+            vocab.setdefault(current, len(vocab))
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(dict.fromkeys(merges)) + "\n")
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length,
+                        pad_token="<|endoftext|>")
+    for f in ("vocab.json", "merges.txt"):
+        (folder / f).unlink()
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_clip_text_encoder(vocab_size: int, hidden: int = 12, max_length: int = 16, projection: int | None = None):
+    """A random-weight CLIPTextModel (or CLIPTextModelWithProjection, SDXL's second encoder) of width ``hidden``."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(2)
+    config = CLIPTextConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
+                            num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=max_length,
+                            projection_dim=projection or hidden, bos_token_id=0, eos_token_id=1, pad_token_id=1)
+    cls = CLIPTextModelWithProjection if projection else CLIPTextModel
+    return cls(config).eval()
+
+
+def sd15_text_pipeline(folder: Path) -> Path:
+    """A tiny random-weight StableDiffusionPipeline (UNet2DConditionModel + CLIPTextModel + CLIPTokenizer + VAE +
+    DPMSolverMultistepScheduler), saved with save_pretrained, that diffusers runs with a prompt."""
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    folder = Path(folder)
+    tok = tiny_clip_tokenizer(folder / ".tokenizer-src")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=12,
+                                norm_num_groups=4, attention_head_dim=4)
+    scheduler = DPMSolverMultistepScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    pipe = StableDiffusionPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text_encoder(len(tok)), tokenizer=tok,
+                                   unet=unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.save_pretrained(folder)
+    import shutil
+
+    shutil.rmtree(folder / ".tokenizer-src")
+    return folder

@@ -30,6 +30,12 @@ def couple(
     grid: str | None = typer.Option(None, help="Time grid name, or comma-separated decreasing times."),
     guidance: float | None = typer.Option(None, help="Classifier-free guidance scale (needs --conditions)."),
     conditions: str | None = typer.Option(None, help="Conditions file (.safetensors or .json): row i mod M."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable; sample i takes prompt i mod P), "
+                                     "encoded with the pipeline's tokenizer and text encoder into a cached "
+                                     "conditions file."),
+    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
+                                               "--prompt: the empty prompt)."),
     save_trajectory: int | None = typer.Option(None, "--save-trajectory", help="Also store K intermediate states."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per step (does not change results)."),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="Samples per teacher call (default 64)."),
@@ -61,6 +67,23 @@ def couple(
         from ..solvers.parallel import wrap
 
         solver = wrap(parallel, solver or "euler", window=window, tol=tol, blocks=blocks)
+    from ..errors import AccelkitError
+
+    texts = list(prompt or [])
+    if prompts_file is not None:
+        from ..prompts import read_prompts_file
+
+        texts += read_prompts_file(prompts_file)
+    if texts:
+        from ..prompts import prompt_conditions_file
+
+        if conditions is not None:
+            raise AccelkitError("give the conditions either with --prompt / --prompts or with --conditions, not both")
+        if teacher_path is None:
+            raise AccelkitError("--prompt: needs the teacher on the command line (its pipeline encodes the prompts)")
+        conditions = str(prompt_conditions_file(teacher_path, texts, negative_prompt))
+    elif negative_prompt is not None:
+        raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
     flags = {"teacher": teacher_path, "n": n, "solver": solver, "nfe": nfe, "guidance": guidance,
              "conditions": conditions, "save_trajectory": save_trajectory, "batch_size": batch_size,
              "micro_batch": micro_batch, "shard_size": shard_size, "seed": seed, "dtype": dtype, "device": device,

@@ -15,7 +15,9 @@ def export_command(
                                "(or a folder to put NAME.safetensors in)."),
     fmt: str = typer.Option(None, "--format", help="diffusers (a folder diffusers loads with from_pretrained) or "
                             "safetensors (one file with modelspec.* and accelkit.* metadata); default: safetensors "
-                            "when -o ends in .safetensors, else diffusers."),
+                            "when -o ends in .safetensors or the network is accelkit's own (MLP, SmallUNet), else "
+                            "diffusers. A LoRA student (loop.lora) also exports as a LoRA file: lora (diffusers / "
+                            "peft keys, for pipe.load_lora_weights) or kohya (sd-scripts' lora_unet_* keys)."),
     solver: str = typer.Option(None, "--solver", help="Solver to export: a name or a bespoke artifact "
                                "(runs/bespoke-..., at its own NFE; another teacher's needs --force) (default: the "
                                "artifact's recorded one, else euler for the linear schedule, dpm++2m otherwise)."),
@@ -47,10 +49,8 @@ def export_command(
     from .common import emit, input_path
     from .sample_cmd import _parse_grid
 
-    if fmt is None:
-        fmt = "safetensors" if output.endswith(".safetensors") else "diffusers"
-    if fmt not in ("diffusers", "safetensors"):
-        raise AccelkitError(f"--format {fmt!r}: expected diffusers or safetensors")
+    if fmt is not None and fmt not in ("diffusers", "safetensors", "lora", "kohya"):
+        raise AccelkitError(f"--format {fmt!r}: expected diffusers, safetensors, lora or kohya")
     if nfe is not None and nfe < 1:
         raise AccelkitError(f"--nfe {nfe}: expected at least 1 network evaluation")
     time_grid = _parse_grid(grid) if grid is not None else None

@@ -28,8 +28,9 @@ def inspect_command(
     from .common import emit, input_path
 
     path = input_path(path, "teacher checkpoint")
+    # device "meta": the header and configs only, no weight is read (a multi-GB checkpoint is described at once)
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, prediction_type=prediction_type,
-                           schedule=schedule)
+                           schedule=schedule, device="meta")
     desc = {"path": path, **teacher.describe()}
     header = exported_header(path)
     if header:

@@ -42,6 +42,10 @@ def restore(
                                        "(default: pigdm 0.8, dps / ddrm 1)."),
     solver: str | None = typer.Option(None, "--solver", help="pigdm: ODE solver of the guided teacher (default "
                                       "ddim)."),
+    label: str | None = typer.Option(None, "--label", help="Class label(s) of a class-conditional teacher, "
+                                     "comma-separated, cycled over the measurements."),
+    cond: str | None = typer.Option(None, "--cond", help="Conditioning tensors (.safetensors: encoder_hidden_states, "
+                                    "...); measurement i takes row i mod R."),
     count: int | None = typer.Option(None, "--count", help="--degrade: use the first COUNT clean images."),
     seed: int | None = typer.Option(None, "--seed", help="Seed of the noise (sample k from (seed, k))."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per batch (results do not depend on "
@@ -73,6 +77,7 @@ def restore(
         if teacher is not None:
             raise AccelkitError(f"--degrade makes a measurement from clean images and takes no teacher; got {teacher}")
         used = [name for name, v in (("--input", input), ("--method", method), ("--nfe", nfe), ("-n", n),
+                                     ("--label", label), ("--cond", cond),
                                      ("--reference", reference), ("--start", start), ("--solver", solver))
                 if v is not None] + (["--mean"] if mean else [])
         if used:
@@ -85,10 +90,16 @@ def restore(
         if teacher_path is None and recipe is None:
             teacher_path = input_path(teacher, "teacher checkpoint")
         stage = "restore"
+        labels = None
+        if label is not None:
+            try:
+                labels = [int(v) for v in label.split(",") if v.strip()]
+            except ValueError:
+                raise AccelkitError(f"--label {label!r}: expected integer class labels, comma-separated") from None
         flags = {"teacher": teacher_path, "input": input, "reference": reference, "method": method, "nfe": nfe,
                  "n": n, "mean": mean or None, "start": start, "solver": solver, "batch_size": batch_size,
                  "device": device, "config": config, "prediction_type": prediction_type, "schedule": schedule,
-                 "allow_pickle": allow_pickle or None, **operator}
+                 "allow_pickle": allow_pickle or None, "labels": labels, "cond": cond, **operator}
     spec = resolve_stage(stage, recipe, flags, set_)
     from ..pipeline import check_inputs
 

@@ -58,6 +58,13 @@ def sample_command(
                              "encoder_attention_mask, pooled_projections, class_labels); sample i takes row i mod R."),
     code: int = typer.Option(None, "--code", help="QAC models (accelkit qac): this code index for every sample "
                              "(default: sample i's code drawn from the model's code weights with (seed, i))."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable; sample i takes prompt i mod "
+                                     "P), encoded with the pipeline's own tokenizer and text encoder (cached)."),
+    prompts_file: str = typer.Option(None, "--prompts", help="Text file of prompts, one a line (after any --prompt)."),
+    negative_prompt: str = typer.Option(None, "--negative-prompt", help="The prompt guidance steers away from "
+                                        "(default with --prompt: the empty prompt, as diffusers)."),
+    null_class: int = typer.Option(None, "--null-class", help="The class label a class-conditional model was trained "
+                                   "with as its null (dropped-label) class: guidance's null condition."),
     null_cond: str = typer.Option(None, "--null-cond", help="Null condition for guidance (.safetensors, batch 1); "
                                   "default: the null class, or zero text embeddings."),
     config: str = typer.Option(None, "--config", help="config.json (or its folder) of a single-file diffusers "
@@ -68,7 +75,8 @@ def sample_command(
                                         "checkpoint does not say."),
     schedule: str = typer.Option(None, "--schedule", help="Noise schedule, where the checkpoint does not say."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:1, ..."),
-    dtype: str = typer.Option(None, "--dtype", help="Network dtype: fp32, fp16, bf16 (default: as stored)."),
+    dtype: str = typer.Option("auto", "--dtype", help="Network dtype: fp32, fp16, bf16, or auto: float32 on the "
+                              "CPU (as diffusers loads half-precision weights), the stored dtype on CUDA."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing output file; use a learned --solver "
                                "trained for another teacher."),
     parallel: str = typer.Option(None, "--parallel", help="Parallel sampling over --solver (euler or ddim) on its "
@@ -152,12 +160,34 @@ def sample_command(
         check_solver_teacher(solver, path, force)
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
-    condition = condition_from_options(teacher, path, labels, cond)
+    texts = list(prompt or [])
+    if prompts_file is not None:
+        from ..prompts import read_prompts_file
+
+        texts += read_prompts_file(prompts_file)
+    if texts:
+        from ..prompts import check_text_model, prompt_conditions
+        from ..sampling import cycled_condition
+
+        if cond is not None:
+            raise AccelkitError("give the text condition either with --prompt / --prompts or with --cond, not both")
+        check_text_model(teacher, path)
+        text_cond, text_null = prompt_conditions(path, texts, negative_prompt)
+        condition = cycled_condition(text_cond)
+        teacher.null_condition = text_null
+    elif negative_prompt is not None:
+        raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
+    else:
+        condition = condition_from_options(teacher, path, labels, cond)
     from ..qac import code_condition
 
     condition = code_condition(teacher, seed, code)(condition)  # a QAC model's code of sample i
     if null_cond is not None:
         teacher.null_condition = read_condition(null_cond, batch_one=True)
+    if null_class is not None:
+        if null_cond is not None:
+            raise AccelkitError("give the null condition either with --null-class or with --null-cond, not both")
+        teacher.null_condition = _null_class_condition(teacher, path, null_class)
     guidance = teacher.guidance_scale if guidance is None else guidance
     if guidance != 1.0:
         _check_guidance(teacher, path, guidance, condition is not None)
@@ -198,8 +228,27 @@ def sample_command(
     out.parent.mkdir(parents=True, exist_ok=True)
     writer(samples, {"teacher": path, "solver": solver, "nfe": nfe, "n": n, "seed": seed, "guidance": guidance,
                      "grid": time_grid, **grid_kw, "batch_size": batch_size, "labels": labels, "cond": cond,
-                     "null_cond": null_cond, "code": code})
+                     "null_cond": null_cond, "code": code, "prompts": texts or None, "null_class": null_class,
+                     "negative_prompt": negative_prompt})
     emit(str(out))
+
+
+def _null_class_condition(teacher, path: str, label: int):
+    """Condition(class_labels=[label]) after checking that the model takes class labels and has that class: the
+    labels 0 .. N-1 of a diffusers class embedding, or also the extra null row N of accelkit's and DiT's tables."""
+    import torch
+
+    from ..errors import AccelkitError
+    from ..teacher import Condition
+
+    info = getattr(teacher, "info", {}).get("conditioning", {}) or {}
+    n = info.get("num_classes")
+    if info.get("kind") != "class" and n is None:
+        raise AccelkitError(f"{path}: the model takes no class labels; --null-class is for class-conditional models")
+    rows = None if n is None else int(n) + (1 if info.get("null_class") == n else 0)
+    if label < 0 or (rows is not None and label >= rows):
+        raise AccelkitError(f"--null-class {label}: expected a class label in 0..{(rows or 1) - 1} of {path}")
+    return Condition(class_labels=torch.tensor([label]))
 
 
 def _check_guidance(teacher, path: str, guidance: float, conditioned: bool) -> None:
@@ -212,7 +261,8 @@ def _check_guidance(teacher, path: str, guidance: float, conditioned: bool) -> N
     if not conditioned:
         raise AccelkitError(f"--guidance {guidance}: needs a condition; pass --cond FILE (text embeddings)")
     if getattr(teacher, "null_condition", None) is None:
-        raise AccelkitError(f"{path}: the model has no null condition to guide against; pass --null-cond FILE")
+        raise AccelkitError(f"{path}: the model has no null condition to guide against; pass --null-class N (the "
+                            "null class it was trained with) or --null-cond FILE")
 
 
 def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "cpu"):

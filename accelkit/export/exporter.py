@@ -35,12 +35,12 @@ from ..solvers.base import Solver
 from ..teacher import NetworkTeacher, RescaledTeacher, Teacher
 from .linear_form import network_of, scheduler_config
 
-FORMATS = ("diffusers", "safetensors")
+FORMATS = ("diffusers", "safetensors", "lora", "kohya")
 EXPORT_FORMAT = "accelkit.export/1"
 #: The file in an exported diffusers folder that records what was exported and how it samples.
 RECORD_FILE = "accelkit_export.json"
 #: Artifact kinds that hold a student (few-step model) rather than a teacher.
-STUDENT_KINDS = ("reflow", "distill")
+STUDENT_KINDS = ("reflow", "distill", "consistency")
 DEFAULT_TEACHER_NFE = 8
 DEFAULT_STUDENT_NFE = 2
 #: diffusers pipelines for model classes that make sense on their own (other components may be passed to
@@ -86,7 +86,7 @@ def open_source(path: str | os.PathLike, **load_kwargs: Any) -> Source:
     if manifest is not None and manifest.get("status") != "complete":
         raise AccelkitError(f"{path}: the {manifest.get('kind')} artifact is not complete (status "
                             f"{manifest.get('status')!r}); run its stage again to finish it")
-    teacher = load_teacher(p, **load_kwargs)
+    teacher = load_teacher(p, **{"dtype": None, **load_kwargs})  # exports keep the stored dtype unless asked
     kind = manifest["kind"] if manifest is not None else "teacher"
     return Source(p, kind, teacher, manifest, content_hash(p))
 
@@ -397,14 +397,24 @@ def export_safetensors(source: Source, sampling: Sampling, output: str | os.Path
 # The one entry point
 
 
-def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str = "diffusers", *,
+def default_format(source: Source, output: str | os.PathLike) -> str:
+    """``safetensors`` for an output ending in ``.safetensors`` or a network with no diffusers model class
+    (accelkit's built-in MLP and SmallUNet), else ``diffusers``."""
+    if str(output).endswith(".safetensors") or not _architecture(source.teacher)[0].startswith("diffusers."):
+        return "safetensors"
+    return "diffusers"
+
+
+def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str | None = "diffusers", *,
            solver: str | Solver | None = None,
            nfe: int | None = None, grid: str | list[float] | None = None, shift: float | None = None,
            force: bool = False, **load_kwargs: Any) -> tuple[Path, Sampling]:
-    """Export ``path`` to ``output`` in format ``fmt``; returns the written path and the sampler it carries."""
-    if fmt not in FORMATS:
+    """Export ``path`` to ``output`` in format ``fmt`` (None: :func:`default_format`); returns the written path and
+    the sampler it carries."""
+    if fmt is not None and fmt not in FORMATS:
         raise AccelkitError(f"--format {fmt!r}: expected one of {', '.join(FORMATS)}")
     source = open_source(path, **load_kwargs)
+    fmt = fmt or default_format(source, output)
     if isinstance(solver, str):
         from ..solvers import get_solver, solver_names
         from ..solvers.learned import check_solver_teacher, is_learned_solver
@@ -419,6 +429,10 @@ def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str = "diffu
     sampling = resolve_sampling(source, solver, nfe, grid, shift)
     if fmt == "diffusers":
         return export_diffusers(source, sampling, output, force), sampling
+    if fmt in ("lora", "kohya"):
+        from .lora import export_lora
+
+        return export_lora(source, sampling, output, fmt, force), sampling
     return export_safetensors(source, sampling, output, force), sampling
 
 

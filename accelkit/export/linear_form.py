@@ -43,6 +43,9 @@ class SymbolicTeacher(Teacher):
     teacher's time map, where x is not alpha m + sigma eps under the new schedule.
     """
 
+    #: Solvers that draw fresh noise (the consistency samplers) refuse a symbolic teacher: they have no linear form.
+    symbolic = True
+
     def __init__(self, teacher: Teacher, evaluations: int):
         super().__init__()
         self.teacher = teacher

@@ -19,6 +19,7 @@ an :class:`accelkit.errors.AccelkitError` naming the file and what was expected.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import json
 import os
 from collections.abc import Callable, Iterator
@@ -144,7 +145,8 @@ def weights_to_be_loaded() -> Iterator[None]:
     for n in names:
         setattr(torch.nn.init, n, lambda tensor, *args, **kwargs: tensor)
     try:
-        yield
+        with torch.device("meta") if _STRUCTURE_ONLY.get() else contextlib.nullcontext():
+            yield
     finally:
         for n, fn in saved.items():
             setattr(torch.nn.init, n, fn)
@@ -154,14 +156,46 @@ def weights_to_be_loaded() -> Iterator[None]:
 # Reading tensors
 
 
+#: Inside :func:`structure_only`: safetensors files give meta tensors (shape and dtype from the header, no data read)
+#: and networks are built on the meta device.
+_STRUCTURE_ONLY: contextvars.ContextVar[bool] = contextvars.ContextVar("accelkit_structure_only", default=False)
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+@contextlib.contextmanager
+def structure_only() -> Iterator[None]:
+    """Load what a checkpoint is (config, tensor names, shapes, dtypes) without reading its weights.
+
+    What :func:`load_teacher` does with ``device="meta"`` (``accelkit inspect``): a multi-GB file costs its header.
+    """
+    token = _STRUCTURE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _STRUCTURE_ONLY.reset(token)
+
+
+def _meta_tensor(f: Any, key: str) -> Tensor:
+    part = f.get_slice(key)
+    dtype = _SAFETENSORS_DTYPES.get(part.get_dtype(), torch.float32)
+    return torch.empty(part.get_shape(), dtype=dtype, device="meta")
+
+
 def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, Tensor], dict[str, str]]:
-    """All tensors and the header metadata of a safetensors file; a damaged file is an AccelkitError."""
+    """All tensors and the header metadata of a safetensors file; a damaged file is an AccelkitError.
+
+    Inside :func:`structure_only` the tensors are meta tensors of the stored shapes and dtypes (no data is read).
+    """
     from safetensors import SafetensorError, safe_open
 
+    read = _meta_tensor if _STRUCTURE_ONLY.get() else (lambda f, k: f.get_tensor(k))
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: read(f, k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
         raise AccelkitError(f"{path}: not a readable safetensors file ({_one_line(e)}); "
                             "expected a complete .safetensors file (truncated or corrupt?)") from e
@@ -221,7 +255,8 @@ def load_state_dict_checked(network: nn.Module, state: dict[str, Tensor], source
         if key not in expected:
             raise AccelkitError(f"{source}: the weights do not match the config: unexpected key {key!r} "
                                 f"(shape {tuple(state[key].shape)})")
-    network.load_state_dict(state, strict=True)
+    # meta tensors (structure_only) take the place of the parameters: nothing to copy
+    network.load_state_dict(state, strict=True, assign=any(v.is_meta for v in state.values()))
 
 
 def stored_dtype(state: dict[str, Tensor]) -> torch.dtype | None:
@@ -276,6 +311,40 @@ def parse_dtype(value: torch.dtype | str | None) -> torch.dtype | None:
     if value not in names:
         raise AccelkitError(f"dtype {value!r}: expected one of fp32, fp16, bf16")
     return names[value]
+
+
+#: ``dtype="auto"``: float32 on the CPU, the stored dtype elsewhere (see :func:`auto_dtype`).
+AUTO_DTYPE = "auto"
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def auto_dtype(network: nn.Module, device: torch.device | str) -> torch.dtype | None:
+    """The dtype a network runs in by default: half-precision weights (fp16, bf16) become float32 on the CPU, as
+    diffusers' ``from_pretrained`` loads them (the CPU's half-precision kernels are many times slower and less
+    accurate); on CUDA (and any other accelerator) the stored dtype is kept. None: keep the network as it is."""
+    if torch.device(device).type != "cpu":
+        return None
+    dtypes = {p.dtype for p in network.parameters()} | {b.dtype for b in network.buffers() if b.is_floating_point()}
+    return torch.float32 if dtypes & set(HALF_DTYPES) else None
+
+
+def check_device(device: torch.device | str) -> torch.device:
+    """``device`` as a torch device, or a one-line error when this machine does not have it (CUDA without a GPU or
+    without a CUDA build of torch, a GPU index past the last, MPS off macOS)."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise AccelkitError(f"--device {device!r}: not a device; expected cpu, cuda or cuda:N") from None
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch is built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise AccelkitError(f"--device {device}: CUDA is not available on this machine ({why}); use --device cpu")
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            raise AccelkitError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s) "
+                                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+    elif d.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise AccelkitError(f"--device {device}: MPS is not available on this machine; use --device cpu")
+    return d
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -416,7 +485,7 @@ def load_teacher(
     config: str | os.PathLike | None = None,
     allow_pickle: bool = False,
     device: torch.device | str = "cpu",
-    dtype: torch.dtype | str | None = None,
+    dtype: torch.dtype | str | None = AUTO_DTYPE,
     prediction_type: str | None = None,
     schedule: Schedule | str | None = None,
     guidance: float | None = None,
@@ -429,7 +498,19 @@ def load_teacher(
     ``prediction_type`` / ``schedule`` override (or, where the checkpoint has no scheduler config, supply) what the
     network predicts and its noise schedule. ``guidance``: the classifier-free guidance scale (1 = none).
     ``sample_shape`` overrides the shape of one sample (for networks whose config does not fix it).
+    ``dtype``: ``auto`` (float32 on the CPU, the stored dtype on CUDA; :func:`auto_dtype`), None (as stored), or a
+    dtype. ``device="meta"``: only the structure (config, shapes, stored dtypes), no weight is read
+    (:func:`structure_only`); what ``accelkit inspect`` describes.
     """
+    if str(device) == "meta" and not _STRUCTURE_ONLY.get():
+        with structure_only():
+            return load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=None,
+                                prediction_type=prediction_type, schedule=schedule, guidance=guidance,
+                                sample_shape=sample_shape)
+    if str(device) != "meta":
+        check_device(device)
+    if dtype != AUTO_DTYPE:
+        parse_dtype(dtype)  # a bad --dtype is refused before anything is read
     p = Path(path)
     if not p.exists():
         raise AccelkitError(f"{path}: no such file or directory; expected a teacher checkpoint "
@@ -464,6 +545,10 @@ def load_teacher(
         meta = read_safetensors_metadata(p)
         if is_accelkit_teacher_file(meta):
             teacher = load_accelkit_teacher(p, **overrides)
+        elif meta.get("format") == "accelkit.lora/1":  # a LoRA student: its base teacher + the factors
+            from ..export.lora import load_lora_teacher
+
+            return load_lora_teacher(p, device=device, dtype=dtype, guidance=guidance)
         elif config is not None:
             from .diffusers_models import load_diffusers_single_file
 
@@ -487,7 +572,7 @@ def load_teacher(
                             "a diffusers model or pipeline folder, an accelkit artifact, or (with --allow-pickle) "
                             f"{', '.join(PICKLE_SUFFIXES)}")
 
-    dt = parse_dtype(dtype)
+    dt = auto_dtype(teacher.network, device) if dtype == AUTO_DTYPE else parse_dtype(dtype)
     move_network(teacher.network, device=device, dtype=dt)
     if guidance is not None:
         teacher.guidance_scale = float(guidance)
@@ -532,5 +617,6 @@ def _one_line(e: BaseException) -> str:
 __all__ = [
     "FORMAT", "ARTIFACT_TEACHER_FILE", "NetworkAdapter", "adapter_for", "architecture_of", "save_teacher",
     "load_teacher", "load_accelkit_teacher", "read_safetensors", "read_pickle_state_dict", "load_state_dict_checked",
-    "parse_prediction_type", "parse_schedule", "parse_dtype", "as_teacher",
+    "parse_prediction_type", "parse_schedule", "parse_dtype", "as_teacher", "auto_dtype", "check_device",
+    "structure_only", "AUTO_DTYPE",
 ]

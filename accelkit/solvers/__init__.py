@@ -11,6 +11,7 @@ Solvers (registered by name; :func:`register_solver` adds more, e.g. learned bes
 * ``unipc``, ``unipc2``              UniPC-3 / UniPC-2 (bh2) predictor-corrector (:mod:`.unipc`);
 * ``ipndm``, ``ipndm-v``             improved PNDM, fixed / variable-step Adams-Bashforth (:mod:`.ipndm`);
 * ``consistency``, ``tcd``          consistency students' multistep samplers with re-noising (:mod:`.consistency`);
+* ``shortcut``, ``meanflow``         the jumps of self-consistency students (:mod:`.self_consistency`);
 * a ``bespoke`` artifact's path       a learned solver (:mod:`.learned`: :mod:`.bespoke` scale-time, :mod:`.bns`
                                      non-stationary), for its own teacher and NFE.
 
@@ -32,6 +33,7 @@ from .dpm_solver import DPMSolverPP
 from .grids import GRID_NAMES, check_user_grid, default_grid, make_grid
 from .ipndm import IPNDM
 from .runge_kutta import Euler, Heun, Midpoint
+from .self_consistency import MeanFlowSolver, ShortcutSolver  # noqa: F401  (registers shortcut, meanflow)
 from .unipc import UniPC
 
 #: The built-in solvers, in the order tables list them.

@@ -40,7 +40,7 @@ from ..console import log
 from ..errors import AccelkitError
 from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer
+from ..training import GroupSettings, LoopConfig, ParamGroup, Trainer
 from . import student as students
 
 KIND = "consistency"
@@ -51,7 +51,8 @@ LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_chec
 METHOD_FIELDS = {
     "cd": ("discretisation", "solver", "solver_nfe", "target_ema"),
     "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range"),
-    "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance"),
+    "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance", "adversarial_weight", "disc",
+            "disc_layers", "disc_width"),
     "ect": ("ect_q", "stage_steps", "p_mean", "p_std"),
     "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size"),
 }
@@ -84,6 +85,14 @@ class ConsistencyRecipe(students.SourceRecipe):
                           "extra input 'guidance' (zero-initialised), so one student serves every g in the range "
                           "(`accelkit sample --guidance G`)")
     phases: int = Field(4, ge=1, description="pcm: M phases (the student's sampling steps)")
+    adversarial_weight: float = Field(0.0, ge=0, description="pcm: weight of the adversarial term (0: off; PCM uses "
+                                                             "0.1): hinge loss of heads on the frozen teacher's "
+                                                             "features at noised jumps")
+    disc: GroupSettings = Field(default_factory=lambda: GroupSettings(lr=1e-5),
+                                description="pcm with adversarial_weight > 0: the heads' optimizer settings")
+    disc_layers: list[str] | Literal["auto"] = Field("auto", description="pcm adversarial: the teacher layers the "
+                                                                         "heads read")
+    disc_width: int = Field(64, ge=4, description="pcm adversarial: the heads' width")
     ect_q: float = Field(2.0, gt=1, description="ect / sct: q of the r(t) curriculum")
     stage_steps: int = Field(500, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by q)")
     p_mean: float = Field(-1.1, description="ect / sct: mean of log sigma")
@@ -118,6 +127,11 @@ class ConsistencyRecipe(students.SourceRecipe):
                                  f"to lcm, not to {self.method}")
             if not lo <= hi:
                 raise ValueError(f"guidance_range {list(self.guidance_range)}: expected A <= B")
+        if self.adversarial_weight > 0 and self.method != "pcm":
+            raise ValueError(f"adversarial_weight {self.adversarial_weight}: the adversarial term belongs to pcm")
+        if self.adversarial_weight > 0 and self.loop.lora is not None:
+            raise ValueError("pcm's adversarial term trains two networks (student and heads); it does not take "
+                             "loop.lora")
         if self.guidance is not None and self.method not in ("lcm", "pcm"):
             raise ValueError(f"guidance {self.guidance}: the guided solver step belongs to lcm and pcm, not to "
                              f"{self.method}")
@@ -224,10 +238,13 @@ class ConsistencyJob:
         if recipe.guidance is not None:
             self.reference.guidance_scale = float(recipe.guidance)
         if recipe.guidance_range is not None:
+            from ..data import stream_seed
             from ..extra_inputs import ExtraInput, attach_extra_inputs, extra_inputs_of
 
             if not any(spec.name == "guidance" for spec in extra_inputs_of(self.start.network)):
-                attach_extra_inputs(self.start, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
+                with torch.random.fork_rng(devices=[]):  # the embedding's first layer: seeded, so a run repeats
+                    torch.manual_seed(stream_seed(recipe.seed, 0xC0))
+                    attach_extra_inputs(self.start, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
         self.schedule = self.start.schedule
         self.param = Parameterisation(self.schedule)
         self.shape = tuple(self.start.sample_shape)
@@ -245,6 +262,9 @@ class ConsistencyJob:
         out = {"eps": torch.randn(n, *self.shape, generator=generator)}
         if self.recipe.method in ("cd", "lcm", "pcm"):
             out["i"] = torch.randint(0, self.recipe.discretisation, (n,), generator=generator)
+            if self.recipe.adversarial_weight > 0:  # the noise level above the phase edge and the noise there
+                out["u"] = torch.rand(n, generator=generator, dtype=torch.float64)
+                out["n"] = torch.randn(n, *self.shape, generator=generator)
             if self.recipe.guidance_range is not None:
                 lo, hi = self.recipe.guidance_range
                 out["g"] = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
@@ -312,7 +332,9 @@ class ConsistencyJob:
             pred = consistency_function(self.model(network), param, x_t, t, seen)
             return distance(pred.float() - target.float())
 
-        def pcm_loss(network: torch.nn.Module, batch: dict[str, Tensor]):
+        def pcm_jumps(network: torch.nn.Module, batch: dict[str, Tensor]):
+            """(prediction, target, lower edge e) of PCM: the student's jump from x_{t_n} to its phase's lower
+            edge, and its stop-gradient jump from the teacher-stepped x^phi at t_{n+1}."""
             x0, eps, cond, i = students.clean_samples(batch).float(), batch["eps"], condition_of(batch), batch["i"]
             t, s, e = grid[i], grid[i + 1], grid[(i // per + 1) * per]
             x_t = noised(x0, eps, t)
@@ -323,7 +345,14 @@ class ConsistencyJob:
                 jump = same_dropout(lambda: ddim_jump(student, x_phi, s, e, cond), device)()
                 target = at_edge * x_phi + (1 - at_edge) * torch.nan_to_num(jump)
             pred = ddim_jump(student, x_t, t, e, cond)
+            return pred, target, e
+
+        def pcm_loss(network: torch.nn.Module, batch: dict[str, Tensor]):
+            pred, target, _ = pcm_jumps(network, batch)
             return distance(pred.float() - target.float())
+
+        self.pcm_jumps = pcm_jumps
+        self.distance = distance
 
         def ect_loss(network: torch.nn.Module, batch: dict[str, Tensor]):
             x0, eps, cond = students.clean_samples(batch).float(), batch["eps"], condition_of(batch)
@@ -371,17 +400,78 @@ class ConsistencyJob:
                 art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
 
         network = self.start.network
-        self.trainer = Trainer(network, self.loss_fn(), sampler, self.loop_config(),
-                               checkpoint_dir=run.path / "checkpoint", device=run.device, on_log=on_log)
+        if recipe.adversarial_weight > 0:
+            model, groups = self.adversarial_groups()
+            self.trainer = Trainer(model, None, sampler, self.loop_config(), checkpoint_dir=run.path / "checkpoint",
+                                   device=run.device, on_log=on_log, groups=groups)
+        else:
+            self.trainer = Trainer(network, self.loss_fn(), sampler, self.loop_config(),
+                                   checkpoint_dir=run.path / "checkpoint", device=run.device, on_log=on_log)
         if art is not None:
             art.progress = {"step": 0, "steps": recipe.loop.steps}
         self.trainer.fit()
         barrier()
         return self.trainer
 
+    def adversarial_groups(self):
+        """PCM's adversarial term (Wang et al. 2024, sec. 4.3): the student's jump and its target are both noised
+        forward from the phase edge e to s' in [e, e + (1 - e) / M) and judged by heads on the frozen teacher's
+        features (:class:`accelkit.discriminator.FeatureDiscriminator`), hinge losses
+
+            L_D = E ReLU(1 - D(target)) + E ReLU(1 + D(pred)),      L_student = L_PCM - w E D(pred),
+
+        two parameter groups of one Trainer (the heads with their own optimizer settings ``disc``)."""
+        from .. import discriminator as gan
+        from ..data import stream_seed
+        from ..objectives import condition_of
+        from ..teacher import broadcast_to
+
+        recipe, sch = self.recipe, self.schedule
+        self.loss_fn()  # defines self.pcm_jumps and self.distance
+        with torch.random.fork_rng(devices=[]):  # the heads' initial weights: seeded, so a run repeats
+            torch.manual_seed(stream_seed(recipe.seed, 0xAD))
+            disc = gan.FeatureDiscriminator(self.reference, recipe.disc_layers, recipe.disc_width)
+        model = torch.nn.ModuleDict({"student": self.start.network, "discriminator": disc})
+        width = 1.0 / recipe.phases
+
+        def renoise(x_e: Tensor, e: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            s_up = (e + width * (1.0 - e) * batch["u"]).clamp(max=1.0)
+            a_e, s_e, a_u, s_u = sch.alpha(e), sch.sigma(e), sch.alpha(s_up), sch.sigma(s_up)
+            ratio = a_u / a_e
+            spread = (s_u**2 - (ratio * s_e) ** 2).clamp(min=0).sqrt()
+            return broadcast_to(ratio, x_e) * x_e + broadcast_to(spread, x_e) * batch["n"], s_up
+
+        def disc_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
+            with torch.no_grad():
+                pred, target, e = self.pcm_jumps(m["student"], batch)
+            cond = condition_of(batch)
+            real_in, s_up = renoise(target, e, batch)
+            fake_in, _ = renoise(pred, e, batch)
+            real, fake = disc(real_in, s_up, cond), disc(fake_in, s_up, cond)
+            loss = torch.relu(1.0 - real).mean() + torch.relu(1.0 + fake).mean()
+            return loss, {"d_loss": loss.detach(), "d_acc": torch.tensor(gan.accuracy(real.detach(), fake.detach()))}
+
+        def student_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
+            pred, target, e = self.pcm_jumps(m["student"], batch)
+            pcm = self.distance(pred.float() - target.float())
+            fake_in, s_up = renoise(pred, e, batch)
+            adv = -disc(fake_in, s_up, condition_of(batch)).mean()
+            return pcm + recipe.adversarial_weight * adv, {"pcm_loss": pcm.detach(), "adv_loss": adv.detach()}
+
+        groups = [ParamGroup("discriminator", disc, disc_loss, recipe.disc.model_copy(update={"ema": False})),
+                  ParamGroup("student", model["student"], student_loss, GroupSettings(ema=True))]
+        return model, groups
+
     def finish(self, trainer: Trainer, seconds: float) -> None:
         recipe, run = self.recipe, self.run
-        network, weights = students.averaged_network(trainer)
+        if trainer.groups:  # the adversarial run: the student group's EMA
+            network = copy.deepcopy(self.start.network)
+            network.load_state_dict(trainer.ema_weights(group="student"))
+            network.eval().requires_grad_(False)
+            rate = trainer.config.ema_rates[0] if trainer.config.ema_rates else None
+            weights = f"ema {rate}" if rate is not None else "raw"
+        else:
+            network, weights = students.averaged_network(trainer)
         sampling = recommended_sampling(recipe, self.schedule)
         info = {"trained_by": "accelkit consistency", "method": recipe.method, "steps": trainer.step,
                 "weights": weights, "seed": recipe.seed, "source": str(recipe.source), "sampling": sampling,
@@ -395,6 +485,10 @@ class ConsistencyJob:
             "steps": trainer.step, "final_loss": trainer.history[-1].get("loss") if trainer.history else None,
             "weights": weights, "processes": run.world, "seconds_last_run": round(seconds, 3),
         }
+        if trainer.groups:
+            accs = [h["discriminator/d_acc"] for h in trainer.history if "discriminator/d_acc" in h]
+            summary["adversarial"] = {"weight": recipe.adversarial_weight, "updates": dict(trainer.updates),
+                                      "disc_accuracy_through_run": accs}
         if recipe.method in ("lcm", "pcm") and recipe.guidance is not None:
             summary["guidance"] = {"scale": recipe.guidance, "lcm_w": recipe.guidance - 1.0}
         if recipe.guidance_range is not None:

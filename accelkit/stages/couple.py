@@ -148,6 +148,7 @@ def load_conditions(path: str | Path) -> Condition:
         tensors = {k: torch.as_tensor(v) for k, v in data.items()}
     else:
         raise AccelkitError(f"{p}: expected a .safetensors or .json conditions file")
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(NULL_PREFIX)}  # see load_null_condition
     if not tensors:
         raise AccelkitError(f"{p}: no conditions in the file")
     sizes = {k: v.shape[0] if v.ndim else None for k, v in tensors.items()}
@@ -157,6 +158,25 @@ def load_conditions(path: str | Path) -> Condition:
         tensors["class_labels"] = tensors["class_labels"].long()
     return Condition(**{k: v for k, v in tensors.items() if k in CONDITION_FIELDS},
                      extra={k: v for k, v in tensors.items() if k not in CONDITION_FIELDS})
+
+
+#: Tensors named ``null.<field>`` in a conditions file are guidance's null condition (batch 1), e.g. the encoded
+#: negative prompt of ``couple --prompt``; without them the teacher's own null is used.
+NULL_PREFIX = "null."
+
+
+def load_null_condition(path: str | Path) -> Condition | None:
+    """The null condition a ``.safetensors`` conditions file carries (``null.<field>`` tensors), or None."""
+    if Path(path).suffix != ".safetensors":
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        null = {k.removeprefix(NULL_PREFIX): f.get_tensor(k) for k in f.keys() if k.startswith(NULL_PREFIX)}
+    if not null:
+        return None
+    return Condition(**{k: v for k, v in null.items() if k in CONDITION_FIELDS},
+                     extra={k: v for k, v in null.items() if k not in CONDITION_FIELDS})
 
 
 def conditions_for(cond: Condition | None, indices: Tensor) -> Condition | None:
@@ -321,6 +341,9 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
     ``teacher``: an already loaded teacher to use instead of loading ``recipe.teacher`` (which still names the file
     whose content hash identifies the artifact).
     """
+    from ..models.loading import check_device
+
+    check_device(recipe.device)  # before any artifact is opened: --device cuda without CUDA is a one-line error
     rank, world = init_distributed(recipe.device)
     if recipe.device == "cuda" and world > 1:  # one GPU per process
         recipe = recipe.model_copy(update={"device": f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"})
@@ -353,6 +376,9 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
         if teacher is None:
             teacher = load_teacher_for(recipe)
         cond = load_conditions(recipe.conditions) if recipe.conditions else None
+        null = load_null_condition(recipe.conditions) if recipe.conditions else None
+        if null is not None:
+            teacher.null_condition = null
         my_total = sum(b - a for k, (a, b) in enumerate(ranges) if k in todo)
         start_time = time.perf_counter()
         with Checkpointer(recipe.checkpoint_every, what="couple") as ckpt, \

@@ -8,6 +8,7 @@ end: the generator's EMA written as the artifact's teacher with its K-step sampl
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +42,7 @@ def lora_targets(network: nn.Module, settings: LoraSettings | None) -> LoraSetti
     if settings is not None and any(n.endswith(t) for t in settings.target_modules for n in names):
         return settings
     layers = [n for n, m in network.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
-    base = settings or LoraSettings(rank=4, alpha=4.0)
+    base = settings or LoraSettings(rank=8, alpha=8.0)
     return base.model_copy(update={"target_modules": layers})
 
 
@@ -80,12 +81,14 @@ def draw_fn(recipe, teacher, objective, times: Tensor, conditioning: dict):
     return draw
 
 
-def open_run(stage: str, recipe, output: Path | None, force: bool) -> students.StudentRun:
+def open_run(stage: str, recipe, output: Path | None, force: bool,
+             check: Callable[[students.StudentRun], None] | None = None) -> students.StudentRun:
     """The run of a score-distillation / adversarial recipe: couplings or teacher + data through
-    :func:`students.begin_source_run`, a teacher alone through :func:`students.begin_data_free_run`."""
+    :func:`students.begin_source_run`, a teacher alone through :func:`students.begin_data_free_run`; ``check(run)``
+    runs before the artifact is opened (bad input writes nothing)."""
     if students.is_couplings(recipe.source) or recipe.data is not None:
-        return students.begin_source_run(stage, recipe, output, force)
-    return students.begin_data_free_run(stage, recipe, output, force)
+        return students.begin_source_run(stage, recipe, output, force, check)
+    return students.begin_data_free_run(stage, recipe, output, force, check)
 
 
 def check_before_training(recipe, run: students.StudentRun, needs_real: bool, needs_pairs: bool) -> dict:

@@ -7,7 +7,8 @@ and its equations are in :mod:`accelkit.qac`). The stage
    data, :func:`accelkit.stages.student.begin_source_run`), gives its network the ``code`` extra input (D values,
    through the shared zero-initialised embedding on its time embedding, :mod:`accelkit.extra_inputs`: at step 0
    the model equals the teacher for every code) and builds the encoder (an MLP for vectors, a conv net for
-   images, about ``encoder_share`` of the teacher's parameters unless ``encoder_width`` is given);
+   images, about ``encoder_share`` of the teacher's parameters unless ``encoder_width`` is given; its output bias
+   initialised on the data so that every code channel starts balanced, :func:`accelkit.qac.center_encoder`);
 2. trains encoder and denoiser jointly on the teacher's own objective and schedule
    (:class:`accelkit.objectives.DenoisingObjective`: eps, x0, v or flow; fresh noise and times per batch) with
    :class:`accelkit.training.Trainer` (EMA, checkpoints, exact resume after ``kill -9``, DDP, LoRA on the
@@ -50,6 +51,8 @@ KIND = "qac"
 LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
                          "validate_every")
 ENCODER_FILE = "encoder.safetensors"
+#: The first this many clean samples set the encoder's initial output bias (accelkit.qac.center_encoder).
+CENTER_SAMPLES = 2048
 
 
 def default_loop() -> LoopConfig:
@@ -133,7 +136,7 @@ def add_code_input(recipe: QACRecipe):
 def run_qac(recipe: QACRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the QAC model of ``recipe``; returns the artifact directory."""
     from ..objectives import DenoisingObjective
-    from ..qac import QACModel, build_encoder, encoder_width_for_share, parameter_count
+    from ..qac import QACModel, build_encoder, center_encoder, encoder_width_for_share, parameter_count
 
     run = students.begin_source_run(KIND, recipe, output, force, prepare=add_code_input(recipe))
     art, path, device, rank, world = run.art, run.path, run.device, run.rank, run.world
@@ -150,6 +153,7 @@ def run_qac(recipe: QACRecipe, output: Path | None = None, force: bool = False) 
                                                                     recipe.encoder_share)
             torch.manual_seed(stream_seed(recipe.seed, 0x0AC, 1))
             encoder = build_encoder(teacher.sample_shape, recipe.bits, width)
+            center_encoder(encoder, clean_data(run)[:CENTER_SAMPLES])  # every code channel starts balanced
         model = QACModel(teacher.network, encoder, objective, recipe.levels, recipe.bits)
         batches = run.batches(recipe.batch_size, recipe.seed, noise=objective.noise_fn(teacher.sample_shape))
         trainer: Trainer | None = None

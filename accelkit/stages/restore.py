@@ -213,7 +213,7 @@ def run_degrade(recipe: DegradeRecipe, output: Path | None = None, force: bool =
 class RestoreRecipe(OperatorFields):
     """restore: posterior samples of clean images given a measurement, with a teacher as the prior."""
 
-    input_fields = ("teacher", "input", "reference", "mask", "config")
+    input_fields = ("teacher", "input", "reference", "mask", "config", "cond")
     execution_fields = frozenset({"batch_size", "device", "allow_pickle"})
 
     teacher: str = Field(description="teacher checkpoint (file, folder or artifact)")
@@ -232,6 +232,9 @@ class RestoreRecipe(OperatorFields):
     zeta: float = Field(1.0, ge=0, description="dps: step size on grad ||y - H x0_hat||")
     eta: float = Field(0.85, ge=0, le=1, description="ddrm: eta")
     eta_b: float = Field(1.0, ge=0, le=1, description="ddrm: eta_b")
+    labels: list[int] | None = Field(None, description="class labels of a class-conditional teacher, cycled over the "
+                                                       "measurements (default: unconditional / the null class)")
+    cond: str | None = Field(None, description="conditioning tensors (.safetensors); measurement i takes row i mod R")
     config: str | None = Field(None, description="config.json of a single-file diffusers state dict")
     prediction_type: str | None = Field(None, description="override the teacher's prediction type")
     schedule: str | None = Field(None, description="override the teacher's schedule")
@@ -269,6 +272,7 @@ class RestoreProblem:
     reference: Tensor | None
     settings: Any
     measurement: dict[str, Any]
+    condition: Any = None
 
 
 def _measurement_path(path: str) -> str:
@@ -334,12 +338,17 @@ def prepare_restore(recipe: RestoreRecipe) -> RestoreProblem:
     if reference is not None and (reference.shape[0] != y.shape[0] or tuple(reference.shape[1:]) != shape):
         raise AccelkitError(f"--reference: {list(reference.shape)} images; expected {y.shape[0]} of shape "
                             f"{list(shape)}")
+    from ..sampling import condition_from_options
+
+    condition = None
+    if recipe.labels is not None or recipe.cond is not None:
+        condition = condition_from_options(teacher, recipe.teacher, recipe.labels, recipe.cond)
     settings = RestoreSettings(recipe.method, recipe.nfe, recipe.start, recipe.solver, recipe.gamma, recipe.zeta,
                                recipe.eta, recipe.eta_b)
     settings.check()
     measurement = {"task": task, "factor": factor, "blur": blur, "noise_std": noise_std, "count": int(y.shape[0]),
                    "path": path}
-    return RestoreProblem(teacher, op, y, float(noise_std), reference, settings, measurement)
+    return RestoreProblem(teacher, op, y, float(noise_std), reference, settings, measurement, condition)
 
 
 def solve_restore(problem: RestoreProblem, recipe: RestoreRecipe) -> tuple[dict[str, Tensor], dict[str, Any]]:
@@ -351,7 +360,8 @@ def solve_restore(problem: RestoreProblem, recipe: RestoreRecipe) -> tuple[dict[
 
     start = time.perf_counter()
     samples = restore(problem.teacher, problem.op, problem.y, problem.noise_std, problem.settings, n=recipe.n,
-                      seed=recipe.seed, batch_size=recipe.batch_size, device=recipe.device)
+                      seed=recipe.seed, batch_size=recipe.batch_size, device=recipe.device,
+                      condition=problem.condition)
     seconds = time.perf_counter() - start
     if not bool(torch.isfinite(samples).all()):
         raise AccelkitError(f"{recipe.method}: the restoration produced NaN or inf (NFE {recipe.nfe}); nothing was "

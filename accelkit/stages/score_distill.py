@@ -133,15 +133,20 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
     from ..training import apply_lora
 
     gan = recipe.method == "dmd2" and recipe.gan_weight > 0
-    run = open_run(KIND, recipe, output, force)
+    checked: dict[str, Any] = {}
+
+    def check(r: students.StudentRun) -> None:
+        checked["cond"] = check_before_training(recipe, r, needs_real=gan,
+                                                needs_pairs=recipe.method == "dmd" and bool(recipe.regression_weight))
+        checked["times"] = generator_times(r.start.schedule, recipe.steps)
+
+    run = open_run(KIND, recipe, output, force, check)
     art, path, device = run.art, run.path, run.device
     try:
         if run.complete:
             return path
         generator, real = run.start, run.reference
-        cond_info = check_before_training(recipe, run, needs_real=gan,
-                                          needs_pairs=recipe.method == "dmd" and bool(recipe.regression_weight))
-        times = generator_times(generator.schedule, recipe.steps)
+        cond_info, times = checked["cond"], checked["times"]
         if recipe.guidance is not None:
             real.guidance_scale = float(recipe.guidance)
         real.to(device)

@@ -250,10 +250,12 @@ class NoiseBatches:
         self.batches = int(state["batches"])
 
 
-def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool) -> StudentRun:
+def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, force: bool,
+                        check: Callable[[StudentRun], None] | None = None) -> StudentRun:
     """Open the run of a :class:`SourceRecipe` whose SOURCE is a teacher and which has no data: for methods that
     need only noise (and conditions); the student starts from the teacher, the reference is its frozen copy. Batches
-    come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`."""
+    come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`.
+    ``check(run)`` as there: it runs before the artifact is opened."""
     from .train import resolve_device
 
     device = resolve_device(recipe.device)
@@ -262,11 +264,15 @@ def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, f
         raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
                             f"grad_accum {recipe.loop.grad_accum}")
     start, reference = load_teacher_start(recipe.source, stage)
-    art, path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force, seeds={"seed": recipe.seed})
-    run = StudentRun(device, rank, world, None, art, path, state == "complete", start, reference, None, None,
+    run = StudentRun(device, rank, world, None, None, Path(output or "."), False, start, reference, None, None,
                      Path(recipe.source))
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
     if run.complete and rank == 0:
-        log(f"{stage}: reusing the complete artifact {path}")
+        log(f"{stage}: reusing the complete artifact {run.path}")
     return run
 
 

@@ -1,0 +1,195 @@
+"""adversarial: a K-step generator from the teacher's weights, trained against a discriminator on the frozen teacher's
+features (LADD; Sauer et al. 2024, "Fast high-resolution image synthesis with latent adversarial diffusion
+distillation").
+
+Two parameter groups of the one :class:`accelkit.training.Trainer`:
+
+* ``discriminator``: trainable heads on the frozen teacher's features at noised inputs
+  (:class:`accelkit.discriminator.FeatureDiscriminator`; the noise level t = sigmoid(m + s n), skewed to high noise
+  with m = 1), on the non-saturating loss L_D = E softplus(-D(x_real,t)) + E softplus(D(x_fake,t)) plus the
+  approximated R1 penalty r1_weight E ||D(x_real,t) - D(x_real,t + r1_scale n)||^2 (Seaweed-APT);
+* ``generator``: the teacher's network as a K-step generator on fixed times (:mod:`accelkit.generator`, backward
+  simulation for K > 1), updated once every ``ratio`` steps on L_G = E softplus(-D(x_fake,t)); no distillation
+  loss (LADD).
+
+Real samples x_real are the data set's (``--data``) or the couplings' teacher samples (SOURCE a couple artifact).
+The artifact is the generator's first EMA with its K-step sampler recorded in ``summary.sampling``; the summary also
+reports the discriminator's accuracy on a held-out batch (real rows and draws of another seed) against the
+generator's samples (``disc_accuracy``, and at every ``loop.validate_every`` steps that are also log steps:
+``disc_accuracy_through_run``) and against the frozen teacher's own K-step samples
+(``disc_accuracy_vs_teacher_samples_through_run``: what a working discriminator recognises as fake).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import Tensor, nn
+
+from ..jobs import barrier
+from ..recipes import StageRecipe, register_stage
+from ..training import GroupSettings, LoopConfig, ParamGroup, Trainer
+from . import student as students
+from .generator_student import DiscriminatorSettings, check_before_training, draw_fn, finish_generator, open_run
+
+KIND = "adversarial"
+LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
+                         "validate_every")
+
+
+def default_loop() -> LoopConfig:
+    return LoopConfig(steps=2000, lr=1e-4, betas=(0.0, 0.99), ema_rates=[0.999], checkpoint_every=500,
+                      grad_clip=10.0)
+
+
+class AdversarialRecipe(students.SourceRecipe):
+    """adversarial: a K-step generator trained against heads on the frozen teacher's features (LADD)."""
+
+    execution_fields = frozenset({"device"})
+
+    method: Literal["ladd"] = Field("ladd", description="ladd")
+    steps: int = Field(1, ge=1, description="K: the generator's steps (its fixed times, the teacher's default grid)")
+    ratio: int = Field(1, ge=1, description="discriminator updates per generator update")
+    t_min: float = Field(0.02, ge=0, lt=1, description="(unused by ladd; the draws' shared range)")
+    t_max: float = Field(0.98, gt=0, le=1, description="(unused by ladd; the draws' shared range)")
+    generator: GroupSettings = Field(default_factory=GroupSettings, description="generator optimizer settings "
+                                                                                "(every/offset come from ratio)")
+    disc: GroupSettings = Field(default_factory=GroupSettings, description="discriminator heads' optimizer settings")
+    discriminator: DiscriminatorSettings = Field(default_factory=DiscriminatorSettings)
+    batch_size: int = Field(256, ge=2, description="global batch size (over all processes; >= 2)")
+    seed: int = Field(0, ge=0, description="seeds every draw of the run")
+    loop: LoopConfig = Field(default_factory=default_loop)
+    device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> AdversarialRecipe:
+        if self.batch_size % self.loop.grad_accum:
+            raise ValueError(f"batch_size {self.batch_size} must be a multiple of loop.grad_accum "
+                             f"{self.loop.grad_accum}")
+        return self
+
+    def identity_dict(self) -> dict[str, Any]:
+        d = super().identity_dict()
+        d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
+        return d
+
+
+def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force: bool = False) -> Path:
+    """Train (or reuse, or resume) the generator of ``recipe``; returns the artifact directory."""
+    from .. import discriminator as gan
+    from ..generator import generate, generator_times
+    from ..objectives import DenoisingObjective, condition_of
+    from ..score_distill import noised
+
+    checked: dict[str, Any] = {}
+
+    def check(r: students.StudentRun) -> None:
+        checked["cond"] = check_before_training(recipe, r, needs_real=True, needs_pairs=False)
+        checked["times"] = generator_times(r.start.schedule, recipe.steps)
+
+    run = open_run(KIND, recipe, output, force, check)
+    art, path, device = run.art, run.path, run.device
+    try:
+        if run.complete:
+            return path
+        generator, frozen = run.start, run.reference
+        cond_info, times = checked["cond"], checked["times"]
+        frozen.guidance_scale = 1.0
+        frozen.to(device)
+        disc = gan.FeatureDiscriminator(frozen, recipe.discriminator.layers, recipe.discriminator.width)
+        model = nn.ModuleDict({"generator": generator.network, "discriminator": disc})
+        objective = DenoisingObjective(frozen.schedule, frozen.prediction, frozen.call, frozen.time_input)
+        draw = draw_fn(recipe, frozen, objective, times, cond_info)
+        batches = run.batches(recipe.batch_size, recipe.seed, noise=draw)
+        multi = len(times) > 2
+        settings = recipe.discriminator
+
+        def samples(b: dict[str, Tensor]) -> Tensor:
+            return generate(generator, b["z"], times, condition_of(b), stop=b["k"] if multi else None)
+
+        def logits(x: Tensor, b: dict[str, Tensor], eps_key: str) -> tuple[Tensor, Tensor]:
+            xt = noised(frozen.schedule, x, b["t_d"], b[eps_key])
+            return disc(xt, b["t_d"], condition_of(b)), xt
+
+        def disc_loss(m: nn.Module, b: dict[str, Tensor]):
+            with torch.no_grad():
+                x = samples(b)
+            real_logits, real_xt = logits(students.clean_samples(b), b, "eps_d_real")
+            fake_logits, _ = logits(x, b, "eps_d")
+            loss = gan.discriminator_loss(real_logits, fake_logits)
+            logs = {"d_acc": torch.tensor(gan.accuracy(real_logits.detach(), fake_logits.detach()))}
+            if settings.r1_weight > 0:
+                r1 = gan.approximate_r1(disc, real_xt, b["t_d"], condition_of(b), real_logits, settings.r1_scale,
+                                        b["r1"])
+                loss = loss + settings.r1_weight * r1
+                logs["r1"] = r1.detach()
+            return loss, logs
+
+        def generator_loss(m: nn.Module, b: dict[str, Tensor]):
+            fake_logits, _ = logits(samples(b), b, "eps_d")
+            return gan.generator_gan_loss(fake_logits), {}
+
+        ratio = recipe.ratio
+        groups = [
+            ParamGroup("discriminator", disc, disc_loss, recipe.disc.model_copy(update={"every": 1, "offset": 0})),
+            ParamGroup("generator", model["generator"], generator_loss,
+                       recipe.generator.model_copy(update={"every": ratio, "offset": ratio - 1, "ema": True})),
+        ]
+
+        def on_log(step: int, values: dict[str, float]) -> None:
+            if art is not None:
+                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
+
+        held_out = held_out_batch(recipe, run, draw)
+
+        with torch.no_grad():  # the frozen teacher's own K-step samples: fakes a working discriminator spots
+            start_fakes = generate(frozen, held_out["z"], times, condition_of(held_out))
+
+        def validate(tr: Trainer) -> dict[str, float]:  # the discriminator on a batch it never trains on
+            real_logits, _ = logits(students.clean_samples(held_out), held_out, "eps_d_real")
+            fake_logits, _ = logits(samples(held_out), held_out, "eps_d")
+            start_logits, _ = logits(start_fakes, held_out, "eps_d")
+            return {"disc_accuracy": gan.accuracy(real_logits, fake_logits),
+                    "disc_accuracy_teacher_samples": gan.accuracy(real_logits, start_logits)}
+
+        trainer = Trainer(model, None, batches, recipe.loop, checkpoint_dir=path / "checkpoint", device=device,
+                          on_log=on_log, groups=groups, validate_fn=validate)
+        start = time.perf_counter()
+        logs = trainer.fit()
+        seconds = time.perf_counter() - start
+        barrier()
+        if run.rank == 0:
+            assert art is not None
+            through = [h["val/disc_accuracy"] for h in trainer.history if "val/disc_accuracy" in h]
+            against_teacher = [h["val/disc_accuracy_teacher_samples"] for h in trainer.history
+                               if "val/disc_accuracy_teacher_samples" in h]
+            finish_generator(art, recipe, run, trainer, logs, seconds, "accelkit adversarial",
+                             {"ratio": ratio, "disc_accuracy": logs.get("val/disc_accuracy"),
+                              "disc_accuracy_through_run": through,
+                              "disc_accuracy_vs_teacher_samples_through_run": against_teacher})
+            shutil.rmtree(path / "checkpoint", ignore_errors=True)
+        barrier()
+        return path
+    finally:
+        run.close()
+
+
+def held_out_batch(recipe: AdversarialRecipe, run: students.StudentRun, draw) -> dict[str, Tensor]:
+    """One batch (rows and draws) from another seed than the run's: the discriminator's held-out check."""
+    b = next(run.batches(1024, recipe.seed + 7919, noise=draw))
+    return {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+
+
+def _run(recipe: StageRecipe, output: Path | None, force: bool) -> Path:
+    assert isinstance(recipe, AdversarialRecipe)
+    return run_adversarial(recipe, output, force)
+
+
+register_stage(KIND, AdversarialRecipe, _run)
+
+__all__ = ["AdversarialRecipe", "run_adversarial", "KIND"]
