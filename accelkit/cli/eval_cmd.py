@@ -30,8 +30,8 @@ def eval_command(
     solver: str = typer.Option(None, "--solver", help="Comma-separated ODE solvers: euler, heun, "
                                "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, "
                                "solver-stats artifacts (DPM-Solver-v3), or bespoke "
-                               "artifacts (learned solvers, at their own NFE and times) (default: euler,dpm++2m, and for a "
-                               "student that records its sampler that sampler; euler with --parallel)."),
+                               "artifacts (learned solvers, at their own NFE and times) (default: euler,dpm++2m, "
+                               "and for a student that records its sampler that sampler; euler with --parallel)."),
     grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, "
                              "comma-separated times from 1 to 0, or recommended (the grid a phased reflow student "
                              "records); runs whose steps do not fit a list of times are left out (default: each "
