@@ -100,7 +100,7 @@ class FeatureDiscriminator(nn.Module):
     backbone (a frozen teacher, or a fake score network trained elsewhere) is referenced, not owned."""
 
     def __init__(self, backbone: NetworkTeacher, layers: Sequence[str] | str = "auto", width: int = 64,
-                 probe: tuple[Tensor, Tensor, Condition | None] | None = None):
+                 probe: tuple[Tensor, Tensor, Condition | None] | None = None, seed: int = 0):
         super().__init__()
         object.__setattr__(self, "backbone", backbone)  # not a submodule: its weights are not the heads'
         modules = dict(backbone.network.named_modules())
@@ -119,7 +119,9 @@ class FeatureDiscriminator(nn.Module):
         device = next(backbone.network.parameters()).device
         with torch.no_grad():
             feats = self.features(probe[0].to(device), probe[1], probe[2])
-        self.heads = nn.ModuleList([Head(tuple(feats[n].shape[1:]), width) for n in self.layers])
+        with torch.random.fork_rng(devices=[]):  # the heads' initial weights come from ``seed`` alone
+            torch.manual_seed(seed)
+            self.heads = nn.ModuleList([Head(tuple(feats[n].shape[1:]), width) for n in self.layers])
 
     def _hook(self, name: str):
         def hook(module, inputs, output):

@@ -246,7 +246,8 @@ def test_multistep_sampling_does_not_depend_on_the_batch(toy):
 TINY = ["--batch-size", "64", "--steps", "200", "--set", "consistency.loop.checkpoint_every=10", "--device", "cpu"]
 
 
-@pytest.mark.parametrize("method", ["cd", pytest.param("ect", marks=pytest.mark.slow),
+@pytest.mark.parametrize("method", [pytest.param("cd", marks=pytest.mark.slow),
+                                    pytest.param("ect", marks=pytest.mark.slow),
                                     pytest.param("sct", marks=pytest.mark.slow),
                                     pytest.param("pcm", marks=pytest.mark.slow),
                                     pytest.param("pcm-adv", marks=pytest.mark.slow)])

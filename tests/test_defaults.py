@@ -160,6 +160,7 @@ def test_export_picks_safetensors_for_accelkit_networks(tmp_path, monkeypatch, c
     assert torch.equal(load_teacher(written).denoise(x, 0.5)[0], load_teacher(path).denoise(x, 0.5)[0])
 
 
+@pytest.mark.slow
 def test_null_class_is_guidances_null_and_is_recorded(tmp_path, monkeypatch, capsys):
     """--null-class N on a class-conditional UNet2DModel trained with a null class: the same samples as the null
     condition given as a tensor file, N recorded in the output; bad values are one-line errors."""

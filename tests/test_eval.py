@@ -243,3 +243,24 @@ def test_model_path_from_stdin_and_n_defaults_to_the_couplings_size(setup):
     code = run_cli("eval", teacher, "--reference", couplings, "--nfe", "1", "--solver", "euler", "--json")
     assert code.returncode == 0, code.stderr
     assert "n = 64" in code.stderr
+
+
+def test_a_model_that_records_its_sampler_is_evaluated_with_it(setup, tmp_path):
+    """Without --solver, a student's recorded sampler (summary.sampling) is its row's solver, the teacher beside it
+    keeps euler / dpm++2m; --solver wins over the record."""
+    from accelkit.artifacts import Artifact
+    from accelkit.models.loading import load_teacher, save_teacher
+
+    root, teacher, couplings = setup
+    with Artifact.open(tmp_path / "student", "reflow", {"what": "a stand-in student"}) as art:
+        art.write_with("teacher.safetensors", lambda tmp: save_teacher(load_teacher(teacher), tmp))
+        art.complete({"sampling": {"solver": "heun", "nfe": 4, "grid": None}})
+    rows = json_rows(run_cli("eval", teacher, tmp_path / "student", "--reference", couplings, "--nfe", "2,4",
+                             "-n", "16", "--json"))
+    by_model = {}
+    for r in rows:
+        by_model.setdefault(r["method"], set()).add(r["solver"])
+    assert by_model == {str(teacher): {"euler", "dpm++2m"}, str(tmp_path / "student"): {"heun"}}
+    forced = json_rows(run_cli("eval", tmp_path / "student", "--reference", couplings, "--nfe", "2", "-n", "16",
+                               "--solver", "euler", "--json"))
+    assert [r["solver"] for r in forced] == ["euler"]

@@ -102,6 +102,7 @@ def test_bad_prompt_input_is_one_line(sd15, tmp_path, monkeypatch, capsys):
         assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and expected in err, (args, err)
 
 
+@pytest.mark.slow
 def test_couple_with_prompts_makes_the_pairs_sample_draws(sd15, tmp_path, monkeypatch, capsys):
     """couple --prompts FILE --negative-prompt: the couplings' endpoints are the prompted, guided samples of
     `accelkit sample` with the same prompts (the negative prompt is the couplings' null as well)."""

@@ -134,9 +134,15 @@ def train_generator(ring, name):
                                                 **kw), ring["root"] / name)
 
 
+def has_peft() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("peft") is not None
+
+
 @pytest.fixture(scope="module")
 def generators(ring):
-    out = {name: train_generator(ring, name) for name in RUNS}
+    out = {name: train_generator(ring, name) for name in RUNS if name != "vsd" or has_peft()}
     quality = {}
     for name, path in out.items():
         summary = json.loads((path / "manifest.json").read_text())["summary"]
@@ -149,6 +155,8 @@ def generators(ring):
 
 @pytest.mark.parametrize("name", ["dmd2", "dmd", "vsd", "sim", "ladd"])
 def test_one_step_generator_matches_the_teachers_ode_and_covers_the_modes(generators, ring, name):
+    if name == "vsd" and not has_peft():
+        pytest.skip("vsd's LoRA fake score needs peft")
     sw, cov, summary = generators[1][name]
     # observed (2-core VM): every method 0.15-0.19 against the teacher's ODE 0.16 and its best 1-NFE solver 1.3
     assert sw < 1.5 * ring["ode"], (name, sw, ring["ode"])
@@ -275,3 +283,25 @@ def test_steps_the_discrete_grid_cannot_take(tmp_path):
     with pytest.raises(AccelkitError, match="--steps 1001: the generator's time grid cannot take it"):
         run_score_distill(ScoreDistillRecipe(source=str(pipe), method="dmd2", steps=1001, device="cpu"), out)
     assert not out.exists()
+
+
+def test_a_teacher_alone_is_a_source_and_noise_batches_resume_exactly(ring, tmp_path):
+    """Score distillation needs no data: from the teacher alone the batches are seeded draws (NoiseBatches), whose
+    state is a counter, so a restored iterator continues with the same draws."""
+    from accelkit.stages.student import NoiseBatches
+
+    out = run_score_distill(ScoreDistillRecipe(source=str(ring["train"]), method="sim", batch_size=64, device="cpu",
+                                               loop={"steps": 12, "lr": 1e-3, "checkpoint_every": 0}), tmp_path / "a")
+    summary = json.loads((out / "manifest.json").read_text())["summary"]
+    assert summary["updates"] == {"fake_score": 12, "generator": 12} and summary["sampling"]["nfe"] == 1
+
+    def draw(g, n):
+        return {"z": torch.randn(n, 2, generator=g)}
+
+    a = NoiseBatches(8, 3, 0, 1, draw)
+    first = [next(a)["z"] for _ in range(5)]
+    b = NoiseBatches(8, 3, 0, 1, draw)
+    b.load_state_dict(json.loads(json.dumps({"batches": 2})))
+    assert all(torch.equal(next(b)["z"], want) for want in first[2:])
+    halves = [next(NoiseBatches(8, 3, r, 2, draw))["z"] for r in range(2)]
+    assert torch.equal(torch.cat(halves), first[0])  # two ranks' slices are the one-process batch

@@ -84,6 +84,20 @@ def couple(
         conditions = str(prompt_conditions_file(teacher_path, texts, negative_prompt))
     elif negative_prompt is not None:
         raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
+    if solver is None and nfe is None and grid is None and recipe is None and teacher_path is not None:
+        from ..sampling import recorded_sampler
+
+        # A shortcut / MeanFlow student is coupled with its own jumps; other students keep the accurate default
+        # solve (k-rectified flow couples a reflow student's ODE, not its 1-step sampler).
+        recorded = recorded_sampler(teacher_path)
+        if recorded is not None and recorded["solver"] in ("shortcut", "meanflow"):
+            from ..console import log
+            from ..solvers import solver_names
+
+            if recorded["solver"] in solver_names():
+                solver, nfe = recorded["solver"], recorded["nfe"]
+                grid = ",".join(repr(t) for t in recorded["grid"]) if isinstance(recorded["grid"], list) else None
+                log(f"couple: {teacher_path} records its sampler; using {solver} at {nfe} NFE")
     flags = {"teacher": teacher_path, "n": n, "solver": solver, "nfe": nfe, "guidance": guidance,
              "conditions": conditions, "save_trajectory": save_trajectory, "batch_size": batch_size,
              "micro_batch": micro_batch, "shard_size": shard_size, "seed": seed, "dtype": dtype, "device": device,

@@ -30,8 +30,8 @@ def eval_command(
     solver: str = typer.Option(None, "--solver", help="Comma-separated ODE solvers: euler, heun, "
                                "midpoint, ddim, dpm++2m, dpm++3m, unipc, unipc2, ipndm, ipndm-v, "
                                "solver-stats artifacts (DPM-Solver-v3), or bespoke "
-                               "artifacts (learned solvers, at their own NFE and times) (default: euler,dpm++2m; "
-                               "euler with --parallel)."),
+                               "artifacts (learned solvers, at their own NFE and times) (default: euler,dpm++2m, "
+                               "and for a student that records its sampler that sampler; euler with --parallel)."),
     grid: str = typer.Option(None, "--grid", help="Time grid of every solver: uniform, logsnr, edm, shift, "
                              "comma-separated times from 1 to 0, or recommended (the grid a phased reflow student "
                              "records); runs whose steps do not fit a list of times are left out (default: each "
@@ -70,6 +70,11 @@ def eval_command(
 
     paths = list(dict.fromkeys(input_path(p, "model") for p in (paths or [None])))  # each model once
     nfes = parse_nfes(nfe)
+    recorded = {}  # without --solver, a model that records its sampler (a student) is evaluated with it
+    if solver is None and parallel is None and grid is None:
+        from ..sampling import recorded_sampler
+
+        recorded = {p: rec for p in paths if (rec := recorded_sampler(p)) is not None}
     if solver is None:
         solver = "euler" if parallel is not None else "euler,dpm++2m"
     solvers = [s.strip() for s in solver.split(",") if s.strip()]
@@ -188,6 +193,10 @@ def eval_command(
     from ..qac import with_codes
     for p, teacher in teachers.items():
         model_cond = _to(with_codes(teacher, cond, seed, range(n)), device)  # a QAC model: its codes of (seed, i)
+        if p in recorded:
+            rows += _evaluate_recorded(ev, teacher, recorded[p], nfes, noise, ref, data_samples, p, model_cond,
+                                       batch_size, feature_net)
+            continue
         for s, ks in runs.items():
             rows += ev.evaluate(teacher, noise, ref, [s], ks, data=data_samples, method=p, cond=model_cond,
                                 batch_size=batch_size, features=feature_net, straightness=True, grid=times)
@@ -211,6 +220,31 @@ def eval_command(
         log(f"plot: {plot}")
     if as_json:
         emit(json.dumps([{k: _json_value(v) for k, v in r.as_dict().items()} for r in rows]))
+
+
+def _evaluate_recorded(ev, teacher, rec: dict, nfes: list[int], noise, ref, data, path: str, cond, batch_size: int,
+                       features) -> list:
+    """A student's rows with the sampler it records: its solver at every NFE it can take, on its recorded grid at
+    the recorded NFE (a list of times fits only there) or on a recorded grid name; the user's --solver wins."""
+    from ..console import log
+    from ..errors import AccelkitError
+    from ..solvers import get_solver
+
+    rows = []
+    for k in nfes:
+        try:
+            get_solver(rec["solver"]).steps(k)
+        except AccelkitError:
+            log(f"note: {path}: its sampler {rec['solver']} cannot take {k} NFE; left out")
+            continue
+        grid = rec["grid"] if isinstance(rec["grid"], str) or k == rec["nfe"] else None
+        rows += ev.evaluate(teacher, noise, ref, [rec["solver"]], [k], data=data, method=path, cond=cond,
+                            batch_size=batch_size, features=features, straightness=True, grid=grid)
+    if not rows:
+        raise AccelkitError(f"{path}: its recorded sampler {rec['solver']} takes none of --nfe "
+                            f"{','.join(map(str, nfes))}; give --solver")
+    log(f"{path}: evaluated with the sampler it records ({rec['solver']}); --solver overrides")
+    return rows
 
 
 def _json_value(v):

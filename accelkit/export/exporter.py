@@ -427,6 +427,9 @@ def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str | None =
                                     "exported scheduler; export with a standard or bespoke solver")
             nfe = getattr(solver, "nfe", None) if nfe is None else nfe
     sampling = resolve_sampling(source, solver, nfe, grid, shift)
+    if fmt == "diffusers" and sampling.solver in ("shortcut", "meanflow"):
+        raise AccelkitError(f"{path}: a {sampling.solver} student takes its jump size as an input at every step, "
+                            "which diffusers' pipelines do not feed; export it with --format safetensors")
     if fmt == "diffusers":
         return export_diffusers(source, sampling, output, force), sampling
     if fmt in ("lora", "kohya"):

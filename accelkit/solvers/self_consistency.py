@@ -34,11 +34,14 @@ def network_of(teacher: Teacher) -> nn.Module | None:
 
 
 def check_jump_student(teacher: Teacher, solver: str, input_name: str) -> None:
-    """The teacher is on the linear path and its network takes ``input_name``; else a one-line error."""
+    """The teacher is on the linear path and its network takes ``input_name``; else a one-line error. A teacher
+    without a network ignores the input, and the jump is then Euler's step."""
     from ..extra_inputs import extra_inputs_of
 
     network = network_of(teacher)
-    names = [s.name for s in extra_inputs_of(network)] if network is not None else []
+    if network is None:  # no network (an analytic teacher, export's linear-form probe): the jump is Euler's step
+        return
+    names = [s.name for s in extra_inputs_of(network)]
     if input_name not in names:
         raise AccelkitError(f"solver {solver!r} is the sampler of a student with the extra input {input_name!r} "
                             f"(accelkit shortcut --method {'shortcut' if solver == 'shortcut' else 'meanflow'}); "

@@ -101,7 +101,8 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
         cond_info, times = checked["cond"], checked["times"]
         frozen.guidance_scale = 1.0
         frozen.to(device)
-        disc = gan.FeatureDiscriminator(frozen, recipe.discriminator.layers, recipe.discriminator.width)
+        disc = gan.FeatureDiscriminator(frozen, recipe.discriminator.layers, recipe.discriminator.width,
+                                        seed=recipe.seed)
         model = nn.ModuleDict({"generator": generator.network, "discriminator": disc})
         objective = DenoisingObjective(frozen.schedule, frozen.prediction, frozen.call, frozen.time_input)
         draw = draw_fn(recipe, frozen, objective, times, cond_info)

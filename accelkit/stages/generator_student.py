@@ -87,8 +87,8 @@ def open_run(stage: str, recipe, output: Path | None, force: bool,
     :func:`students.begin_source_run`, a teacher alone through :func:`students.begin_data_free_run`; ``check(run)``
     runs before the artifact is opened (bad input writes nothing)."""
     if students.is_couplings(recipe.source) or recipe.data is not None:
-        return students.begin_source_run(stage, recipe, output, force, check)
-    return students.begin_data_free_run(stage, recipe, output, force, check)
+        return students.begin_source_run(stage, recipe, output, force, check=check)
+    return students.begin_data_free_run(stage, recipe, output, force, check=check)
 
 
 def check_before_training(recipe, run: students.StudentRun, needs_real: bool, needs_pairs: bool) -> dict:

@@ -63,7 +63,7 @@ def default_loop() -> LoopConfig:
 class ScoreDistillRecipe(students.SourceRecipe):
     """score_distill: a K-step generator trained by VSD, DMD, DMD2 or SIM against the frozen teacher."""
 
-    execution_fields = frozenset({"device", "eval_samples"})
+    execution_fields = frozenset({"device"})
 
     method: Literal["vsd", "dmd", "dmd2", "sim"] = Field("dmd2", description="vsd, dmd, dmd2 or sim")
     steps: int = Field(1, ge=1, description="K: the generator's steps (its fixed times, the teacher's default grid)")
@@ -90,7 +90,6 @@ class ScoreDistillRecipe(students.SourceRecipe):
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds every draw of the run")
     loop: LoopConfig = Field(default_factory=default_loop)
-    eval_samples: int = Field(0, ge=0, description="unused; kept for the shared student options")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
 
     @model_validator(mode="after")
@@ -158,7 +157,8 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
         fake_part = nn.ModuleDict({"network": fake_net})
         disc = None
         if gan:
-            disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width)
+            disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width,
+                                        seed=recipe.seed)
             fake_part["heads"] = disc
         model = nn.ModuleDict({"generator": generator.network, "fake_score": fake_part})
         objective = DenoisingObjective(real.schedule, real.prediction, real.call, real.time_input)

@@ -162,14 +162,6 @@ def student_inputs(recipe: ShortcutRecipe) -> list:
     return inputs
 
 
-def teacher_path_of(recipe: ShortcutRecipe) -> Path:
-    from ..artifacts import Artifact
-
-    if students.is_couplings(recipe.source):
-        return students.couplings_teacher_path(Artifact.read(recipe.source, "couple"), KIND)
-    return Path(recipe.source)
-
-
 def check_guidance(recipe: ShortcutRecipe, teacher, path: Path) -> None:
     if recipe.guidance is None and recipe.guidance_range is None:
         return
@@ -183,17 +175,16 @@ def check_guidance(recipe: ShortcutRecipe, teacher, path: Path) -> None:
                             "made with --conditions or a class teacher, without --data)")
 
 
-def resolve_derivative(recipe: ShortcutRecipe, teacher, path: Path) -> str:
-    """meanflow: the derivative that will run (``jvp`` or ``finite-difference``), probed on the student's start; a
-    network without forward-mode derivatives under ``derivative: jvp`` is a one-line error."""
-    from ..extra_inputs import attach_extra_inputs
+def resolve_derivative(recipe: ShortcutRecipe, student, path: Path) -> str:
+    """meanflow: the derivative that will run (``jvp`` or ``finite-difference``), probed on the student's start (with
+    its extra inputs); a network without forward-mode derivatives under ``derivative: jvp`` is a one-line error."""
     from ..meanflow import NoForwardDerivative, average_velocity_derivative
 
     if recipe.method != "meanflow":
         return "none"
     if recipe.derivative == "finite-difference":
         return "finite-difference"
-    probe = attach_extra_inputs(copy.deepcopy(teacher), student_inputs(recipe))
+    probe = copy.deepcopy(student)
     u_fn = average_velocity_fn(probe, None)
     z = torch.randn(2, *probe.sample_shape, generator=torch.Generator().manual_seed(0))
     r, t = torch.full((2,), 0.25, dtype=torch.float64), torch.full((2,), 0.75, dtype=torch.float64)
@@ -386,37 +377,31 @@ class SelfConsistencyLoss:
 # ----------------------------------------------------------------------------------------------------------- run
 
 
-def preflight(recipe: ShortcutRecipe) -> tuple[str, Path]:
-    """Checks on the teacher before anything is written: guidance needs a conditional teacher with a null condition
-    and couplings' conditions; MeanFlow's derivative is probed. Returns (the derivative that will run, teacher path)."""
-    from ..models.loading import load_teacher
-    from ..teacher import NetworkTeacher
-
-    path = teacher_path_of(recipe)
-    teacher = load_teacher(path, dtype="fp32")
-    if not isinstance(teacher, NetworkTeacher):
-        raise AccelkitError(f"{path}: a {type(teacher).__name__} teacher has no network of its own to start a "
-                            "shortcut student from; give the network teacher (its schedule is converted here)")
-    check_guidance(recipe, teacher, path)
-    return resolve_derivative(recipe, teacher, path), path
-
-
 def run_shortcut(recipe: ShortcutRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
     from ..data import stream_seed
     from ..extra_inputs import attach_extra_inputs
 
-    derivative, teacher_path = preflight(recipe)
-    run = students.begin_source_run(KIND, recipe, output, force)
+    chosen: dict[str, str] = {}
+
+    def prepare(start) -> None:  # before the artifact is opened, like every check below
+        with torch.random.fork_rng(devices=[]):  # the embedding's first layers are drawn: seeded, so runs agree
+            torch.manual_seed(stream_seed(recipe.seed, 4))
+            attach_extra_inputs(start, student_inputs(recipe))
+
+    def check(run: students.StudentRun) -> None:
+        assert run.teacher_path is not None
+        check_guidance(recipe, run.reference, run.teacher_path)
+        chosen["derivative"] = resolve_derivative(recipe, run.start, run.teacher_path)
+
+    run = students.begin_source_run(KIND, recipe, output, force, prepare=prepare, check=check)
     art, path, device, rank = run.art, run.path, run.device, run.rank
+    derivative, teacher_path = chosen.get("derivative", "none"), run.teacher_path
     try:
         if run.complete:
             return path
         start, reference = run.start, run.reference
-        assert start is not None and reference is not None
-        with torch.random.fork_rng(devices=[]):  # the embedding's first layers are drawn: seeded, so runs agree
-            torch.manual_seed(stream_seed(recipe.seed, 4))
-            attach_extra_inputs(start, student_inputs(recipe))
+        assert start is not None and reference is not None and teacher_path is not None
         couplings_guidance = reference.guidance_scale if reference.guidance_scale != 1.0 else None
         loss = SelfConsistencyLoss(recipe, reference.to(device), tuple(start.sample_shape), derivative,
                                    couplings_guidance)
