@@ -5,7 +5,9 @@
 3. ``rescale``: the same ODE under the VP-cosine schedule (its r = 1 is the teacher's t = 1, so the noise corresponds);
 4. ``couple`` + ``reflow``: a 1-rectified-flow student (Liu et al. 2022) trained from the teacher's weights on other
    couplings (seed 2), so the reference endpoints of step 2 stay held out from it;
-5. every solver at 1-16 NFE on the couplings' noise: RMSE / PSNR to the reference endpoint, sliced Wasserstein and
+5. ``consistency`` and ``shortcut`` on the same couplings: a consistency-distillation student (Song et al. 2023) and
+   a shortcut model (Frans et al. 2024), each sampled with the sampler it records;
+6. every solver at 1-16 NFE on the couplings' noise: RMSE / PSNR to the reference endpoint, sliced Wasserstein and
    MMD to fresh data; a table on stderr, ``quality.json``, ``quality.png`` and ``samples.png`` in the demo artifact.
 
 The stages are the recipe :data:`DEMO_RECIPE` (also ``recipes/demo.yaml``) run by the same pipeline runner as
@@ -21,14 +23,15 @@ from pathlib import Path
 
 DEMO_RECIPE = """\
 # accelkit demo: a 2-D flow-matching teacher trained on the CPU, couplings from its ODE (held-out reference
-# endpoints), a rescaled copy, and a 1-rectified-flow student trained on a second, separate set of couplings.
+# endpoints), a rescaled copy, and three students trained on a second, separate set of couplings: 1-rectified
+# flow, consistency distillation and a shortcut model.
 # `accelkit run recipes/demo.yaml` runs the same stages; `accelkit demo` also compares the solvers on them.
 stages:
   - train:
       data: checkerboard
       objective: flow
       seed: 0
-      loop: {steps: 3000, lr: 2.0e-3, warmup_steps: 100}
+      loop: {steps: 2600, lr: 2.0e-3, warmup_steps: 100, lr_schedule: cosine}
   - couple:
       teacher: "@train"
       n: 2000
@@ -53,6 +56,17 @@ stages:
       method: rectified-flow
       batch_size: 256
       loop: {steps: 500, lr: 1.0e-3, warmup_steps: 20}
+  - consistency:
+      source: "@couple"
+      method: cd
+      batch_size: 256
+      loop: {steps: 300, lr: 1.0e-3, warmup_steps: 20}
+  - shortcut:
+      source: "@couple"
+      method: shortcut
+      anchor: teacher
+      batch_size: 256
+      loop: {steps: 300, lr: 1.0e-3, warmup_steps: 20}
 """
 
 SOLVERS = ("euler", "heun", "midpoint", "dpm++2m", "dpm++3m", "unipc", "ipndm")
@@ -61,6 +75,8 @@ NFES = (1, 2, 4, 8, 16)
 STUDENT_SOLVER = "euler"
 STUDENT_NFES = (1, 2, 4)
 STUDENT = "rectified flow"
+#: The students the demo trains: (stage, the name its rows carry); each is sampled with the sampler it records.
+STUDENTS = (("reflow", STUDENT), ("consistency", "consistency (cd)"), ("shortcut", "shortcut"))
 KIND = "demo"
 
 
@@ -100,6 +116,7 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
     from .pipeline import run_pipeline
     from .plots import plot_quality, plot_scatter_panels
     from .recipes import pipeline_as_data
+    from .sampling import recorded_sampler
 
     plan = _plan(sets)
     outputs: dict[int, Path] = {}
@@ -119,7 +136,9 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
             return art.path
         teacher = load_teacher(by_name["train"])
         rescaled = load_teacher(by_name["rescale"])
-        student = load_teacher(by_name["reflow"])
+        students = {label: (load_teacher(by_name[stage]), recorded_sampler(str(by_name[stage])))
+                    for stage, label in STUDENTS if stage in by_name}
+        student = students[STUDENT][0]
         pairs = open_couplings(by_name["couple"])[:]
         noise, reference = pairs["noise"], pairs["sample"]
         data = load_dataset(train.data, size=len(noise), seed=recipe["data_seed"]).samples
@@ -130,10 +149,13 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
         for solver in RESCALED_SOLVERS:
             rows += evaluate(rescaled, noise, reference, [solver], _supported(solver, NFES), data=data,
                              method=rescaled.schedule.name)
-        rows += evaluate(student, noise, reference, [STUDENT_SOLVER], STUDENT_NFES, data=data, method=STUDENT)
+        for label, (model, rec) in students.items():
+            solver = rec["solver"] if rec is not None else STUDENT_SOLVER
+            rows += evaluate(model, noise, reference, [solver], _supported(solver, STUDENT_NFES), data=data,
+                             method=label)
         print_quality_table(rows, f"quality against NFE: RMSE, PSNR (dB) to the teacher's ODE endpoint; SW2, MMD² to "
                                   f"fresh data; ({rescaled.schedule.name}): the teacher rescaled to that schedule; "
-                                  f"({STUDENT}): the reflow student")
+                                  f"({', '.join(students)}): the students, each with the sampler it records")
         art.write_json("quality.json", {"rows": [r.as_dict() for r in rows],
                                         "reference": {"solver": "heun", "nfe": int(plan[1].recipe.nfe)}})
 
@@ -154,15 +176,19 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
                   "euler, 4 NFE": sample_batched(teacher, noise, "euler", 4).numpy(),
                   f"{best4.solver}, 4 NFE": sample_batched(teacher, noise, best4.solver, 4).numpy(),
                   f"{STUDENT}, euler, 1 NFE": sample_batched(student, noise, "euler", 1).numpy()}
+        for label, (model, rec) in students.items():
+            if label != STUDENT and rec is not None:
+                panels[f"{label}, 1 NFE"] = sample_batched(model, noise, rec["solver"], 1).numpy()
         plot_scatter_panels(panels, art.file("samples.png"))
         art.record_file("samples.png")
         euler4 = next(r for r in rows if r.nfe == 4 and r.method == "teacher" and r.solver == "euler")
         log(f"at 4 NFE the best solver, {best4.solver}, is {euler4.rmse / best4.rmse:.1f}x closer to the teacher's "
             f"ODE endpoint than euler; plots: {art.file('quality.png')}, {art.file('samples.png')}")
         best1 = min((r for r in rows if r.nfe == 1 and r.method == "teacher"), key=lambda r: r.sliced_w2)
-        student1 = next(r for r in rows if r.nfe == 1 and r.method == STUDENT)
-        log(f"at 1 NFE the {STUDENT} student's samples are {best1.sliced_w2 / student1.sliced_w2:.1f}x closer to the "
-            f"data (sliced Wasserstein) than the teacher's with its best solver, {best1.solver}")
+        for label in students:
+            student1 = next(r for r in rows if r.nfe == 1 and r.method == label)
+            log(f"at 1 NFE the {label} student's samples are {best1.sliced_w2 / student1.sliced_w2:.1f}x closer to "
+                f"the data (sliced Wasserstein) than the teacher's with its best solver, {best1.solver}")
         art.complete({"best_at_4_nfe": best4.solver, "rmse_at_4_nfe": {r.solver: r.rmse for r in rows
                                                                         if r.nfe == 4 and r.method == "teacher"}})
         return art.path

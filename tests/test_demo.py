@@ -16,7 +16,8 @@ def test_show_recipe_is_the_shipped_recipe(cli):
 @pytest.mark.slow
 def test_demo_small_end_to_end_and_reused(tmp_path, cli):
     sets = ["--set", "train.loop.steps=300", "--set", "couple.n=500", "--set", "couple.shard_size=250",
-            "--set", "reflow.loop.steps=100", "--set", "reflow.eval_samples=100"]
+            "--set", "reflow.loop.steps=100", "--set", "reflow.eval_samples=100",
+            "--set", "consistency.loop.steps=40", "--set", "shortcut.loop.steps=40"]
     r = cli("demo", *sets, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     out = tmp_path / r.stdout.strip()
@@ -32,6 +33,9 @@ def test_demo_small_end_to_end_and_reused(tmp_path, cli):
     student = {r["nfe"]: r for r in rows if r["method"] == "rectified flow"}
     assert sorted(student) == [1, 2, 4] and all(r["solver"] == "euler" for r in student.values())
     assert student[1]["rmse"] < euler[1]  # the reflow student at 1 NFE is closer to the ODE endpoint than Euler
+    for label, solver in (("consistency (cd)", "consistency"), ("shortcut", "shortcut")):  # their own samplers
+        rows_of = {r["nfe"]: r for r in rows if r["method"] == label}
+        assert sorted(rows_of) == [1, 2, 4] and all(r["solver"] == solver for r in rows_of.values()), label
     again = cli("demo", *sets, cwd=tmp_path)
     assert again.returncode == 0 and again.stdout == r.stdout and "reuse" in again.stderr
     bad = cli("demo", "--set", "train.loop.steps=-1", cwd=tmp_path)

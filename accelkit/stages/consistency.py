@@ -238,13 +238,10 @@ class ConsistencyJob:
         if recipe.guidance is not None:
             self.reference.guidance_scale = float(recipe.guidance)
         if recipe.guidance_range is not None:
-            from ..data import stream_seed
             from ..extra_inputs import ExtraInput, attach_extra_inputs, extra_inputs_of
 
             if not any(spec.name == "guidance" for spec in extra_inputs_of(self.start.network)):
-                with torch.random.fork_rng(devices=[]):  # the embedding's first layer: seeded, so a run repeats
-                    torch.manual_seed(stream_seed(recipe.seed, 0xC0))
-                    attach_extra_inputs(self.start, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
+                attach_extra_inputs(self.start, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
         self.schedule = self.start.schedule
         self.param = Parameterisation(self.schedule)
         self.shape = tuple(self.start.sample_shape)

@@ -341,9 +341,7 @@ class DistillJob:
         if recipe.method == "guided" and r == 1:
             from ..extra_inputs import ExtraInput, attach_to_network
 
-            with torch.random.fork_rng(devices=[]):  # the embedding's first layer: seeded, so a run repeats
-                torch.manual_seed(stream_seed(recipe.seed, 0xC0))
-                attach_to_network(trainable, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
+            attach_to_network(trainable, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
         loss_fn, draw = self.objective(teacher, nfe, r)
         seed = stream_seed(recipe.seed, r)
         if self.data is not None:

@@ -379,15 +379,12 @@ class SelfConsistencyLoss:
 
 def run_shortcut(recipe: ShortcutRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the student of ``recipe``; returns the artifact directory."""
-    from ..data import stream_seed
     from ..extra_inputs import attach_extra_inputs
 
     chosen: dict[str, str] = {}
 
     def prepare(start) -> None:  # before the artifact is opened, like every check below
-        with torch.random.fork_rng(devices=[]):  # the embedding's first layers are drawn: seeded, so runs agree
-            torch.manual_seed(stream_seed(recipe.seed, 4))
-            attach_extra_inputs(start, student_inputs(recipe))
+        attach_extra_inputs(start, student_inputs(recipe))  # its first layers come from a fixed seed
 
     def check(run: students.StudentRun) -> None:
         assert run.teacher_path is not None
