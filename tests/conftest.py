@@ -81,3 +81,14 @@ def assert_same_tensors(file_a, file_b, context: str = "") -> None:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), f"{k} differs {context}"
+
+
+def run_in_process(monkeypatch, capsys, *args):
+    """The console-script entry in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from accelkit.cli.main import run
+
+    monkeypatch.setattr("sys.argv", ["accelkit", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        run()
+    out = capsys.readouterr()
+    return e.value.code, out.out, out.err

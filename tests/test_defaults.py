@@ -8,6 +8,7 @@ import time
 import pytest
 import tiny_models
 import torch
+from conftest import run_in_process
 
 from accelkit.errors import AccelkitError
 from accelkit.models.loading import load_teacher
@@ -15,16 +16,6 @@ from accelkit.models.loading import load_teacher
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def run_in_process(monkeypatch, capsys, *args):
-    from accelkit.cli.main import run
-
-    monkeypatch.setattr("sys.argv", ["accelkit", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        run()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ import diffusers
 import numpy as np
 import pytest
 import torch
+from conftest import run_in_process
 from diffusers import DiffusionPipeline, FlowMatchEulerDiscreteScheduler, UNet2DModel
 from safetensors.torch import load_file
 from tiny_models import ddpm_pipeline, tiny_unet2d, write_pipeline
@@ -25,17 +26,6 @@ from accelkit.teacher import NetworkTeacher, RescaledTeacher
 
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 NOISE = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(7))
-
-
-def run_in_process(monkeypatch, capsys, *args):
-    """The console-script entry in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    from accelkit.cli.main import run
-
-    monkeypatch.setattr("sys.argv", ["accelkit", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        run()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 def rel(a, b):

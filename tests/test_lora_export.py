@@ -8,6 +8,7 @@ import re
 import pytest
 import tiny_models
 import torch
+from conftest import run_in_process
 from safetensors.torch import load_file
 
 from accelkit.evaluation import sample_batched
@@ -20,16 +21,6 @@ pytest.importorskip("peft")
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def run_in_process(monkeypatch, capsys, *args):
-    from accelkit.cli.main import run
-
-    monkeypatch.setattr("sys.argv", ["accelkit", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        run()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")

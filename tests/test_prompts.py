@@ -7,6 +7,7 @@ import shutil
 import pytest
 import tiny_models
 import torch
+from conftest import run_in_process
 from safetensors.torch import load_file
 
 from accelkit.noise import sample_noise
@@ -17,16 +18,6 @@ NEGATIVE = "blurry ugly"
 
 def rel(a, b):
     return float((a - b).norm() / b.norm())
-
-
-def run_in_process(monkeypatch, capsys, *args):
-    from accelkit.cli.main import run
-
-    monkeypatch.setattr("sys.argv", ["accelkit", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        run()
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
 
 
 @pytest.fixture(scope="module")
