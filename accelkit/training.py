@@ -219,6 +219,20 @@ def init_distributed(device: torch.device) -> tuple[int, int]:
     return join(str(device))
 
 
+def resolve_device(name: str) -> torch.device:
+    """A recipe's ``device`` (auto, cpu, cuda, cuda:N) as a torch device: auto is CUDA when present (this process's
+    LOCAL_RANK under torchrun); CUDA asked for on a machine without it is a one-line error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cpu")
+    if name == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise AccelkitError(f"device {name!r}: CUDA is not available here; use --device cpu")
+    return torch.device(name)
+
+
 def default_device() -> torch.device:
     """This process's device: CUDA (LOCAL_RANK's GPU under torchrun) when present, else CPU."""
     if torch.cuda.is_available():
@@ -971,6 +985,7 @@ class Trainer:
 
 __all__ = [
     "LoopConfig", "LoraSettings", "Trainer", "EMA", "GroupSettings", "ParamGroup", "TrainingDiverged", "LossFn",
-    "ValidateFn", "ResumableIterator", "init_distributed", "default_device", "apply_lora", "merge_lora",
+    "ValidateFn", "ResumableIterator", "init_distributed", "default_device", "resolve_device", "apply_lora",
+    "merge_lora",
     "rng_state", "set_rng_state",
 ]

@@ -375,7 +375,7 @@ def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool =
     from ..models.loading import load_teacher
     from ..noise import sample_noise
     from ..solvers.learned import save_learned_solver
-    from .train import resolve_device
+    from ..training import resolve_device
 
     if dist_env()[1] > 1:
         raise AccelkitError("bespoke trains a few hundred parameters in one process; run it without torchrun")

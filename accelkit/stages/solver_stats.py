@@ -75,7 +75,7 @@ def run_solver_stats(recipe: SolverStatsRecipe, output: Path | None = None, forc
     from ..solvers import solve
     from ..solvers.dpm_solver_v3 import DPMSolverV3, compute_statistics
     from ..solvers.learned import CONFIG_FILE, SOLVER_FILE
-    from .train import resolve_device
+    from ..training import resolve_device
 
     if dist_env()[1] > 1:
         raise AccelkitError("solver-stats runs in one process; run it without torchrun")

@@ -76,7 +76,7 @@ def begin_student_run(stage: str, recipe: Any, output: Path | None, force: bool)
     """Open the run of ``recipe`` (a student stage's recipe: ``couplings``, ``device``, ``seed``, ``batch_size``,
     ``loop``): the caller trains unless ``complete``, and calls :meth:`StudentRun.close` when done."""
     from ..couplings import open_couplings
-    from .train import resolve_device
+    from ..training import resolve_device
 
     device = resolve_device(recipe.device)
     rank, world = init_distributed(device)
@@ -172,7 +172,7 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
     the method cannot take (nothing is written then)."""
     from ..couplings import open_couplings
     from ..data import load_dataset
-    from .train import resolve_device
+    from ..training import resolve_device
 
     source = Path(recipe.source)
     couplings_source = is_couplings(source)
@@ -256,7 +256,7 @@ def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, f
     need only noise (and conditions); the student starts from the teacher, the reference is its frozen copy. Batches
     come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`.
     ``check(run)`` as there: it runs before the artifact is opened."""
-    from .train import resolve_device
+    from ..training import resolve_device
 
     device = resolve_device(recipe.device)
     rank, world = init_distributed(device)

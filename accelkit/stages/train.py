@@ -18,7 +18,6 @@ removed once the artifact is complete.
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from ..data import DATA_NAMES, TOY_2D, BatchSampler, DataSet, load_dataset, seed
 from ..errors import AccelkitError
 from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer, init_distributed
+from ..training import LoopConfig, Trainer, init_distributed, resolve_device
 
 KIND = "train"
 OBJECTIVES = {"flow": ("flow", "linear"), "eps": ("eps", "vp-linear")}
@@ -124,18 +123,6 @@ class TrainRecipe(StageRecipe):
 
 
 # ------------------------------------------------------------------------------------------------------- building
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-        return torch.device("cpu")
-    if name == "cuda" and int(os.environ.get("WORLD_SIZE", 1)) > 1:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise AccelkitError(f"device {name!r}: CUDA is not available here; use --device cpu")
-    return torch.device(name)
 
 
 def build_teacher_network(recipe: TrainRecipe, sample_shape: tuple[int, ...]) -> tuple[str, dict[str, Any]]:
