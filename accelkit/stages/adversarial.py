@@ -22,8 +22,6 @@ generator's samples (``disc_accuracy``, and at every ``loop.validate_every`` ste
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,7 +29,6 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import GroupSettings, LoopConfig, ParamGroup, Trainer
 from . import student as students
@@ -142,10 +139,6 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
                        recipe.generator.model_copy(update={"every": ratio, "offset": ratio - 1, "ema": True})),
         ]
 
-        def on_log(step: int, values: dict[str, float]) -> None:
-            if art is not None:
-                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
-
         held_out = held_out_batch(recipe, run, draw)
 
         with torch.no_grad():  # the frozen teacher's own K-step samples: fakes a working discriminator spots
@@ -158,14 +151,7 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
             return {"disc_accuracy": gan.accuracy(real_logits, fake_logits),
                     "disc_accuracy_teacher_samples": gan.accuracy(real_logits, start_logits)}
 
-        trainer = Trainer(model, None, batches, recipe.loop, checkpoint_dir=path / "checkpoint", device=device,
-                          on_log=on_log, groups=groups, validate_fn=validate)
-        start = time.perf_counter()
-        logs = trainer.fit()
-        seconds = time.perf_counter() - start
-        barrier()
-        if run.rank == 0:
-            assert art is not None
+        def finish(trainer: Trainer, logs: dict[str, float], seconds: float) -> None:
             through = [h["val/disc_accuracy"] for h in trainer.history if "val/disc_accuracy" in h]
             against_teacher = [h["val/disc_accuracy_teacher_samples"] for h in trainer.history
                                if "val/disc_accuracy_teacher_samples" in h]
@@ -173,8 +159,9 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
                              {"ratio": ratio, "disc_accuracy": logs.get("val/disc_accuracy"),
                               "disc_accuracy_through_run": through,
                               "disc_accuracy_vs_teacher_samples_through_run": against_teacher})
-            shutil.rmtree(path / "checkpoint", ignore_errors=True)
-        barrier()
+
+        students.fit_in_artifact(art, path, run.rank, model, None, batches, recipe.loop, device, finish,
+                                 groups=groups, validate_fn=validate)
         return path
     finally:
         run.close()

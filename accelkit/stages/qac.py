@@ -30,8 +30,6 @@ batches, without codes.
 from __future__ import annotations
 
 import json
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,7 +40,6 @@ from ..artifacts import Artifact
 from ..console import log
 from ..data import seeded_generator, stream_seed
 from ..errors import AccelkitError
-from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import LoopConfig, Trainer
 from . import student as students
@@ -156,13 +153,14 @@ def run_qac(recipe: QACRecipe, output: Path | None = None, force: bool = False) 
             center_encoder(encoder, clean_data(run)[:CENTER_SAMPLES])  # every code channel starts balanced
         model = QACModel(teacher.network, encoder, objective, recipe.levels, recipe.bits)
         batches = run.batches(recipe.batch_size, recipe.seed, noise=objective.noise_fn(teacher.sample_shape))
-        trainer: Trainer | None = None
+        training: list[Trainer] = []  # the trainer, once built: its EMA decay paces the code weights
         pending: list[torch.Tensor] = []
 
         def loss_fn(module: torch.nn.Module, batch: dict[str, torch.Tensor]):
             loss, logs = module(batch)
             if model.code_weights is not None:  # steps 12-13 once per optimizer step, on the global batch's codes
-                assert trainer is not None and model.last_codes is not None
+                assert training and model.last_codes is not None
+                trainer = training[0]
                 pending.append(model.last_codes)
                 if len(pending) == recipe.loop.grad_accum:
                     codes = gather_codes(torch.cat(pending), world)
@@ -171,23 +169,10 @@ def run_qac(recipe: QACRecipe, output: Path | None = None, force: bool = False) 
                     model.collect(codes, trainer.ema.decay(rate, trainer.ema.updates + 1))
             return loss, logs
 
-        def on_log(step: int, values: dict[str, float]) -> None:
-            if art is not None:
-                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
-
-        trainer = Trainer(model, loss_fn, batches, recipe.loop, checkpoint_dir=path / "checkpoint", device=device,
-                          on_log=on_log)
-        if art is not None:
-            art.progress = {"step": 0, "steps": recipe.loop.steps}
-        start = time.perf_counter()
-        logs = trainer.fit()
-        seconds = time.perf_counter() - start
-        barrier()
-        if rank == 0:
-            assert art is not None
-            finish(art, recipe, run, trainer, teacher_params, logs, seconds, world, device)
-            shutil.rmtree(path / "checkpoint", ignore_errors=True)
-        barrier()
+        students.fit_in_artifact(art, path, rank, model, loss_fn, batches, recipe.loop, device,
+                                 lambda trainer, logs, seconds: finish(art, recipe, run, trainer, teacher_params, logs,
+                                                                       seconds, world, device),
+                                 before_fit=training.append)
         return path
     finally:
         run.close()

@@ -40,8 +40,6 @@ accelkit's teacher format, so ``accelkit sample`` / ``couple`` / ``load_teacher`
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -52,7 +50,6 @@ from ..artifacts import Artifact
 from ..console import log
 from ..data import seeded_generator
 from ..errors import AccelkitError
-from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import LoopConfig, Trainer
 from . import student as students
@@ -193,23 +190,9 @@ def run_reflow(recipe: ReflowRecipe, output: Path | None = None, force: bool = F
                                                                   condition_of(pairs))
             return objective.loss(network, pairs)
 
-        def on_log(step: int, values: dict[str, float]) -> None:
-            if art is not None:
-                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
-
-        trainer = Trainer(teacher.network, loss_fn, sampler, recipe.loop, checkpoint_dir=path / "checkpoint",
-                          device=device, on_log=on_log)
-        if art is not None:
-            art.progress = {"step": 0, "steps": recipe.loop.steps}
-        start = time.perf_counter()
-        logs = trainer.fit()
-        seconds = time.perf_counter() - start
-        barrier()
-        if rank == 0:
-            assert art is not None
-            finish(art, recipe, couplings_art, reference, trainer, logs, seconds, world, device)
-            shutil.rmtree(path / "checkpoint", ignore_errors=True)
-        barrier()
+        students.fit_in_artifact(art, path, rank, teacher.network, loss_fn, sampler, recipe.loop, device,
+                                 lambda trainer, logs, seconds: finish(art, recipe, couplings_art, reference, trainer,
+                                                                       logs, seconds, world, device))
         return path
     finally:
         run.close()

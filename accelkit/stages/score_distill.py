@@ -28,8 +28,6 @@ schedule; its summary records ``sampling`` (the K-step sampler on its fixed time
 from __future__ import annotations
 
 import copy
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -37,7 +35,6 @@ import torch
 from pydantic import Field, model_validator
 from torch import Tensor, nn
 
-from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import GroupSettings, LoopConfig, LoraSettings, ParamGroup, Trainer
 from . import student as students
@@ -219,26 +216,14 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
                        recipe.generator.model_copy(update={"every": ratio, "offset": ratio - 1, "ema": True})),
         ]
 
-        def on_log(step: int, values: dict[str, float]) -> None:
-            if art is not None:
-                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
-
-        trainer = Trainer(model, None, batches, recipe.loop, checkpoint_dir=path / "checkpoint", device=device,
-                          on_log=on_log, groups=groups)
-        if art is not None:
-            art.progress = {"step": 0, "steps": recipe.loop.steps}
-        start = time.perf_counter()
-        logs = trainer.fit()
-        seconds = time.perf_counter() - start
-        barrier()
-        if run.rank == 0:
-            assert art is not None
+        def finish(trainer: Trainer, logs: dict[str, float], seconds: float) -> None:
             finish_generator(art, recipe, run, trainer, logs, seconds, "accelkit score-distill",
                              {"ratio": ratio, "gan_weight": recipe.gan_weight,
                               "regression_weight": recipe.regression_weight, "fake_lora": lora is not None,
                               "guidance": real.guidance_scale})
-            shutil.rmtree(path / "checkpoint", ignore_errors=True)
-        barrier()
+
+        students.fit_in_artifact(art, path, run.rank, model, None, batches, recipe.loop, device, finish,
+                                 groups=groups)
         return path
     finally:
         run.close()

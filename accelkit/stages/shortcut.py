@@ -38,8 +38,6 @@ the student's and the teacher's samples to the couplings' at 1, 2, 4 and 8 evalu
 from __future__ import annotations
 
 import copy
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,7 +47,6 @@ from torch import Tensor, nn
 
 from ..console import log
 from ..errors import AccelkitError
-from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import LoopConfig, Trainer
 from . import student as students
@@ -404,25 +401,14 @@ def run_shortcut(recipe: ShortcutRecipe, output: Path | None = None, force: bool
                                    couplings_guidance)
         sampler = run.batches(recipe.batch_size, recipe.seed, noise=loss.draw)
 
-        def on_log(step: int, values: dict[str, float]) -> None:
-            if art is not None:
-                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
+        def hand_ema_to_loss(trainer: Trainer) -> None:  # shortcut targets come from the EMA student
+            if recipe.method == "shortcut":
+                loss.ema = EmaNetwork(trainer)
 
-        trainer = Trainer(start.network, loss, sampler, recipe.loop, checkpoint_dir=path / "checkpoint",
-                          device=device, on_log=on_log)
-        if recipe.method == "shortcut":
-            loss.ema = EmaNetwork(trainer)
-        if art is not None:
-            art.progress = {"step": 0, "steps": recipe.loop.steps}
-        begin = time.perf_counter()
-        logs = trainer.fit()
-        seconds = time.perf_counter() - begin
-        barrier()
-        if rank == 0:
-            assert art is not None
-            finish(art, recipe, run, reference, trainer, logs, seconds, derivative, teacher_path)
-            shutil.rmtree(path / "checkpoint", ignore_errors=True)
-        barrier()
+        students.fit_in_artifact(art, path, rank, start.network, loss, sampler, recipe.loop, device,
+                                 lambda trainer, logs, seconds: finish(art, recipe, run, reference, trainer, logs,
+                                                                       seconds, derivative, teacher_path),
+                                 before_fit=hand_ema_to_loss)
         return path
     finally:
         run.close()

@@ -334,6 +334,41 @@ def student_of(reference: NetworkTeacher, network: nn.Module, info: Mapping[str,
                           reference.time_input, 1.0, reference.null_condition, info)
 
 
+def fit_in_artifact(art: Artifact | None, path: Path, rank: int, model: nn.Module, loss_fn: Any, data: Any,
+                    loop: Any, device: torch.device, finish: Callable[[Trainer, dict[str, float], float], None],
+                    before_fit: Callable[[Trainer], None] | None = None, **trainer_options: Any) -> Trainer:
+    """The one way a stage trains inside its artifact: the manifest's progress follows the steps (step, steps,
+    loss), the one :class:`Trainer` resumes from ``path / "checkpoint"`` and fits, and then rank 0 calls
+    ``finish(trainer, logs, seconds)`` (which writes the result and marks the artifact complete) and removes the
+    checkpoint; every rank waits for the others before and after. ``before_fit(trainer)`` (optional) sees the
+    trainer before it fits (e.g. to hand its EMA to a loss); ``trainer_options`` go to the Trainer (``groups``,
+    ``validate_fn``, ...)."""
+    import shutil
+    import time
+
+    from ..jobs import barrier
+
+    def on_log(step: int, values: dict[str, float]) -> None:
+        if art is not None:
+            art.progress = {"step": step, "steps": loop.steps, "loss": values.get("loss")}
+
+    trainer = Trainer(model, loss_fn, data, loop, checkpoint_dir=path / "checkpoint", device=device, on_log=on_log,
+                      **trainer_options)
+    if before_fit is not None:
+        before_fit(trainer)
+    if art is not None:
+        art.progress = {"step": 0, "steps": loop.steps}
+    start = time.perf_counter()
+    logs = trainer.fit()
+    seconds = time.perf_counter() - start
+    barrier()
+    if rank == 0:
+        finish(trainer, logs, seconds)
+        shutil.rmtree(path / "checkpoint", ignore_errors=True)
+    barrier()
+    return trainer
+
+
 def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: Mapping[str, Any]) -> None:
     """Write ``student`` as the artifact's teacher.safetensors and ``history`` as history.json; mark it complete."""
     from ..models.loading import ARTIFACT_TEACHER_FILE, save_teacher
@@ -346,4 +381,4 @@ def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: 
 
 __all__ = ["StudentRun", "begin_student_run", "SourceRecipe", "begin_source_run", "clean_samples", "is_couplings",
            "load_teacher_start", "couplings_teacher_path", "load_student_start", "averaged_network",
-           "student_of", "save_student", "NoiseBatches", "begin_data_free_run"]
+           "student_of", "save_student", "NoiseBatches", "begin_data_free_run", "fit_in_artifact"]

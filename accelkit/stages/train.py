@@ -18,8 +18,6 @@ removed once the artifact is complete.
 
 from __future__ import annotations
 
-import shutil
-import time
 from pathlib import Path
 from typing import Any, Literal
 
@@ -30,7 +28,6 @@ from ..artifacts import Artifact, open_on_rank0
 from ..console import log
 from ..data import DATA_NAMES, TOY_2D, BatchSampler, DataSet, load_dataset, seeded_generator, stream_seed
 from ..errors import AccelkitError
-from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
 from ..training import LoopConfig, Trainer, init_distributed, resolve_device
 
@@ -207,23 +204,11 @@ def run_train(recipe: TrainRecipe, output: Path | None = None, force: bool = Fal
         objective = DenoisingObjective(teacher.schedule, teacher.prediction, teacher.call, teacher.time_input)
         sampler = BatchSampler(ds.samples, recipe.batch_size, recipe.seed, rank, world,
                                noise=objective.noise_fn(shape))
-        def on_log(step: int, values: dict[str, float]) -> None:
-            if art is not None:
-                art.progress = {"step": step, "steps": recipe.loop.steps, "loss": values.get("loss")}
+        from .student import fit_in_artifact
 
-        trainer = Trainer(network, objective.loss, sampler, recipe.loop, checkpoint_dir=path / "checkpoint",
-                          device=device, on_log=on_log)
-        if art is not None:
-            art.progress = {"step": 0, "steps": recipe.loop.steps}
-        start = time.perf_counter()
-        logs = trainer.fit()
-        seconds = time.perf_counter() - start
-        barrier()
-        if rank == 0:
-            assert art is not None
-            finish(art, recipe, ds, trainer, initial, arch, net_config, logs, seconds, world, device)
-            shutil.rmtree(path / "checkpoint", ignore_errors=True)
-        barrier()
+        fit_in_artifact(art, path, rank, network, objective.loss, sampler, recipe.loop, device,
+                        lambda trainer, logs, seconds: finish(art, recipe, ds, trainer, initial, arch, net_config,
+                                                              logs, seconds, world, device))
         return path
     finally:
         if art is not None:
