@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_path
+from .common import input_path, run_stage
 from .main import app
 
 
@@ -44,15 +44,4 @@ def adversarial(
              "ratio": ratio, "seed": seed, "device": device}
     loop_sets = [f"adversarial.loop.{k}={v!r}" for k, v in (("steps", train_steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("adversarial", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "adversarial")
-    if dry_run:
-        print_plan([("adversarial", plan_stage("adversarial", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.adversarial import run_adversarial
-
-    path = run_adversarial(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("adversarial", spec, output, force, dry_run)

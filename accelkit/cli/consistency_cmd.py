@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_path
+from .common import input_path, run_stage
 from .main import app
 
 
@@ -60,15 +60,4 @@ def consistency(
              "batch_size": batch_size, "seed": seed, "loss": loss, "device": device}
     loop_sets = [f"consistency.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("consistency", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "consistency")
-    if dry_run:
-        print_plan([("consistency", plan_stage("consistency", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.consistency import run_consistency
-
-    path = run_consistency(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("consistency", spec, output, force, dry_run)

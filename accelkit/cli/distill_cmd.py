@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_path
+from .common import input_path, run_stage
 from .main import app
 
 
@@ -61,15 +61,4 @@ def distill(
              "seed": seed, "loss": loss, "device": device}
     loop_sets = [f"distill.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("distill", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "distill")
-    if dry_run:
-        print_plan([("distill", plan_stage("distill", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.distill import run_distill
-
-    path = run_distill(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("distill", spec, output, force, dry_run)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_path
+from .common import input_path, run_stage
 from .main import app
 
 
@@ -50,15 +50,4 @@ def qac(
              "collection": collection, "batch_size": batch_size, "seed": seed, "device": device}
     loop_sets = [f"qac.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("qac", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "qac")
-    if dry_run:
-        print_plan([("qac", plan_stage("qac", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.qac import run_qac
-
-    path = run_qac(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("qac", spec, output, force, dry_run)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_path
+from .common import input_path, run_stage
 from .main import app
 
 
@@ -49,15 +49,4 @@ def reflow(
              "phases": phases, "phase_nfe": phase_nfe}
     loop_sets = [f"reflow.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("reflow", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "reflow")
-    if dry_run:
-        print_plan([("reflow", plan_stage("reflow", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.reflow import run_reflow
-
-    path = run_reflow(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("reflow", spec, output, force, dry_run)

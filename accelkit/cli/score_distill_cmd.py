@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_path
+from .common import input_path, run_stage
 from .main import app
 
 
@@ -47,15 +47,4 @@ def score_distill(
              "ratio": ratio, "guidance": guidance, "seed": seed, "device": device}
     loop_sets = [f"score_distill.loop.{k}={v!r}" for k, v in (("steps", train_steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("score_distill", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "score_distill")
-    if dry_run:
-        print_plan([("score_distill", plan_stage("score_distill", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.score_distill import run_score_distill
-
-    path = run_score_distill(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("score_distill", spec, output, force, dry_run)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit, input_path
+from .common import input_path, run_stage
 from .main import app
 
 
@@ -66,15 +66,4 @@ def shortcut(
              "device": device}
     loop_sets = [f"shortcut.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("shortcut", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "shortcut")
-    if dry_run:
-        print_plan([("shortcut", plan_stage("shortcut", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.shortcut import run_shortcut
-
-    path = run_shortcut(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("shortcut", spec, output, force, dry_run)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import emit
+from .common import run_stage
 from .main import app
 
 
@@ -35,15 +35,4 @@ def train(
     flags = {"data": data, "objective": objective, "batch_size": batch_size, "seed": seed, "device": device}
     loop_sets = [f"train.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("train", recipe, flags, [*loop_sets, *set_])
-    from ..pipeline import check_inputs, plan_stage, print_plan
-
-    check_inputs(spec, "train")
-    if dry_run:
-        print_plan([("train", plan_stage("train", spec, output))])
-        return
-    from ..jobs import dist_env
-    from ..stages.train import run_train
-
-    path = run_train(spec, output, force=force)
-    if dist_env()[0] == 0:
-        emit(str(path))
+    run_stage("train", spec, output, force, dry_run)

@@ -104,6 +104,33 @@ def begin_student_run(stage: str, recipe: Any, output: Path | None, force: bool)
     return run
 
 
+def start_processes(recipe: Any) -> tuple[torch.device, int, int]:
+    """(device, rank, world) of a training stage's run; its batch must split over the processes and
+    ``loop.grad_accum``."""
+    from ..training import resolve_device
+
+    device = resolve_device(recipe.device)
+    rank, world = init_distributed(device)
+    if recipe.batch_size % (world * recipe.loop.grad_accum):
+        raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
+                            f"grad_accum {recipe.loop.grad_accum}")
+    return device, rank, world
+
+
+def open_run(stage: str, recipe: Any, output: Path | None, force: bool, run: StudentRun,
+             check: Callable[[StudentRun], None] | None = None) -> StudentRun:
+    """``check(run)`` (the method's own refusals), then the run's artifact (opened on rank 0; a complete one is
+    reused): nothing is written when an input is refused."""
+    if check is not None:
+        check(run)
+    run.art, run.path, state, _ = open_on_rank0(run.rank, output, stage, recipe, force=force,
+                                                seeds={"seed": recipe.seed})
+    run.complete = state == "complete"
+    if run.complete and run.rank == 0:
+        log(f"{stage}: reusing the complete artifact {run.path}")
+    return run
+
+
 class SourceRecipe(StageRecipe):
     """Base of the recipes of stages whose SOURCE is a couple artifact or a teacher with data (see
     :func:`begin_source_run`); subclasses add ``seed``, ``batch_size``, ``loop`` and ``device``."""
@@ -172,18 +199,13 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
     the method cannot take (nothing is written then)."""
     from ..couplings import open_couplings
     from ..data import load_dataset
-    from ..training import resolve_device
 
     source = Path(recipe.source)
     couplings_source = is_couplings(source)
     if not couplings_source and recipe.data is None:
         raise AccelkitError(f"{recipe.source}: SOURCE is not a couple artifact, so it is taken as a teacher, and a "
                             f"teacher needs --data (a built-in data set or a .safetensors/.npy file of samples)")
-    device = resolve_device(recipe.device)
-    rank, world = init_distributed(device)
-    if recipe.batch_size % (world * recipe.loop.grad_accum):
-        raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
-                            f"grad_accum {recipe.loop.grad_accum}")
+    device, rank, world = start_processes(recipe)
     # Everything that can be wrong with the inputs is found before the artifact is opened: nothing is written then.
     couplings_art = Artifact.read(source, "couple") if couplings_source else None
     if couplings_art is not None:
@@ -209,14 +231,7 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         prepare(start)
     run = StudentRun(device, rank, world, couplings_art, None, Path(output or "."), False, start, reference,
                      couplings, data, teacher_path)
-    if check is not None:
-        check(run)
-    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
-                                                seeds={"seed": recipe.seed})
-    run.complete = state == "complete"
-    if run.complete and rank == 0:
-        log(f"{stage}: reusing the complete artifact {run.path}")
-    return run
+    return open_run(stage, recipe, output, force, run, check)
 
 
 class NoiseBatches:
@@ -256,24 +271,11 @@ def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, f
     need only noise (and conditions); the student starts from the teacher, the reference is its frozen copy. Batches
     come from :class:`NoiseBatches`. Callers route couple artifacts and runs with data to :func:`begin_source_run`.
     ``check(run)`` as there: it runs before the artifact is opened."""
-    from ..training import resolve_device
-
-    device = resolve_device(recipe.device)
-    rank, world = init_distributed(device)
-    if recipe.batch_size % (world * recipe.loop.grad_accum):
-        raise AccelkitError(f"batch_size {recipe.batch_size} does not split over {world} processes x "
-                            f"grad_accum {recipe.loop.grad_accum}")
+    device, rank, world = start_processes(recipe)
     start, reference = load_teacher_start(recipe.source, stage)
     run = StudentRun(device, rank, world, None, None, Path(output or "."), False, start, reference, None, None,
                      Path(recipe.source))
-    if check is not None:
-        check(run)
-    run.art, run.path, state, _ = open_on_rank0(rank, output, stage, recipe, force=force,
-                                                seeds={"seed": recipe.seed})
-    run.complete = state == "complete"
-    if run.complete and rank == 0:
-        log(f"{stage}: reusing the complete artifact {run.path}")
-    return run
+    return open_run(stage, recipe, output, force, run, check)
 
 
 def clean_samples(batch: Mapping[str, Tensor]) -> Tensor:
