@@ -20,7 +20,8 @@ prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equa
 Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9`` including the EMA
 target, NaN guard, DDP, LoRA). The artifact holds ``teacher.safetensors`` (the student, with its parameterisation in
 its info), ``history.json``, and records its sampler in ``summary.sampling``: ``consistency`` (multistep with
-re-noising, :mod:`accelkit.solvers.consistency`) at ``sampling_nfe`` steps, or ``ddim`` / ``euler`` on the phase edges
+re-noising, :mod:`accelkit.solvers.consistency`; ``tcd`` for ect, SCT's ``edge-skip`` for sct) at ``sampling_nfe``
+steps, or ``ddim`` / ``euler`` on the phase edges
 for PCM, so ``accelkit sample`` / ``couple`` / ``eval`` use it without flags.
 """
 
@@ -103,10 +104,11 @@ class ConsistencyRecipe(students.SourceRecipe):
                             "(LCM's on a DDPM teacher's discrete timesteps, which diffusers' LCMScheduler samples "
                             "exactly) or auto (lcm for a DDPM teacher of discrete steps, else edm)")
     sampling_nfe: int | None = Field(None, ge=1, description="the recorded sampling steps (default 1; pcm: phases)")
-    sampler: Literal["consistency", "tcd"] | None = Field(
+    sampler: Literal["consistency", "tcd", "edge-skip"] | None = Field(
         None, description="the recorded multistep sampler (not pcm): consistency (full re-noising; default for cd and "
-                          "lcm) or tcd (gamma 0.3; default for ect and sct, which improve 1 -> 2 -> 4 steps with it "
-                          "on the 2-D teachers and not with full re-noising)")
+                          "lcm), tcd (gamma 0.3; default for ect, which improves 1 -> 2 -> 4 steps with it on the 2-D "
+                          "teachers and not with full re-noising) or edge-skip (SCT's edge-skipping: tcd whose inner "
+                          "evaluations sit a quarter interval past each edge; default for sct)")
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the batch order, the times and the noise")
     loop: LoopConfig = Field(default_factory=default_loop)
@@ -186,7 +188,7 @@ def recommended_sampling(recipe: ConsistencyRecipe, schedule, param=None) -> dic
         nfe = recipe.phases
         return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in edges]}
     nfe = recipe.recorded_nfe
-    solver = recipe.sampler or ("tcd" if recipe.method in ("ect", "sct") else "consistency")
+    solver = recipe.sampler or {"ect": "tcd", "sct": "edge-skip"}.get(recipe.method, "consistency")
     if param is not None and param.lcm:
         from ..consistency import lcm_grid
 
