@@ -5,6 +5,7 @@ tokenizer vocabulary the suite writes)."""
 
 import pytest
 import tiny_models
+import torch
 from conftest import run_in_process
 from safetensors.torch import load_file
 
@@ -126,3 +127,66 @@ def test_sd3_prompted_sample_equals_stable_diffusion_3_pipeline(sd3, tmp_path, m
     # the T5 part matters too: the encodings are CLIP tokens then 256 T5 tokens
     enc = load_file(next(cache.glob("*.safetensors")))["encoder_hidden_states"]
     assert enc.shape == (3, 16 + 256, 16) and enc[:, 16:].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return tiny_models.sd15_text_pipeline(tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["sd15", "sdxl", "sd3"])
+def test_couple_prompts_then_reflow_lora_student(layout, request, tmp_path, monkeypatch, capsys):
+    """couple PIPE --prompts FILE --negative-prompt ... --guidance 7.5 stores the prompts' encodings (and SDXL's
+    time_ids) as the pairs' conditions; a reflow LoRA student trains on them end to end (only the adapted attention
+    projections change); prompted through its pipeline's text encoders (`sample STUDENT --prompts FILE`, found
+    through the artifacts' recorded inputs) it sees exactly the conditions it was trained on."""
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from accelkit.couplings import open_couplings
+
+    pipe = request.getfixturevalue(layout)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    n = 4
+    code, stdout, err = run_in_process(monkeypatch, capsys, "couple", pipe, "--prompts", prompts_file,
+                                       "--negative-prompt", NEGATIVE, "--guidance", "7.5", "--solver", "dpm++2m",
+                                       "--nfe", "4", "-n", n, "-o", tmp_path / "couple")
+    assert code == 0, err
+    pairs = open_couplings(stdout.strip())[:]
+    fields = {"encoder_hidden_states"} | ({"pooled_projections"} if layout != "sd15" else set()) | (
+        {"time_ids"} if layout == "sdxl" else set())
+    assert {f"cond.{f}" for f in fields} == {k for k in pairs if k.startswith("cond.")}, sorted(pairs)
+    # sample i took prompt i mod 2: rows 0 and 2 are the same prompt, rows 0 and 1 are not
+    ehs = pairs["cond.encoder_hidden_states"]
+    assert torch.equal(ehs[0], ehs[2]) and not torch.equal(ehs[0], ehs[1])
+    if layout == "sdxl":
+        assert pairs["cond.time_ids"].tolist() == [[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]] * n  # (H, W, 0, 0, H, W)
+
+    method = "rectified-flow" if layout == "sd3" else "rectified-diffusion"
+    code, stdout, err = run_in_process(monkeypatch, capsys, "reflow", tmp_path / "couple", "--method", method,
+                                       "--steps", "10", "--batch-size", "4", "--lr", "1e-3",
+                                       "--set", "reflow.eval_samples=0", "--set", "reflow.loop.lora.rank=4",
+                                       "--set", "reflow.loop.log_every=5", "-o", tmp_path / "reflow")
+    assert code == 0, err
+    component = "transformer" if layout == "sd3" else "unet"
+    base = load_file(pipe / component / "diffusion_pytorch_model.safetensors")
+    changed = []
+    with safe_open(str(tmp_path / "reflow" / "teacher.safetensors"), "pt") as f:
+        for k in f.keys():
+            name = next((k[len(p):] for p in ("", "network.") if k[len(p):] in base and k.startswith(p)), None)
+            if name is not None and not torch.equal(f.get_tensor(k), base[name]):
+                changed.append(name)
+    assert changed and all(any(t in c for t in ("to_q", "to_k", "to_v", "to_out.0")) for c in changed), changed
+
+    conditions = tmp_path / "conditions.safetensors"
+    save_file({k[len("cond."):]: v[:2].contiguous() for k, v in pairs.items() if k.startswith("cond.")}, conditions)
+    args = ["--solver", "euler", "--nfe", "2", "-n", str(n)]
+    prompted = sample(monkeypatch, capsys, tmp_path / "p.safetensors", tmp_path / "reflow", "--prompts", prompts_file,
+                      *args)
+    given = sample(monkeypatch, capsys, tmp_path / "c.safetensors", tmp_path / "reflow", "--cond", conditions, *args)
+    assert torch.equal(prompted, given)
+    assert rel(prompted, sample(monkeypatch, capsys, tmp_path / "t.safetensors", pipe, "--prompts", prompts_file,
+                                *args)) > 1e-4  # the student is not its teacher
