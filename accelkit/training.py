@@ -119,6 +119,9 @@ class LoopConfig(BaseModel):
     log_every: int = Field(50, ge=1)
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms (exact resume on CPU)")
     lora: LoraSettings | None = None
+    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in the backward "
+                                                            "pass instead of keeping them: the same gradients, less "
+                                                            "memory, one more forward pass (SD-size students)")
 
     @field_validator("ema_rates")
     @classmethod
@@ -485,6 +488,10 @@ class Trainer:
                                 "LoRA per network (apply_lora on the module before), not loop.lora")
         if config.lora is not None:
             model = apply_lora(model, config.lora)
+        if config.gradient_checkpointing:
+            from .activation_checkpointing import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         self.model = model.to(self.device)
         self.module: nn.Module = self.model
         self.groups: list[ParamGroup] = list(groups or [])

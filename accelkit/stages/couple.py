@@ -46,7 +46,7 @@ class CoupleRecipe(StageRecipe):
     """couple: (noise, sample) pairs from the teacher's ODE."""
 
     input_fields = ("teacher", "conditions")
-    execution_fields = frozenset({"batch_size", "checkpoint_every", "device"})
+    execution_fields = frozenset({"batch_size", "checkpoint_every", "device", "compile", "cuda_graphs"})
 
     teacher: str = Field(description="teacher checkpoint (file, folder or artifact)")
     n: int = Field(ge=1, description="number of pairs")
@@ -63,6 +63,9 @@ class CoupleRecipe(StageRecipe):
     batch_size: int = Field(256, ge=1, description="samples per step between progress updates and checkpoints")
     checkpoint_every: float = Field(60.0, ge=0, description="seconds between checkpoints (0: every step)")
     device: str = "cpu"
+    compile: bool = Field(False, description="compile the teacher's network with torch.compile (accelkit.acceleration)")
+    cuda_graphs: bool = Field(False, description="replay each network call from a CUDA graph (CUDA, fixed-grid "
+                                                 "solvers; accelkit.acceleration)")
 
     @field_validator("solver")
     @classmethod
@@ -118,6 +121,11 @@ class CoupleRecipe(StageRecipe):
                              f"(the intermediate states are taken where the teacher is evaluated)")
         if self.guidance is not None and self.guidance != 1.0 and self.conditions is None:
             raise ValueError("guidance needs conditions (a conditions file)")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"cuda_graphs: needs a CUDA device, not {self.device}")
+        if self.cuda_graphs and ":" in self.solver:
+            raise ValueError(f"cuda_graphs: the parallel solver {self.solver} changes its batch every round; use a "
+                             "fixed-grid solver")
         return self
 
 
@@ -263,7 +271,9 @@ def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condi
     c = with_codes(teacher, c, recipe.seed, idx)  # a QAC model: sample i's code from (seed, i), kept as cond.code
     c_dev = c.map(lambda v: v.to(device)) if c is not None else None
     model = RecordingTeacher(teacher) if recipe.save_trajectory else teacher
-    x1 = teacher.prior_sample(noise.to(device=device, dtype=dtype))
+    # The solver's state and schedule arithmetic stay float32 (float64 for fp64) when the network runs in half
+    # precision: the network call casts its input to the network's dtype and its output back.
+    x1 = teacher.prior_sample(noise.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
     x0 = solve(model, x1, solver=recipe.solver, nfe=recipe.nfe, grid=recipe.grid, cond=c_dev)
     if not bool(torch.isfinite(x0).all()):
         raise AccelkitError(f"the teacher's ODE gave non-finite samples in [{indices.start}, {indices.stop}) "
@@ -379,6 +389,11 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
         null = load_null_condition(recipe.conditions) if recipe.conditions else None
         if null is not None:
             teacher.null_condition = null
+        if recipe.compile or recipe.cuda_graphs:
+            from ..acceleration import accelerate
+
+            accelerate(teacher, compile=recipe.compile, cuda_graphs=recipe.cuda_graphs, solver=recipe.solver,
+                       what=recipe.teacher)
         my_total = sum(b - a for k, (a, b) in enumerate(ranges) if k in todo)
         start_time = time.perf_counter()
         with Checkpointer(recipe.checkpoint_every, what="couple") as ckpt, \
