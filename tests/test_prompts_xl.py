@@ -65,8 +65,9 @@ def test_sdxl_prompted_sample_equals_stable_diffusion_xl_pipeline(sdxl, tmp_path
               return_dict=False)
     theirs = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, **kw)[0]
     theirs_zero = pipe(prompt=PROMPTS, **kw)[0]  # force_zeros_for_empty_prompt: zero embeddings as the null
-    print(f"SDXL: accelkit --prompt against StableDiffusionXLPipeline: {rel(ours, theirs):.1e}; without a "
-          f"negative prompt: {rel(zero_null, theirs_zero):.1e}")
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"SDXL: accelkit --prompt against StableDiffusionXLPipeline: {rel(ours, theirs):.1e}; without a "
+              f"negative prompt: {rel(zero_null, theirs_zero):.1e}")
     assert rel(ours, theirs) < 1e-4
     assert rel(zero_null, theirs_zero) < 1e-4
     assert rel(theirs_zero, theirs) > 1e-3  # the negative prompt matters
@@ -110,7 +111,8 @@ def test_sd3_prompted_sample_equals_stable_diffusion_3_pipeline(sd3, tmp_path, m
     kw = dict(guidance_scale=7.5, num_inference_steps=8, latents=latents, height=8, width=8, output_type="latent",
               return_dict=False)
     theirs = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, **kw)[0]
-    print(f"SD3: accelkit --prompt against StableDiffusion3Pipeline: {rel(ours, theirs):.1e}")
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"SD3: accelkit --prompt against StableDiffusion3Pipeline: {rel(ours, theirs):.1e}")
     assert rel(ours, theirs) < 1e-4
     assert rel(pipe(prompt=PROMPTS, **kw)[0], theirs) > 1e-3  # the negative prompt matters
     # SD3's own scheduler, FlowMatchEulerDiscreteScheduler (shift 3), against accelkit's Euler on its grid
@@ -122,7 +124,8 @@ def test_sd3_prompted_sample_equals_stable_diffusion_3_pipeline(sd3, tmp_path, m
                         "--solver", "euler", "--nfe", "8", "--grid", ",".join(map(repr, euler_grid)), "-n", "2")
     pipe.scheduler = euler
     theirs_euler = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, **kw)[0]
-    print(f"SD3 Euler against FlowMatchEulerDiscreteScheduler: {rel(ours_euler, theirs_euler):.1e}")
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"SD3 Euler against FlowMatchEulerDiscreteScheduler: {rel(ours_euler, theirs_euler):.1e}")
     assert rel(ours_euler, theirs_euler) < 1e-4
     # the T5 part matters too: the encodings are CLIP tokens then 256 T5 tokens
     enc = load_file(next(cache.glob("*.safetensors")))["encoder_hidden_states"]
@@ -190,3 +193,48 @@ def test_couple_prompts_then_reflow_lora_student(layout, request, tmp_path, monk
     assert torch.equal(prompted, given)
     assert rel(prompted, sample(monkeypatch, capsys, tmp_path / "t.safetensors", pipe, "--prompts", prompts_file,
                                 *args)) > 1e-4  # the student is not its teacher
+
+
+def test_training_stage_takes_prompts_for_a_teacher_with_data(sd15, tmp_path, monkeypatch, capsys):
+    """consistency PIPE --data LATENTS --prompts FILE --negative-prompt ... --method lcm --guidance 3: data row i is
+    conditioned on prompt i mod P and the negative prompt is the guided teacher's null. The student equals the one
+    trained with --conditions FILE holding diffusers' own StableDiffusionPipeline.encode_prompt embeddings; other
+    prompts train another student; a couple artifact as SOURCE refuses prompts (they belong to couple)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    data = tmp_path / "latents.safetensors"
+    save_file({"x": torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(5))}, data)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    common = ["consistency", sd15, "--data", data, "--method", "lcm", "--guidance", "3", "--steps", "3",
+              "--batch-size", "4", "--lr", "1e-3"]
+
+    def student(out, *args):
+        code, stdout, err = run_in_process(monkeypatch, capsys, *common, *args, "-o", tmp_path / out)
+        assert code == 0, err
+        return load_file(tmp_path / out / "teacher.safetensors")
+
+    prompted = student("prompted", "--prompts", prompts_file, "--negative-prompt", NEGATIVE)
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, requires_safety_checker=False)
+    embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True, [NEGATIVE] * 2)
+    conditions = tmp_path / "diffusers-conditions.safetensors"
+    save_file({"encoder_hidden_states": embeds.contiguous(), "null.encoder_hidden_states": negative[:1].contiguous()},
+              conditions)
+    given = student("given", "--conditions", conditions)
+    other = student("other", "--prompt", "a blue tree", "--prompt", "a dog", "--negative-prompt", NEGATIVE)
+    diff = max(float((prompted[k] - given[k]).abs().max()) for k in prompted)
+    moved = max(float((prompted[k] - other[k]).abs().max()) for k in prompted)
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"consistency --prompts against --conditions of diffusers' encode_prompt: max weight difference "
+              f"{diff:.1e}; other prompts: {moved:.1e}")
+    assert diff < 1e-5 and moved > 1e-4
+
+    code, stdout, err = run_in_process(monkeypatch, capsys, "couple", sd15, "--prompts", prompts_file, "--nfe", "2",
+                                       "-n", "2", "-o", tmp_path / "couple")
+    assert code == 0, err
+    code, stdout, err = run_in_process(monkeypatch, capsys, "consistency", tmp_path / "couple", "--prompt", "a cat",
+                                       "--steps", "2", "-o", tmp_path / "refused")
+    assert code == 2 and stdout == "" and not (tmp_path / "refused").exists()
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "couple artifact" in err, err
