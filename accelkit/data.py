@@ -246,6 +246,7 @@ class BatchSampler:
         rank: int = 0,
         world: int = 1,
         noise: Callable[[torch.Generator, int], dict[str, Tensor]] | None = None,
+        rows: dict[str, Tensor] | None = None,
     ):
         if batch_size < 1:
             raise AccelkitError(f"batch size {batch_size}: expected at least 1")
@@ -254,6 +255,7 @@ class BatchSampler:
                                 f"use a multiple of {world}")
         self.data, self.batch_size, self.seed = data, int(batch_size), int(seed)
         self.rank, self.world, self.noise = rank, world, noise
+        self.rows = dict(rows or {})  # per-row tensors of R rows: data row i takes row i mod R (e.g. cond.<field>)
         self.batches = 0
         self.epoch = 0
         self.position = 0
@@ -286,6 +288,7 @@ class BatchSampler:
         hi = lo + self.batch_size // self.world
         idx = self._global_indices()[lo:hi]
         batch = {"x": self.data[idx]}
+        batch.update({k: v[idx % len(v)] for k, v in self.rows.items()})
         if self.noise is not None:
             extra = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
             batch.update({k: v[lo:hi] for k, v in extra.items()})
