@@ -55,6 +55,11 @@ def text_encoder_folder(path: str | os.PathLike) -> Path:
     a one-line error when there is none."""
     p = Path(path)
     index = p / "model_index.json" if p.is_dir() else None
+    if p.is_file() and p.suffix == ".safetensors":  # an original single file: text encoder inside, no tokenizer
+        from .models.original_layout import original_layout_of, tokenizer_missing
+
+        if original_layout_of(p) is not None:
+            raise tokenizer_missing(p)
     if index is None or not index.is_file():
         raise AccelkitError(f"{path}: has no text encoder (a diffusers pipeline folder with tokenizer/ and "
                             "text_encoder/); --prompt needs one. Give precomputed embeddings with --cond instead")
