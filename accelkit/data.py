@@ -7,7 +7,9 @@ Data sets are tensors of samples (rows along dim 0):
 * ``digits``: scikit-learn's 1797 8x8 digits (shipped with scikit-learn), scaled from [0, 16] to [-1, 1], 1x8x8;
 * ``fashion-mnist``: the 60000 28x28 training images from /usr/share/datasets/fashion-mnist (Debian package
   ``dataset-fashion-mnist``), scaled to [-1, 1], 1x28x28;
-* a path to a ``.safetensors`` file (one tensor, or the tensor named ``data``) or a ``.npy`` file.
+* a path to a ``.safetensors`` file (one tensor, or the tensor named ``data``) or a ``.npy`` file;
+* a folder of images (:mod:`accelkit.image_folder`): RGB in [-1, 1] at their own size, or, for a stage that starts
+  from a teacher, at the teacher's resolution and, for a latent teacher, encoded with its VAE once and cached.
 
 :class:`BatchSampler` draws batches in epochs of random permutations. Its randomness comes from the seed and the
 batch number alone (a generator seeded with (seed, epoch) for the permutation and with (seed, batch) for the noise a
@@ -210,9 +212,15 @@ def load_dataset(name: str, size: int = 100_000, seed: int = 0) -> DataSet:
         return DataSet(name, fashion_mnist("train"), {"kind": "image", "source": str(FASHION_MNIST_DIR),
                                                       "split": "train", "range": [-1, 1]})
     path = Path(name)
+    if path.is_dir():
+        from .image_folder import image_files, read_image_folder
+
+        return DataSet(str(path), read_image_folder(path), {"kind": "image-folder", "path": str(path.resolve()),
+                                                            "count": len(image_files(path)), "range": [-1, 1]})
     if path.suffix in (".safetensors", ".npy") or path.exists():
         return DataSet(str(path), tensor_file(path), {"kind": "file", "path": str(path.resolve())})
-    raise AccelkitError(f"data {name!r}: expected one of {', '.join(DATA_NAMES)} or a .safetensors/.npy file")
+    raise AccelkitError(f"data {name!r}: expected one of {', '.join(DATA_NAMES)}, a .safetensors/.npy file "
+                        "or a folder of images")
 
 
 # ------------------------------------------------------------------------------------------------------------ sampler

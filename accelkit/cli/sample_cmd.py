@@ -179,7 +179,7 @@ def sample_command(
         if cond is not None:
             raise AccelkitError("give the text condition either with --prompt / --prompts or with --cond, not both")
         check_text_model(teacher, path)
-        text_cond, text_null = prompt_conditions(path, texts, negative_prompt)
+        text_cond, text_null = prompt_conditions(path, texts, negative_prompt, teacher)
         condition = cycled_condition(text_cond)
         teacher.null_condition = text_null
     elif negative_prompt is not None:

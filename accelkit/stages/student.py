@@ -216,7 +216,12 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         start, reference = load_teacher_start(source, stage)
     data = couplings = None
     if recipe.data is not None:
-        ds = load_dataset(recipe.data, recipe.data_size, recipe.seed)
+        if Path(recipe.data).is_dir():  # images at the teacher's resolution, or latents of its VAE (cached)
+            from ..image_folder import training_images
+
+            ds = training_images(recipe.data, start, allow_pickle=getattr(recipe, "allow_pickle", False))
+        else:
+            ds = load_dataset(recipe.data, recipe.data_size, recipe.seed)
         if tuple(ds.sample_shape) != tuple(start.sample_shape):
             raise AccelkitError(f"data {recipe.data!r}: samples of shape {list(ds.sample_shape)}, but the "
                                 f"teacher's are {list(start.sample_shape)}")
