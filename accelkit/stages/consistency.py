@@ -209,9 +209,10 @@ def check_source(recipe: ConsistencyRecipe):
         if guided is not None and (conditioning == "none" or ref.null_condition is None):
             raise AccelkitError(f"{run.teacher_path}: guidance {guided} needs a conditional teacher with a null "
                                 "condition; this teacher is unconditional")
-        if run.data is not None and conditioning != "none":
+        if run.data is not None and conditioning != "none" and run.conditions is None:
             raise AccelkitError(f"data {recipe.data!r}: the teacher is conditional ({conditioning}) and the data has "
-                                "no conditions; give its couplings as SOURCE instead")
+                                "no conditions; give --prompt / --prompts (or --conditions FILE), or its couplings "
+                                "as SOURCE instead")
     return check
 
 
