@@ -383,6 +383,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(toy, cli, tmp_path):
         (("consistency", couple, "--method", "lcm", "--guidance-range", "1,4"), "unconditional"),
         (("consistency", couple, "--method", "pcm", "--phases", "3"), "does not divide"),
         (("consistency", train, "--method", "ect"), "needs --data"),
+        (("consistency", couple, "--method", "cd", "--set", "consistency.boundary=lcm"), "discrete timesteps"),
     ]
     for i, (args, expected) in enumerate(cases):
         out = tmp_path / f"out{i}"

@@ -209,6 +209,13 @@ def check_source(recipe: ConsistencyRecipe):
         if guided is not None and (conditioning == "none" or ref.null_condition is None):
             raise AccelkitError(f"{run.teacher_path}: guidance {guided} needs a conditional teacher with a null "
                                 "condition; this teacher is unconditional")
+        if recipe.boundary == "lcm" and recipe.method != "pcm":
+            from ..schedules import DiscreteVPSchedule
+
+            if not isinstance(ref.schedule, DiscreteVPSchedule):
+                raise AccelkitError(f"boundary lcm: LCM's boundary condition is on a DDPM teacher's discrete "
+                                    f"timesteps; {run.teacher_path} has the {ref.schedule.name} schedule (use "
+                                    "boundary edm or auto)")
         if run.data is not None and conditioning != "none" and run.conditions is None:
             raise AccelkitError(f"data {recipe.data!r}: the teacher is conditional ({conditioning}) and the data has "
                                 "no conditions; give --prompt / --prompts (or --conditions FILE), or its couplings "
