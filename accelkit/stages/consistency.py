@@ -3,7 +3,9 @@
 SOURCE is a couple artifact (its teacher is the student's start; its teacher samples serve as the data x0) or a
 teacher with ``data`` (:func:`accelkit.stages.student.begin_source_run`). The student keeps the teacher's network,
 prediction type and schedule; its consistency function is Song et al.'s parameterisation over the teacher's x0
-prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equations and the papers):
+prediction, exact at the smallest time, or for a DDPM teacher of discrete timesteps LCM's boundary on them (``boundary``
+auto / lcm), which diffusers' LCMScheduler samples step for step (:mod:`accelkit.consistency` has the equations and the
+papers):
 
 * ``cd``: consistency distillation: target = an EMA copy (``target_ema``, 0.95) of the student at the teacher's one
   solver step (``solver``, ``solver_nfe``) over one interval of the teacher's ``discretisation``-step grid;
