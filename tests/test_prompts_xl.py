@@ -238,3 +238,39 @@ def test_training_stage_takes_prompts_for_a_teacher_with_data(sd15, tmp_path, mo
                                        "--steps", "2", "-o", tmp_path / "refused")
     assert code == 2 and stdout == "" and not (tmp_path / "refused").exists()
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "couple artifact" in err, err
+
+
+def test_bad_prompt_input_is_one_line_exit_2_nothing_written(sdxl, sd3, tmp_path, monkeypatch, capsys):
+    """--prompt for a model with no text encoder, a pipeline folder missing a tokenizer, an unreadable tokenizer: one
+    line, exit 2, no output and no artifact, for sample, couple and a training stage."""
+    import shutil
+
+    no_text = tiny_models.sd3_like_pipeline(tmp_path / "sd3-no-text")
+    no_tokenizer_2 = tmp_path / "sdxl-no-tokenizer-2"
+    shutil.copytree(sdxl, no_tokenizer_2)
+    shutil.rmtree(no_tokenizer_2 / "tokenizer_2")
+    no_tokenizer_3 = tmp_path / "sd3-no-tokenizer-3"
+    shutil.copytree(sd3, no_tokenizer_3)
+    shutil.rmtree(no_tokenizer_3 / "tokenizer_3")
+    bad_tokenizer = tmp_path / "sd3-bad-tokenizer"
+    shutil.copytree(sd3, bad_tokenizer)
+    for f in (bad_tokenizer / "tokenizer_3").iterdir():
+        f.write_text("not a tokenizer")
+    ddpm = tiny_models.ddpm_pipeline(tmp_path / "ddpm")
+    out = tmp_path / "out"
+    cases = [
+        (no_text, "has no text_encoder"),
+        (no_tokenizer_2, "tokenizer_2: missing"),
+        (no_tokenizer_3, "tokenizer_3: missing"),
+        (bad_tokenizer, "not a readable tokenizer"),
+        (ddpm, "takes no text"),
+    ]
+    for model, expected in cases:
+        for command in (["sample", model, "--prompt", "a cat", "--nfe", "2", "-n", "1", "-o", out / "s.safetensors"],
+                        ["couple", model, "--prompt", "a cat", "--nfe", "2", "-n", "2", "-o", out / "couple"],
+                        ["shortcut", model, "--data", tmp_path / "none.safetensors", "--prompt", "a cat", "-o",
+                         out / "shortcut"]):
+            code, stdout, err = run_in_process(monkeypatch, capsys, *command)
+            assert code == 2 and stdout == "" and not out.exists(), (command, err)
+            assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and expected in err, (command, err)
+    assert not (tmp_path / "cache" / "prompts").exists() or not any((tmp_path / "cache" / "prompts").iterdir())
