@@ -163,6 +163,85 @@ def sd15_text_pipeline(folder: Path) -> Path:
     return folder
 
 
+def tiny_t5_tokenizer(folder: Path):
+    """A T5Tokenizer (Unigram) with a small vocabulary this test suite writes: pad, eos, unk, the word boundary, the
+    words of TINY_WORDS (with the boundary) and the letters; saved with save_pretrained."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    pieces += [("\u2581" + w, -1.0) for w in TINY_WORDS]
+    pieces += [(chr(c), -5.0) for c in range(ord("a"), ord("z") + 1)]
+    tok = T5Tokenizer(vocab=pieces, extra_ids=0)
+    tok.save_pretrained(folder)
+    return tok
+
+
+def tiny_t5_encoder(vocab_size: int, d_model: int = 16):
+    """A random-weight T5EncoderModel of width ``d_model`` (SD3's third text encoder)."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(3)
+    config = T5Config(vocab_size=vocab_size, d_model=d_model, d_kv=4, d_ff=2 * d_model, num_layers=1, num_heads=2,
+                      relative_attention_num_buckets=8, relative_attention_max_distance=16, decoder_start_token_id=0,
+                      pad_token_id=0, eos_token_id=1)
+    return T5EncoderModel(config).eval()
+
+
+def _save_text_pipeline(pipe, folder: Path, sources: list[Path]) -> Path:
+    import shutil
+
+    pipe.save_pretrained(folder)
+    for src in sources:
+        shutil.rmtree(src)
+    return folder
+
+
+def sdxl_text_pipeline(folder: Path) -> Path:
+    """A tiny random-weight StableDiffusionXLPipeline: UNet2DConditionModel with addition_embed_type "text_time",
+    CLIPTextModel (width 8) + CLIPTextModelWithProjection (width 12, projection 6) whose penultimate hidden states
+    concatenate to the cross-attention width 20, two CLIP tokenizers, the VAE and an EulerDiscreteScheduler."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    folder = Path(folder)
+    tok = tiny_clip_tokenizer(folder / ".tokenizer-src")
+    tok_2 = tiny_clip_tokenizer(folder / ".tokenizer-2-src")
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(8, 16),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=20,
+                                norm_num_groups=4, attention_head_dim=4, addition_embed_type="text_time",
+                                addition_time_embed_dim=4, projection_class_embeddings_input_dim=6 * 4 + 6,
+                                transformer_layers_per_block=1)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=tiny_vae(), text_encoder=tiny_clip_text_encoder(len(tok), hidden=8),
+                                     text_encoder_2=tiny_clip_text_encoder(len(tok_2), hidden=12, projection=6),
+                                     tokenizer=tok, tokenizer_2=tok_2, unet=unet, scheduler=scheduler)
+    return _save_text_pipeline(pipe, folder, [folder / ".tokenizer-src", folder / ".tokenizer-2-src"])
+
+
+def sd3_text_pipeline(folder: Path) -> Path:
+    """A tiny random-weight StableDiffusion3Pipeline: SD3Transformer2DModel (joint width 16, pooled width 16), two
+    CLIPTextModelWithProjection (width 8, projection 8 each: pooled 16, penultimate states 8 + 8 padded to 16), a
+    T5EncoderModel of width 16, their tokenizers, the VAE and FlowMatchEulerDiscreteScheduler(shift=3)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    folder = Path(folder)
+    tok = tiny_clip_tokenizer(folder / ".tokenizer-src")
+    tok_2 = tiny_clip_tokenizer(folder / ".tokenizer-2-src")
+    tok_3 = tiny_t5_tokenizer(folder / ".tokenizer-3-src")
+    torch.manual_seed(0)
+    transformer = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, num_layers=1,
+                                        attention_head_dim=8, num_attention_heads=2, joint_attention_dim=16,
+                                        caption_projection_dim=16, pooled_projection_dim=16, out_channels=4,
+                                        pos_embed_max_size=16)
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=tiny_vae(),
+        text_encoder=tiny_clip_text_encoder(len(tok), hidden=8, projection=8), tokenizer=tok,
+        text_encoder_2=tiny_clip_text_encoder(len(tok_2), hidden=8, projection=8), tokenizer_2=tok_2,
+        text_encoder_3=tiny_t5_encoder(len(tok_3)), tokenizer_3=tok_3)
+    return _save_text_pipeline(pipe, folder, [folder / s for s in (".tokenizer-src", ".tokenizer-2-src",
+                                                                   ".tokenizer-3-src")])
 # ----------------------------------------------------------------------------------------------------------------
 # Original (LDM-layout) single files, written from a diffusers pipeline: the inverse of diffusers' single-file
 # conversion, from the module layout of the original latent-diffusion code (openaimodel.UNetModel: input_blocks,

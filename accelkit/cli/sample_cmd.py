@@ -87,6 +87,11 @@ def sample_command(
     tol: float = typer.Option(None, "--tol", help="picard: per-step tolerance relative to the noise level "
                               "(default 0.1); parareal: RMS change of the block ends (default 5e-3); 0: exact."),
     blocks: int = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default about sqrt(steps))."),
+    compile_network: bool = typer.Option(False, "--compile", help="Compile the network with torch.compile (CPU or "
+                                         "CUDA): faster steps after a one-time compilation of each batch shape."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="CUDA only: capture each network call in a CUDA "
+                                     "graph once and replay it at every step (fixed-grid solvers; the same "
+                                     "samples)."),
 ) -> None:
     """Draw samples from the teacher's ODE and write them to -o (atomically; nothing is written on error)."""
     import math
@@ -109,6 +114,8 @@ def sample_command(
         raise AccelkitError(f"--batch-size {batch_size}: expected at least 1")
     if guidance is not None and not math.isfinite(guidance):
         raise AccelkitError(f"--guidance {guidance}: expected a finite number")
+    if cuda_graphs and not device.startswith("cuda"):
+        raise AccelkitError(f"--cuda-graphs: needs --device cuda (got --device {device}); leave it off on the CPU")
     time_grid = _parse_grid(grid) if grid is not None else None
     labels = _parse_labels(label) if label is not None else None
     path = input_path(path, "teacher checkpoint")
@@ -172,7 +179,7 @@ def sample_command(
         if cond is not None:
             raise AccelkitError("give the text condition either with --prompt / --prompts or with --cond, not both")
         check_text_model(teacher, path)
-        text_cond, text_null = prompt_conditions(path, texts, negative_prompt)
+        text_cond, text_null = prompt_conditions(path, texts, negative_prompt, teacher)
         condition = cycled_condition(text_cond)
         teacher.null_condition = text_null
     elif negative_prompt is not None:
@@ -192,6 +199,10 @@ def sample_command(
     if guidance != 1.0:
         _check_guidance(teacher, path, guidance, condition is not None)
     teacher.guidance_scale = guidance
+    if compile_network or cuda_graphs:
+        from ..acceleration import accelerate
+
+        accelerate(teacher, compile=compile_network, cuda_graphs=cuda_graphs, solver=solver, what=path)
     grid_kw = {}
     if shift is not None and time_grid != "shift":
         raise AccelkitError(f"--shift {shift}: only used with --grid shift")

@@ -32,7 +32,8 @@ class TimeClassEmbedding(nn.Module):
         self.classes = nn.Embedding(num_classes + 1, dim) if num_classes > 0 else None
 
     def forward(self, timestep: Tensor, class_labels: Tensor | None) -> Tensor:
-        emb = self.mlp(timestep_embedding(timestep * self.time_scale, self.dim))
+        features = timestep_embedding(timestep * self.time_scale, self.dim)  # float32, then the network's dtype
+        emb = self.mlp(features.to(next(self.mlp.parameters()).dtype))
         if self.classes is not None:
             if class_labels is None:
                 class_labels = torch.full((timestep.shape[0],), self.classes.num_embeddings - 1,

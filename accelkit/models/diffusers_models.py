@@ -4,7 +4,9 @@ Supported model families (the ``_class_name`` of a model's config.json):
 
 * ``UNet2DModel``            pixel-space UNets (DDPM, DDIM pipelines); optional class labels.
 * ``UNet2DConditionModel``   text-conditioned UNets (Stable Diffusion 1.x/2.x layout): ``encoder_hidden_states``
-                             (+ ``encoder_attention_mask``), optional class labels.
+                             (+ ``encoder_attention_mask``), optional class labels; SDXL's added conditioning
+                             (``addition_embed_type="text_time"``): ``pooled_projections`` as ``text_embeds`` and
+                             ``extra["time_ids"]`` (size / crop numbers) in ``added_cond_kwargs``.
 * ``DiTTransformer2DModel``  class-conditional DiT (Peebles & Xie 2023); the null class is ``num_embeds_ada_norm``.
 * ``SD3Transformer2DModel``  MMDiT of Stable Diffusion 3: ``encoder_hidden_states`` + ``pooled_projections``.
 
@@ -165,6 +167,11 @@ def _unet2d_condition_conditioning(network: nn.Module) -> dict[str, Any]:
         d["num_classes"] = cfg.get("num_class_embeds")
     if cfg.get("addition_embed_type"):
         d["addition_embed_type"] = cfg.get("addition_embed_type")
+    if cfg.get("addition_embed_type") == "text_time" and cfg.get("projection_class_embeddings_input_dim"):
+        # SDXL: the added embedding takes the pooled text embeddings and 6 size / crop numbers (time_ids)
+        d["pooled_dim"] = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(
+            cfg.get("addition_time_embed_dim") or 0)
+        d["time_ids"] = 6
     return d
 
 
