@@ -17,7 +17,7 @@ Only a forward pass with gradients enabled checkpoints; evaluation (``torch.no_g
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import types
 from typing import Any
 
 import torch
@@ -27,13 +27,13 @@ from torch.utils.checkpoint import checkpoint
 from .errors import AccelkitError
 
 
-def _checkpointed(forward: Callable[..., Any]) -> Callable[..., Any]:
-    def run(*args: Any, **kwargs: Any) -> Any:
-        if torch.is_grad_enabled():
-            return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-        return forward(*args, **kwargs)
-
-    return run
+def _checkpointed_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """A block's own forward under ``torch.utils.checkpoint`` when gradients are on (bound to the block as a method,
+    so that a deep copy of the network calls its own blocks)."""
+    forward = type(self).forward.__get__(self)
+    if torch.is_grad_enabled():
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
 
 
 def builtin_blocks(model: nn.Module) -> list[nn.Module]:
@@ -68,7 +68,7 @@ def enable_gradient_checkpointing(model: nn.Module) -> int:
             count += 1
     for block in builtin_blocks(model):
         if not getattr(block, "_accelkit_checkpointed", False):
-            block.forward = _checkpointed(block.forward)
+            block.forward = types.MethodType(_checkpointed_forward, block)
             block._accelkit_checkpointed = True
         count += 1
     if not count:

@@ -119,6 +119,11 @@ def text_stack(path: str | os.PathLike) -> TextStack:
     """The tokenizers and text encoders that encode prompts for the model at ``path`` (a diffusers pipeline folder,
     or an artifact made from one: :func:`pipeline_folder`); a one-line error when there are none, or a listed one is
     missing from the folder."""
+    if Path(path).is_file() and Path(path).suffix == ".safetensors":  # an original single file: no tokenizer inside
+        from .models.original_layout import original_layout_of, tokenizer_missing
+
+        if original_layout_of(Path(path)) is not None:
+            raise tokenizer_missing(Path(path))
     p = pipeline_folder(path)
     if p is None:
         raise AccelkitError(f"{path}: has no text encoder (a diffusers pipeline folder with tokenizer/ and "
