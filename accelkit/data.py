@@ -63,6 +63,16 @@ def checkerboard(n: int, generator: torch.Generator, squares: int = 4) -> Tensor
     return xy * cell - 2.0
 
 
+def checkerboard_share(x: Tensor, squares: int = 4) -> float:
+    """The fraction of 2-D points on the dark squares of :func:`checkerboard`'s board (1 for its data; about 0.5
+    for points spread over the board regardless of colour; points off the board count as misses)."""
+    cell = 4.0 / squares
+    ij = torch.floor((x.double() + 2.0) / cell)
+    on_board = ((ij >= 0) & (ij < squares)).all(dim=1)
+    dark = (ij[:, 0] - ij[:, 1]).remainder(2) == 0
+    return float((on_board & dark).double().mean())
+
+
 def moons(n: int, generator: torch.Generator, noise: float = 0.05) -> Tensor:
     """Two interleaved half circles (as scikit-learn's make_moons), centred and scaled to about unit std."""
     upper = torch.rand(n, generator=generator) < 0.5
@@ -246,6 +256,7 @@ class BatchSampler:
         rank: int = 0,
         world: int = 1,
         noise: Callable[[torch.Generator, int], dict[str, Tensor]] | None = None,
+        rows: dict[str, Tensor] | None = None,
     ):
         if batch_size < 1:
             raise AccelkitError(f"batch size {batch_size}: expected at least 1")
@@ -254,6 +265,7 @@ class BatchSampler:
                                 f"use a multiple of {world}")
         self.data, self.batch_size, self.seed = data, int(batch_size), int(seed)
         self.rank, self.world, self.noise = rank, world, noise
+        self.rows = dict(rows or {})  # per-row tensors of R rows: data row i takes row i mod R (e.g. cond.<field>)
         self.batches = 0
         self.epoch = 0
         self.position = 0
@@ -286,6 +298,7 @@ class BatchSampler:
         hi = lo + self.batch_size // self.world
         idx = self._global_indices()[lo:hi]
         batch = {"x": self.data[idx]}
+        batch.update({k: v[idx % len(v)] for k, v in self.rows.items()})
         if self.noise is not None:
             extra = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
             batch.update({k: v[lo:hi] for k, v in extra.items()})

@@ -88,14 +88,48 @@ def _component_class(entry) -> str | None:
     return entry or None
 
 
-def text_stack(path: str | os.PathLike) -> TextStack:
-    """The tokenizers and text encoders that encode prompts for the model at ``path`` (a diffusers pipeline folder);
-    a one-line error when there are none, or a listed one is missing from the folder."""
+#: The inputs of an artifact's manifest that lead to the model it was made from, in order of preference.
+LINEAGE_INPUTS = ("teacher", "couplings", "source")
+
+
+def pipeline_folder(path: str | os.PathLike, depth: int = 8) -> Path | None:
+    """The diffusers pipeline folder (with model_index.json) of the model at ``path``: the folder itself, or, for an
+    accelkit artifact (a reflow / consistency / ... student, a couple artifact), the pipeline its recorded inputs
+    lead back to (a student of a pipeline takes the pipeline's text encoders). None when there is none."""
     p = Path(path)
-    index = p / "model_index.json" if p.is_dir() else None
-    if index is None or not index.is_file():
+    if (p / "model_index.json").is_file():
+        return p
+    manifest = p / "manifest.json"
+    if depth <= 0 or not manifest.is_file():
+        return None
+    try:
+        inputs = json.loads(manifest.read_text()).get("inputs") or {}
+    except (OSError, ValueError):
+        return None
+    for name in sorted(inputs, key=lambda k: (LINEAGE_INPUTS.index(k) if k in LINEAGE_INPUTS else 99, k)):
+        entry = inputs[name]
+        if isinstance(entry, dict) and entry.get("path"):
+            found = pipeline_folder(entry["path"], depth - 1)
+            if found is not None:
+                return found
+    return None
+
+
+def text_stack(path: str | os.PathLike) -> TextStack:
+    """The tokenizers and text encoders that encode prompts for the model at ``path`` (a diffusers pipeline folder,
+    or an artifact made from one: :func:`pipeline_folder`); a one-line error when there are none, or a listed one is
+    missing from the folder."""
+    if Path(path).is_file() and Path(path).suffix == ".safetensors":  # an original single file: no tokenizer inside
+        from .models.original_layout import original_layout_of, tokenizer_missing
+
+        if original_layout_of(Path(path)) is not None:
+            raise tokenizer_missing(Path(path))
+    p = pipeline_folder(path)
+    if p is None:
         raise AccelkitError(f"{path}: has no text encoder (a diffusers pipeline folder with tokenizer/ and "
-                            "text_encoder/); --prompt needs one. Give precomputed embeddings with --cond instead")
+                            "text_encoder/, or an artifact made from one); --prompt needs one. Give precomputed "
+                            "embeddings with --cond instead")
+    index = p / "model_index.json"
     try:
         components = json.loads(index.read_text())
     except (OSError, ValueError) as e:
@@ -109,7 +143,7 @@ def text_stack(path: str | os.PathLike) -> TextStack:
             continue  # SDXL refiners have no first encoder; SD3 may drop T5 (its part is zeros)
         for name in (enc, tok):
             if listed[name] is None:
-                raise AccelkitError(f"{path}: the pipeline has no {name}; --prompt needs its tokenizers and text "
+                raise AccelkitError(f"{p}: the pipeline has no {name}; --prompt needs its tokenizers and text "
                                     "encoders (give precomputed embeddings with --cond instead)")
             folder = p / name
             if not folder.is_dir() or not any(folder.iterdir()):
@@ -150,13 +184,16 @@ def _load_encoder(stack: TextStack | Path) -> list:
 
     if not isinstance(stack, TextStack):
         stack = text_stack(stack)
-    loaded = []
-    for tok_name, enc_name in stack.pairs:
+    transformers.utils.logging.disable_progress_bar()  # stderr keeps accelkit's own progress and errors
+    tokenizers = []
+    for tok_name, _ in stack.pairs:  # every tokenizer before any encoder: a bad one is found before weights load
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(stack.folder / tok_name), local_files_only=True)
+            tokenizers.append(AutoTokenizer.from_pretrained(str(stack.folder / tok_name), local_files_only=True))
         except (OSError, ValueError, TypeError) as e:
             raise AccelkitError(f"{stack.folder / tok_name}: not a readable tokenizer "
                                 f"({' '.join(str(e).split())[:200]})") from None
+    loaded = []
+    for tokenizer, (_, enc_name) in zip(tokenizers, stack.pairs, strict=True):
         cls = getattr(transformers, stack.classes.get(enc_name) or "", None) or AutoModel
         try:
             encoder = cls.from_pretrained(str(stack.folder / enc_name), local_files_only=True, dtype=torch.float32)
@@ -296,7 +333,7 @@ def prompt_conditions(pipeline: str | os.PathLike, prompts: list[str], negative_
         _check_widths(rows, info, str(pipeline))
     if stack.layout == "sdxl" or info.get("addition_embed_type") == "text_time":
         shape = tuple(teacher.sample_shape) if teacher is not None else _unet_sample_shape(stack.folder)
-        extra["time_ids"] = size_time_ids(pipeline, shape)
+        extra["time_ids"] = size_time_ids(stack.folder, shape)
     cond = Condition(encoder_hidden_states=rows["encoder_hidden_states"],
                      pooled_projections=rows.get("pooled_projections"),
                      extra={k: v.expand(len(prompts), -1).clone() for k, v in extra.items()})
@@ -362,5 +399,5 @@ def check_text_model(teacher, path: str) -> None:
                             "encodes SDXL's text_time); give it with --cond")
 
 
-__all__ = ["read_prompts_file", "text_stack", "TextStack", "text_encoder_folder", "encode_prompts",
+__all__ = ["read_prompts_file", "pipeline_folder", "text_stack", "TextStack", "text_encoder_folder", "encode_prompts",
            "prompt_conditions", "check_text_model", "prompt_conditions_file", "size_time_ids", "cache_dir"]

@@ -5,6 +5,7 @@ tokenizer vocabulary the suite writes)."""
 
 import pytest
 import tiny_models
+import torch
 from conftest import run_in_process
 from safetensors.torch import load_file
 
@@ -64,8 +65,9 @@ def test_sdxl_prompted_sample_equals_stable_diffusion_xl_pipeline(sdxl, tmp_path
               return_dict=False)
     theirs = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, **kw)[0]
     theirs_zero = pipe(prompt=PROMPTS, **kw)[0]  # force_zeros_for_empty_prompt: zero embeddings as the null
-    print(f"SDXL: accelkit --prompt against StableDiffusionXLPipeline: {rel(ours, theirs):.1e}; without a "
-          f"negative prompt: {rel(zero_null, theirs_zero):.1e}")
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"SDXL: accelkit --prompt against StableDiffusionXLPipeline: {rel(ours, theirs):.1e}; without a "
+              f"negative prompt: {rel(zero_null, theirs_zero):.1e}")
     assert rel(ours, theirs) < 1e-4
     assert rel(zero_null, theirs_zero) < 1e-4
     assert rel(theirs_zero, theirs) > 1e-3  # the negative prompt matters
@@ -109,7 +111,8 @@ def test_sd3_prompted_sample_equals_stable_diffusion_3_pipeline(sd3, tmp_path, m
     kw = dict(guidance_scale=7.5, num_inference_steps=8, latents=latents, height=8, width=8, output_type="latent",
               return_dict=False)
     theirs = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, **kw)[0]
-    print(f"SD3: accelkit --prompt against StableDiffusion3Pipeline: {rel(ours, theirs):.1e}")
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"SD3: accelkit --prompt against StableDiffusion3Pipeline: {rel(ours, theirs):.1e}")
     assert rel(ours, theirs) < 1e-4
     assert rel(pipe(prompt=PROMPTS, **kw)[0], theirs) > 1e-3  # the negative prompt matters
     # SD3's own scheduler, FlowMatchEulerDiscreteScheduler (shift 3), against accelkit's Euler on its grid
@@ -121,8 +124,153 @@ def test_sd3_prompted_sample_equals_stable_diffusion_3_pipeline(sd3, tmp_path, m
                         "--solver", "euler", "--nfe", "8", "--grid", ",".join(map(repr, euler_grid)), "-n", "2")
     pipe.scheduler = euler
     theirs_euler = pipe(prompt=PROMPTS, negative_prompt=[NEGATIVE] * 2, **kw)[0]
-    print(f"SD3 Euler against FlowMatchEulerDiscreteScheduler: {rel(ours_euler, theirs_euler):.1e}")
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"SD3 Euler against FlowMatchEulerDiscreteScheduler: {rel(ours_euler, theirs_euler):.1e}")
     assert rel(ours_euler, theirs_euler) < 1e-4
     # the T5 part matters too: the encodings are CLIP tokens then 256 T5 tokens
     enc = load_file(next(cache.glob("*.safetensors")))["encoder_hidden_states"]
     assert enc.shape == (3, 16 + 256, 16) and enc[:, 16:].abs().sum() > 0
+
+
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory):
+    return tiny_models.sd15_text_pipeline(tmp_path_factory.mktemp("sd15") / "pipe")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", ["sd15", "sdxl", "sd3"])
+def test_couple_prompts_then_reflow_lora_student(layout, request, tmp_path, monkeypatch, capsys):
+    """couple PIPE --prompts FILE --negative-prompt ... --guidance 7.5 stores the prompts' encodings (and SDXL's
+    time_ids) as the pairs' conditions; a reflow LoRA student trains on them end to end (only the adapted attention
+    projections change); prompted through its pipeline's text encoders (`sample STUDENT --prompts FILE`, found
+    through the artifacts' recorded inputs) it sees exactly the conditions it was trained on."""
+    pytest.importorskip("peft")
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from accelkit.couplings import open_couplings
+
+    pipe = request.getfixturevalue(layout)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    n = 4
+    code, stdout, err = run_in_process(monkeypatch, capsys, "couple", pipe, "--prompts", prompts_file,
+                                       "--negative-prompt", NEGATIVE, "--guidance", "7.5", "--solver", "dpm++2m",
+                                       "--nfe", "4", "-n", n, "-o", tmp_path / "couple")
+    assert code == 0, err
+    pairs = open_couplings(stdout.strip())[:]
+    fields = {"encoder_hidden_states"} | ({"pooled_projections"} if layout != "sd15" else set()) | (
+        {"time_ids"} if layout == "sdxl" else set())
+    assert {f"cond.{f}" for f in fields} == {k for k in pairs if k.startswith("cond.")}, sorted(pairs)
+    # sample i took prompt i mod 2: rows 0 and 2 are the same prompt, rows 0 and 1 are not
+    ehs = pairs["cond.encoder_hidden_states"]
+    assert torch.equal(ehs[0], ehs[2]) and not torch.equal(ehs[0], ehs[1])
+    if layout == "sdxl":
+        assert pairs["cond.time_ids"].tolist() == [[8.0, 8.0, 0.0, 0.0, 8.0, 8.0]] * n  # (H, W, 0, 0, H, W)
+
+    method = "rectified-flow" if layout == "sd3" else "rectified-diffusion"
+    code, stdout, err = run_in_process(monkeypatch, capsys, "reflow", tmp_path / "couple", "--method", method,
+                                       "--steps", "10", "--batch-size", "4", "--lr", "1e-3",
+                                       "--set", "reflow.eval_samples=0", "--set", "reflow.loop.lora.rank=4",
+                                       "--set", "reflow.loop.log_every=5", "-o", tmp_path / "reflow")
+    assert code == 0, err
+    component = "transformer" if layout == "sd3" else "unet"
+    base = load_file(pipe / component / "diffusion_pytorch_model.safetensors")
+    changed = []
+    with safe_open(str(tmp_path / "reflow" / "teacher.safetensors"), "pt") as f:
+        for k in f.keys():
+            name = next((k[len(p):] for p in ("", "network.") if k[len(p):] in base and k.startswith(p)), None)
+            if name is not None and not torch.equal(f.get_tensor(k), base[name]):
+                changed.append(name)
+    assert changed and all(any(t in c for t in ("to_q", "to_k", "to_v", "to_out.0")) for c in changed), changed
+
+    conditions = tmp_path / "conditions.safetensors"
+    save_file({k[len("cond."):]: v[:2].contiguous() for k, v in pairs.items() if k.startswith("cond.")}, conditions)
+    args = ["--solver", "euler", "--nfe", "2", "-n", str(n)]
+    prompted = sample(monkeypatch, capsys, tmp_path / "p.safetensors", tmp_path / "reflow", "--prompts", prompts_file,
+                      *args)
+    given = sample(monkeypatch, capsys, tmp_path / "c.safetensors", tmp_path / "reflow", "--cond", conditions, *args)
+    assert torch.equal(prompted, given)
+    assert rel(prompted, sample(monkeypatch, capsys, tmp_path / "t.safetensors", pipe, "--prompts", prompts_file,
+                                *args)) > 1e-4  # the student is not its teacher
+
+
+def test_training_stage_takes_prompts_for_a_teacher_with_data(sd15, tmp_path, monkeypatch, capsys):
+    """consistency PIPE --data LATENTS --prompts FILE --negative-prompt ... --method lcm --guidance 3: data row i is
+    conditioned on prompt i mod P and the negative prompt is the guided teacher's null. The student equals the one
+    trained with --conditions FILE holding diffusers' own StableDiffusionPipeline.encode_prompt embeddings; other
+    prompts train another student; a couple artifact as SOURCE refuses prompts (they belong to couple)."""
+    from diffusers import StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    data = tmp_path / "latents.safetensors"
+    save_file({"x": torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(5))}, data)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    common = ["consistency", sd15, "--data", data, "--method", "lcm", "--guidance", "3", "--steps", "3",
+              "--batch-size", "4", "--lr", "1e-3"]
+
+    def student(out, *args):
+        code, stdout, err = run_in_process(monkeypatch, capsys, *common, *args, "-o", tmp_path / out)
+        assert code == 0, err
+        return load_file(tmp_path / out / "teacher.safetensors")
+
+    prompted = student("prompted", "--prompts", prompts_file, "--negative-prompt", NEGATIVE)
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd15, safety_checker=None, requires_safety_checker=False)
+    embeds, negative = pipe.encode_prompt(PROMPTS, "cpu", 1, True, [NEGATIVE] * 2)
+    conditions = tmp_path / "diffusers-conditions.safetensors"
+    save_file({"encoder_hidden_states": embeds.contiguous(), "null.encoder_hidden_states": negative[:1].contiguous()},
+              conditions)
+    given = student("given", "--conditions", conditions)
+    other = student("other", "--prompt", "a blue tree", "--prompt", "a dog", "--negative-prompt", NEGATIVE)
+    diff = max(float((prompted[k] - given[k]).abs().max()) for k in prompted)
+    moved = max(float((prompted[k] - other[k]).abs().max()) for k in prompted)
+    with capsys.disabled():  # the measured numbers, on the terminal with -s
+        print(f"consistency --prompts against --conditions of diffusers' encode_prompt: max weight difference "
+              f"{diff:.1e}; other prompts: {moved:.1e}")
+    assert diff < 1e-5 and moved > 1e-4
+
+    code, stdout, err = run_in_process(monkeypatch, capsys, "couple", sd15, "--prompts", prompts_file, "--nfe", "2",
+                                       "-n", "2", "-o", tmp_path / "couple")
+    assert code == 0, err
+    code, stdout, err = run_in_process(monkeypatch, capsys, "consistency", tmp_path / "couple", "--prompt", "a cat",
+                                       "--steps", "2", "-o", tmp_path / "refused")
+    assert code == 2 and stdout == "" and not (tmp_path / "refused").exists()
+    assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "couple artifact" in err, err
+
+
+def test_bad_prompt_input_is_one_line_exit_2_nothing_written(sdxl, sd3, tmp_path, monkeypatch, capsys):
+    """--prompt for a model with no text encoder, a pipeline folder missing a tokenizer, an unreadable tokenizer: one
+    line, exit 2, no output and no artifact, for sample, couple and a training stage."""
+    import shutil
+
+    no_text = tiny_models.sd3_like_pipeline(tmp_path / "sd3-no-text")
+    no_tokenizer_2 = tmp_path / "sdxl-no-tokenizer-2"
+    shutil.copytree(sdxl, no_tokenizer_2)
+    shutil.rmtree(no_tokenizer_2 / "tokenizer_2")
+    no_tokenizer_3 = tmp_path / "sd3-no-tokenizer-3"
+    shutil.copytree(sd3, no_tokenizer_3)
+    shutil.rmtree(no_tokenizer_3 / "tokenizer_3")
+    bad_tokenizer = tmp_path / "sd3-bad-tokenizer"
+    shutil.copytree(sd3, bad_tokenizer)
+    for f in (bad_tokenizer / "tokenizer_3").iterdir():
+        f.write_text("not a tokenizer")
+    ddpm = tiny_models.ddpm_pipeline(tmp_path / "ddpm")
+    out = tmp_path / "out"
+    cases = [
+        (no_text, "has no text_encoder"),
+        (no_tokenizer_2, "tokenizer_2: missing"),
+        (no_tokenizer_3, "tokenizer_3: missing"),
+        (bad_tokenizer, "not a readable tokenizer"),
+        (ddpm, "takes no text"),
+    ]
+    for model, expected in cases:
+        for command in (["sample", model, "--prompt", "a cat", "--nfe", "2", "-n", "1", "-o", out / "s.safetensors"],
+                        ["couple", model, "--prompt", "a cat", "--nfe", "2", "-n", "2", "-o", out / "couple"],
+                        ["shortcut", model, "--data", tmp_path / "none.safetensors", "--prompt", "a cat", "-o",
+                         out / "shortcut"]):
+            code, stdout, err = run_in_process(monkeypatch, capsys, *command)
+            assert code == 2 and stdout == "" and not out.exists(), (command, err)
+            assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and expected in err, (command, err)
+    assert not (tmp_path / "cache" / "prompts").exists() or not any((tmp_path / "cache" / "prompts").iterdir())

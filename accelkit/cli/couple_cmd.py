@@ -73,23 +73,10 @@ def couple(
         from ..solvers.parallel import wrap
 
         solver = wrap(parallel, solver or "euler", window=window, tol=tol, blocks=blocks)
-    from ..errors import AccelkitError
 
-    texts = list(prompt or [])
-    if prompts_file is not None:
-        from ..prompts import read_prompts_file
+    from .common import prompt_conditions_option
 
-        texts += read_prompts_file(prompts_file)
-    if texts:
-        from ..prompts import prompt_conditions_file
-
-        if conditions is not None:
-            raise AccelkitError("give the conditions either with --prompt / --prompts or with --conditions, not both")
-        if teacher_path is None:
-            raise AccelkitError("--prompt: needs the teacher on the command line (its pipeline encodes the prompts)")
-        conditions = str(prompt_conditions_file(teacher_path, texts, negative_prompt))
-    elif negative_prompt is not None:
-        raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
+    conditions = prompt_conditions_option(teacher_path, prompt, prompts_file, negative_prompt, conditions)
     if solver is None and nfe is None and grid is None and recipe is None and teacher_path is not None:
         from ..sampling import recorded_sampler
 

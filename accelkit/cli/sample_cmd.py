@@ -327,7 +327,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
     if len(shape) == 3 and vae_dir:
         from ..models.diffusers_models import decode_latents, load_vae
 
-        vae = load_vae(vae_dir, allow_pickle=allow_pickle)
+        vae = load_vae(vae_dir, allow_pickle=allow_pickle, config=getattr(teacher, "info", {}).get("vae_config"))
         vae.to(device)
 
         def write_decoded(samples, settings):

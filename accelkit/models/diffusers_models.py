@@ -387,7 +387,10 @@ def _build_teacher(
     prediction_type: str | None,
     schedule: Schedule | None,
     sample_shape: tuple[int, ...] | None,
+    state: dict[str, Tensor] | None = None,
 ) -> NetworkTeacher:
+    """The teacher of a model config and its weights (the files ``weights``, or ``state`` already in diffusers'
+    key layout, e.g. converted from an original single file)."""
     cfg = _read_json(config_path)
     class_name = cfg.get("_class_name")
     if not class_name:
@@ -409,7 +412,7 @@ def _build_teacher(
                                 "type and schedule are unknown; pass --prediction-type and --schedule")
         pred, sched, time_input = prediction_type, schedule, _time_input_for(schedule)
 
-    state = _state_dict(weights, allow_pickle)
+    state = _state_dict(weights, allow_pickle) if state is None else state
     with weights_to_be_loaded():
         network = adapter.build(cfg)
     move_network(network, dtype=stored_dtype(state))
@@ -490,9 +493,15 @@ def load_diffusers_single_file(
 VAE_CLASSES = ("AutoencoderKL",)
 
 
-def load_vae(folder: str | os.PathLike, *, allow_pickle: bool = False) -> nn.Module:
-    """The VAE of a latent pipeline (``vae/`` folder: config.json + weights), checked like a denoiser."""
+def load_vae(folder: str | os.PathLike, *, allow_pickle: bool = False,
+             config: str | os.PathLike | None = None) -> nn.Module:
+    """The VAE of a latent pipeline (``vae/`` folder: config.json + weights), checked like a denoiser; or the VAE
+    inside an original single-file checkpoint (``config``: its vae/ config folder, default the shipped one)."""
     folder = Path(folder)
+    if folder.is_file():
+        from .original_layout import load_original_vae
+
+        return load_original_vae(folder, config)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise AccelkitError(f"{folder}: no config.json; expected a diffusers VAE folder")
