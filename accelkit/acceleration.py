@@ -76,7 +76,8 @@ class GraphedCall:
         return out.clone()
 
     def _capture(self, network: nn.Module, inputs: dict[str, Tensor], cond: Condition | None):
-        static = {k: v.clone() for k, v in inputs.items()}
+        with torch.inference_mode(False):  # plain buffers: filled in inference mode or under no_grad alike
+            static = {k: v.clone() for k, v in inputs.items()}
         static_cond = _condition_like(cond, static)
         device = static["x"].device
         side = torch.cuda.Stream(device=device)

@@ -151,14 +151,16 @@ def test_cuda_graphed_samples_equal_eager(sd_like, solver):
 @pytest.mark.cuda
 def test_cuda_graphed_step_loop_has_no_host_sync(sd_like):
     from accelkit.solvers import solve
+    from accelkit.teacher import Condition
 
-    teacher = accelerate(load_teacher(sd_like, device="cuda", dtype="fp32"), cuda_graphs=True)
+    teacher = accelerate(load_teacher(sd_like, device="cuda", dtype="fp32", guidance=4.0), cuda_graphs=True)
     x = torch.randn(4, 3, 8, 8, device="cuda")
-    solve(teacher, x, solver="dpm++2m", nfe=6)  # captures
+    cond = Condition(encoder_hidden_states=torch.randn(4, 5, 12, device="cuda"))
+    solve(teacher, x, solver="dpm++2m", nfe=6, cond=cond)  # captures
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        solve(teacher, x, solver="dpm++2m", nfe=6)
+        solve(teacher, x, solver="dpm++2m", nfe=6, cond=cond)  # guided: conditional and null rows, one replay
     finally:
         torch.cuda.set_sync_debug_mode("default")
 

@@ -212,6 +212,10 @@ def sample_command(
         batch_size = batch_to_fill_memory(teacher, condition, n, device)
         log(f"sample: batch size {batch_size} (about 80 % of the free CUDA memory; --batch-size to choose)")
     batch_size = 64 if batch_size is None else batch_size
+    from ..teacher import Condition
+
+    if isinstance(getattr(teacher, "null_condition", None), Condition):  # on the device once, not at every step
+        teacher.null_condition = teacher.null_condition.map(lambda v: v.to(device))
     if compile_network or cuda_graphs:
         from ..acceleration import accelerate
 
