@@ -63,6 +63,16 @@ def checkerboard(n: int, generator: torch.Generator, squares: int = 4) -> Tensor
     return xy * cell - 2.0
 
 
+def checkerboard_share(x: Tensor, squares: int = 4) -> float:
+    """The fraction of 2-D points on the dark squares of :func:`checkerboard`'s board (1 for its data; about 0.5
+    for points spread over the board regardless of colour; points off the board count as misses)."""
+    cell = 4.0 / squares
+    ij = torch.floor((x.double() + 2.0) / cell)
+    on_board = ((ij >= 0) & (ij < squares)).all(dim=1)
+    dark = (ij[:, 0] - ij[:, 1]).remainder(2) == 0
+    return float((on_board & dark).double().mean())
+
+
 def moons(n: int, generator: torch.Generator, noise: float = 0.05) -> Tensor:
     """Two interleaved half circles (as scikit-learn's make_moons), centred and scaled to about unit std."""
     upper = torch.rand(n, generator=generator) < 0.5
