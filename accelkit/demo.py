@@ -156,8 +156,14 @@ def run_demo(output: Path | None = None, sets: Sequence[str] = (), force: bool =
         print_quality_table(rows, f"quality against NFE: RMSE, PSNR (dB) to the teacher's ODE endpoint; SW2, MMD² to "
                                   f"fresh data; ({rescaled.schedule.name}): the teacher rescaled to that schedule; "
                                   f"({', '.join(students)}): the students, each with the sampler it records")
-        art.write_json("quality.json", {"rows": [r.as_dict() for r in rows],
-                                        "reference": {"solver": "heun", "nfe": int(plan[1].recipe.nfe)}})
+        quality = {"rows": [r.as_dict() for r in rows], "reference": {"solver": "heun", "nfe": int(plan[1].recipe.nfe)}}
+        if train.data == "checkerboard":  # has the teacher learned the board? its ODE endpoints on the dark squares
+            from .data import checkerboard_share
+
+            quality["teacher_on_dark_squares"] = checkerboard_share(reference)
+            log(f"the teacher's ODE samples on the checkerboard's dark squares: "
+                f"{100 * quality['teacher_on_dark_squares']:.1f} % (data: 100 %)")
+        art.write_json("quality.json", quality)
 
         curves: dict[str, tuple[list[int], list[float]]] = {}
         for r in rows:

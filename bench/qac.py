@@ -21,26 +21,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from common import accelkit, machine, summary, train_teacher, write
+
 SOLVERS = "euler,heun,dpm++2m"
 NFES = (2, 4, 6, 10)
-
-
-def accelkit(*args: object) -> str:
-    """Run one accelkit command; its stdout (an artifact path or JSON)."""
-    proc = subprocess.run([sys.executable, "-m", "accelkit", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"accelkit {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
-
-
-def summary(path: str) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text()).get("summary", {})
 
 
 METRIC = "frechet"  # sliced_w2 on a 2-D set (--data)
@@ -55,11 +42,6 @@ def best_fd(rows: list[dict], model: str, nfes) -> dict[int, tuple[float, str]]:
             r = min(mine, key=lambda r: r[METRIC])
             out[k] = (r[METRIC], r["solver"])
     return out
-
-
-def write(path: str, out: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
 
 def main() -> None:
@@ -85,18 +67,13 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     w = Path(args.workdir)
     start = time.time()
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args)}
+    device, described = machine()
+    out: dict = {"machine": described, "settings": vars(args)}
     global METRIC
     two_d = args.data != "digits"
     METRIC = "sliced_w2" if two_d else "frechet"
     net = ["train.network.hidden=128", "train.network.depth=3"] if two_d else [f"train.network.base={args.base}"]
-    teacher = args.teacher or accelkit("train", "--data", args.data, "--objective", "flow", "--steps",
-                                       args.teacher_steps, *[a for n in net for a in ("--set", n)], "--device",
-                                       device, "-o", w / "teacher")
+    teacher = args.teacher or train_teacher(args.data, args.teacher_steps, w / "teacher", sets=net, device=device)
     common = ["--data", args.data, "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr,
               "--device", device]
     models = {}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import input_path, run_stage
+from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
 
 
@@ -18,6 +18,14 @@ def adversarial(
     steps: int | None = typer.Option(None, "--steps", help="K: the generator's sampling steps (default 1)."),
     data: str | None = typer.Option(None, "--data", help="Real samples: a built-in set or a .safetensors/.npy file "
                                                          "(default: the couplings' teacher samples)."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable): the teacher's condition for "
+                                     "data row (or draw) i is prompt i mod P, encoded with its pipeline's tokenizers "
+                                     "and text encoders (cached by content)."),
+    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
+                                               "--prompt: the empty prompt, or SDXL's zeros)."),
+    conditions: str | None = typer.Option(None, "--conditions", help="Conditions file (.safetensors, as couple's) "
+                                          "instead of prompts: row i mod R for data row (or draw) i."),
     train_steps: int | None = typer.Option(None, "--train-steps", help="Training steps (adversarial.loop.steps)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (over all processes)."),
     lr: float | None = typer.Option(None, "--lr", help="Peak learning rate of both networks (adversarial.loop.lr)."),
@@ -40,8 +48,10 @@ def adversarial(
     path_arg = source if source not in (None, "-") else None
     if path_arg is None and not (recipe is not None and source is None):
         path_arg = input_path(source, "source")
+    conditions = prompt_conditions_option(path_arg, prompt, prompts_file, negative_prompt, conditions)
     flags = {"source": path_arg, "method": method, "steps": steps, "data": data, "batch_size": batch_size,
              "ratio": ratio, "seed": seed, "device": device}
+    flags["conditions"] = conditions
     loop_sets = [f"adversarial.loop.{k}={v!r}" for k, v in (("steps", train_steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("adversarial", recipe, flags, [*loop_sets, *set_])
     run_stage("adversarial", spec, output, force, dry_run)

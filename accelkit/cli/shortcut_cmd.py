@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from .common import input_path, run_stage
+from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
 
 
@@ -33,6 +33,14 @@ def shortcut(
                                                              "jumps make one) or meanflow (average velocity)."),
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set or a .safetensors/.npy "
                                                          "file (needed with a teacher as SOURCE)."),
+    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable): the teacher's condition for "
+                                     "data row (or draw) i is prompt i mod P, encoded with its pipeline's tokenizers "
+                                     "and text encoders (cached by content)."),
+    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
+    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
+                                               "--prompt: the empty prompt, or SDXL's zeros)."),
+    conditions: str | None = typer.Option(None, "--conditions", help="Conditions file (.safetensors, as couple's) "
+                                          "instead of prompts: row i mod R for data row (or draw) i."),
     anchor: str | None = typer.Option(None, "--anchor", help="data (default: flow matching on the clean samples) "
                                                              "or teacher (the teacher's velocity: a distillation)."),
     guidance: float | None = typer.Option(None, "--guidance", help="Bake this guidance scale into the targets."),
@@ -61,9 +69,11 @@ def shortcut(
     path_arg = source if source not in (None, "-") else None
     if path_arg is None and not (recipe is not None and source is None):
         path_arg = input_path(source, "source")
+    conditions = prompt_conditions_option(path_arg, prompt, prompts_file, negative_prompt, conditions)
     flags = {"source": path_arg, "method": method, "data": data, "anchor": anchor, "guidance": guidance,
              "guidance_range": parse_range(guidance_range), "nfe": nfe, "batch_size": batch_size, "seed": seed,
              "device": device}
+    flags["conditions"] = conditions
     loop_sets = [f"shortcut.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("shortcut", recipe, flags, [*loop_sets, *set_])
     run_stage("shortcut", spec, output, force, dry_run)

@@ -50,6 +50,7 @@ class SymbolicTeacher(Teacher):
         super().__init__()
         self.teacher = teacher
         self.schedule = teacher.schedule
+        self.info = getattr(teacher, "info", None) or {}  # e.g. a consistency student's parameterisation
         self.sample_shape = (1 + evaluations,)
         self.times: list[float] = []
         self.points: list[Tensor] = []

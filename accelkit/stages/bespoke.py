@@ -42,7 +42,7 @@ from ..artifacts import Artifact, content_hash, open_on_rank0
 from ..console import log
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..teacher import Condition, Teacher
+from ..teacher import CountingTeacher, Teacher
 from ..training import LoopConfig, Trainer
 
 KIND = "bespoke"
@@ -160,19 +160,6 @@ class GroundTruthPaths:
             return sum(c.to(p.dtype) * p for c, p in zip(coef, parts, strict=True))
 
         return path
-
-
-class CountingTeacher(Teacher):
-    """Delegates to ``base`` and counts evaluations (rows of x) for the training-cost report."""
-
-    def __init__(self, base: Teacher):
-        super().__init__()
-        self.base, self.schedule, self.sample_shape = base, base.schedule, base.sample_shape
-        self.evaluations = 0
-
-    def denoise(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> tuple[Tensor, Tensor]:
-        self.evaluations += x.shape[0]
-        return self.base.denoise(x, t, cond)
 
 
 def path_times(t_max: float, t_min: float, points: int) -> Tensor:

@@ -20,7 +20,8 @@ prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equa
 Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9`` including the EMA
 target, NaN guard, DDP, LoRA). The artifact holds ``teacher.safetensors`` (the student, with its parameterisation in
 its info), ``history.json``, and records its sampler in ``summary.sampling``: ``consistency`` (multistep with
-re-noising, :mod:`accelkit.solvers.consistency`) at ``sampling_nfe`` steps, or ``ddim`` / ``euler`` on the phase edges
+re-noising, :mod:`accelkit.solvers.consistency`; ``tcd`` for ect, SCT's ``edge-skip`` for sct) at ``sampling_nfe``
+steps, or ``ddim`` / ``euler`` on the phase edges
 for PCM, so ``accelkit sample`` / ``couple`` / ``eval`` use it without flags.
 """
 
@@ -49,12 +50,12 @@ LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_chec
                          "validate_every")
 #: The recipe keys each method reads (beside the common ones); the others stay out of its identity.
 METHOD_FIELDS = {
-    "cd": ("discretisation", "solver", "solver_nfe", "target_ema"),
-    "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range"),
+    "cd": ("discretisation", "solver", "solver_nfe", "target_ema", "boundary"),
+    "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range", "boundary"),
     "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance", "adversarial_weight", "disc",
             "disc_layers", "disc_width"),
-    "ect": ("ect_q", "stage_steps", "p_mean", "p_std"),
-    "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size"),
+    "ect": ("ect_q", "stage_steps", "p_mean", "p_std", "boundary"),
+    "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size", "boundary"),
 }
 #: Sinusoidal features of g * 100 (the time embedding's features take t * 1000 for t in [0, 1]; g spans ~1-15).
 GUIDANCE_INPUT_SCALE = 100.0
@@ -98,11 +99,16 @@ class ConsistencyRecipe(students.SourceRecipe):
     p_mean: float = Field(-1.1, description="ect / sct: mean of log sigma")
     p_std: float = Field(2.0, gt=0, description="ect / sct: standard deviation of log sigma")
     reference_size: int = Field(64, ge=1, description="sct: x0 samples in each reference batch")
+    boundary: Literal["auto", "edm", "lcm"] = Field(
+        "auto", description="the consistency parameterisation: edm (Song et al.'s c_skip / c_out in EDM terms), lcm "
+                            "(LCM's on a DDPM teacher's discrete timesteps, which diffusers' LCMScheduler samples "
+                            "exactly) or auto (lcm for a DDPM teacher of discrete steps, else edm)")
     sampling_nfe: int | None = Field(None, ge=1, description="the recorded sampling steps (default 1; pcm: phases)")
-    sampler: Literal["consistency", "tcd"] | None = Field(
+    sampler: Literal["consistency", "tcd", "edge-skip"] | None = Field(
         None, description="the recorded multistep sampler (not pcm): consistency (full re-noising; default for cd and "
-                          "lcm) or tcd (gamma 0.3; default for ect and sct, which improve 1 -> 2 -> 4 steps with it "
-                          "on the 2-D teachers and not with full re-noising)")
+                          "lcm), tcd (gamma 0.3; default for ect, which improves 1 -> 2 -> 4 steps with it on the 2-D "
+                          "teachers and not with full re-noising) or edge-skip (SCT's edge-skipping: tcd whose inner "
+                          "evaluations sit a quarter interval past each edge; default for sct)")
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the batch order, the times and the noise")
     loop: LoopConfig = Field(default_factory=default_loop)
@@ -173,15 +179,20 @@ def phase_edges(schedule, discretisation: int, phases: int) -> Tensor:
     return teacher_grid(schedule, discretisation)[:: discretisation // phases]
 
 
-def recommended_sampling(recipe: ConsistencyRecipe, schedule) -> dict[str, Any]:
-    """The sampler the student is made for: phase jumps (pcm) or the multistep consistency sampler."""
+def recommended_sampling(recipe: ConsistencyRecipe, schedule, param=None) -> dict[str, Any]:
+    """The sampler the student is made for: phase jumps (pcm) or the multistep consistency sampler (on LCMScheduler's
+    own timesteps for a student with LCM's boundary, so the stock scheduler runs it)."""
     if recipe.method == "pcm":
         edges = phase_edges(schedule, recipe.discretisation, recipe.phases)
         solver = "euler" if schedule.name == "linear" else "ddim"
         nfe = recipe.phases
         return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in edges]}
     nfe = recipe.recorded_nfe
-    solver = recipe.sampler or ("tcd" if recipe.method in ("ect", "sct") else "consistency")
+    solver = recipe.sampler or {"ect": "tcd", "sct": "edge-skip"}.get(recipe.method, "consistency")
+    if param is not None and param.lcm:
+        from ..consistency import lcm_grid
+
+        return {"solver": solver, "nfe": nfe, "grid": lcm_grid(schedule, nfe)}
     return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in teacher_grid(schedule, nfe)]}
 
 
@@ -198,9 +209,10 @@ def check_source(recipe: ConsistencyRecipe):
         if guided is not None and (conditioning == "none" or ref.null_condition is None):
             raise AccelkitError(f"{run.teacher_path}: guidance {guided} needs a conditional teacher with a null "
                                 "condition; this teacher is unconditional")
-        if run.data is not None and conditioning != "none":
+        if run.data is not None and conditioning != "none" and run.conditions is None:
             raise AccelkitError(f"data {recipe.data!r}: the teacher is conditional ({conditioning}) and the data has "
-                                "no conditions; give its couplings as SOURCE instead")
+                                "no conditions; give --prompt / --prompts (or --conditions FILE), or its couplings "
+                                "as SOURCE instead")
     return check
 
 
@@ -243,7 +255,7 @@ class ConsistencyJob:
             if not any(spec.name == "guidance" for spec in extra_inputs_of(self.start.network)):
                 attach_extra_inputs(self.start, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
         self.schedule = self.start.schedule
-        self.param = Parameterisation(self.schedule)
+        self.param = Parameterisation.for_teacher(self.schedule, recipe.boundary)
         self.shape = tuple(self.start.sample_shape)
         self.trainer: Trainer | None = None
         self.target_network: torch.nn.Module | None = None
@@ -469,7 +481,7 @@ class ConsistencyJob:
             weights = f"ema {rate}" if rate is not None else "raw"
         else:
             network, weights = students.averaged_network(trainer)
-        sampling = recommended_sampling(recipe, self.schedule)
+        sampling = recommended_sampling(recipe, self.schedule, self.param)
         info = {"trained_by": "accelkit consistency", "method": recipe.method, "steps": trainer.step,
                 "weights": weights, "seed": recipe.seed, "source": str(recipe.source), "sampling": sampling,
                 "consistency": self.param.config()}

@@ -251,8 +251,8 @@ def finish(art: Artifact, recipe: QACRecipe, run: students.StudentRun, trainer: 
             tmp, state, {"format": "accelkit.qac-encoder/1", "config": json.dumps(encoder.config),
                          "levels": str(recipe.levels)}))
     model = students.student_of(reference, trained.denoiser, info)
-    if recipe.eval_samples > 0 and not any(k.startswith("cond.") for k in (run.couplings.keys if run.couplings
-                                                                            is not None else [])):
+    if recipe.eval_samples > 0 and run.conditions is None and not any(
+            k.startswith("cond.") for k in (run.couplings.keys if run.couplings is not None else [])):
         n = recipe.eval_samples
         noise = torch.randn(n, *model.sample_shape, generator=seeded_generator(recipe.seed, 5)).to(device)
         cond = with_codes(model, None, recipe.seed, range(n))
