@@ -41,7 +41,7 @@ def digits_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_qac_beats_the_control_on_digits_at_few_nfe_turns_less_and_is_no_worse_at_many(digits_runs):
+def test_qac_beats_the_control_on_digits_at_few_nfe_curves_less_and_is_no_worse_at_many(digits_runs):
     qac_path, control_path = digits_runs
     qac, control = load_teacher(qac_path), load_teacher(control_path)
     features = feature_network("builtin:digits")
