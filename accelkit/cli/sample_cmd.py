@@ -64,7 +64,7 @@ def sample_command(
                                      "P), encoded with the pipeline's own tokenizer and text encoder (cached)."),
     prompts_file: str = typer.Option(None, "--prompts", help="Text file of prompts, one a line (after any --prompt)."),
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="The prompt guidance steers away from "
-                                        "(default with --prompt: the empty prompt, as diffusers)."),
+                                        "(default with --prompt: the empty prompt, or SDXL's zeros, as diffusers)."),
     null_class: int = typer.Option(None, "--null-class", help="The class label a class-conditional model was trained "
                                    "with as its null (dropped-label) class: guidance's null condition."),
     null_cond: str = typer.Option(None, "--null-cond", help="Null condition for guidance (.safetensors, batch 1); "
@@ -169,11 +169,9 @@ def sample_command(
         check_solver_teacher(solver, path, force)
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
-    texts = list(prompt or [])
-    if prompts_file is not None:
-        from ..prompts import read_prompts_file
+    from .common import prompt_texts
 
-        texts += read_prompts_file(prompts_file)
+    texts = prompt_texts(prompt, prompts_file)
     if texts:
         from ..prompts import check_text_model, prompt_conditions
         from ..sampling import cycled_condition
