@@ -560,6 +560,8 @@ class Trainer:
         weights = full_tensors(self._sharded.state_dict())
         ema = full_tensors(self._sharded_ema.tensors())
         named = full_optimizer_state(self._sharded, self.optimizer)
+        if self.rank != 0:  # only rank 0 writes (and holds) the whole optimizer state
+            return weights, ema, {}
         index = {n: i for i, n in enumerate(n for n, p in self._sharded.named_parameters() if p.requires_grad)}
         opt = {"state": {index[n]: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
                          for n, st in named["state"].items()},
