@@ -642,3 +642,31 @@ def test_pcm_adversarial_term_trains_stably_and_does_not_hurt(toy):
     print(f"pcm 2 phases: SW2 {with_adv:.3f} with the adversarial term, {without:.3f} without; heads' accuracy "
           f"{min(accs):.3f}..{max(accs):.3f}")
     assert with_adv < 1.1 * without, (with_adv, without)
+
+
+def test_ect_curriculum_spans_the_run_whatever_its_length(tmp_path):
+    """ECT / SCT's r(t) curriculum (t - r shrinks by q every stage) passes through 4 stages in any run when
+    stage_steps is not given: a quarter of loop.steps, as every shipped recipe sets it. A fixed 500 left a shorter run
+    in stage 0 (r = t_min for most noise levels: plain denoising): on the digits bench at 300 steps, ECT's FD at 1 / 2
+    / 4 steps went from 318 / 110 / 60 to 28 / 19 / 22 (docs/benchmarks.md). The default 2000-step recipe keeps its
+    identity (500 steps per stage) and an explicit stage_steps wins."""
+    from accelkit.models.builtin import MLP, builtin_call
+    from accelkit.models.loading import save_teacher
+    from accelkit.teacher import NetworkTeacher
+
+    default = ConsistencyRecipe(source="t.safetensors", method="ect", data="moons")
+    assert default.curriculum_stage_steps == 500 and default.identity_dict()["stage_steps"] == 500
+    short = ConsistencyRecipe(source="t.safetensors", method="sct", data="moons", loop={"steps": 300})
+    assert short.curriculum_stage_steps == 75 and short.identity_dict()["stage_steps"] == 75
+    explicit = ConsistencyRecipe(source="t.safetensors", method="ect", data="moons", stage_steps=250,
+                                 loop={"steps": 300})
+    assert explicit.curriculum_stage_steps == 250
+    assert "stage_steps" not in ConsistencyRecipe(source="t.safetensors", method="cd").identity_dict()
+
+    torch.manual_seed(0)
+    file = save_teacher(NetworkTeacher(MLP(dim=2, hidden=16, depth=1), builtin_call, "flow", LinearSchedule(), (2,)),
+                        tmp_path / "teacher.safetensors")
+    out = run_consistency(ConsistencyRecipe(source=str(file), method="ect", data="moons", batch_size=32, device="cpu",
+                                            loop={"steps": 8, "checkpoint_every": 0}), tmp_path / "ect")
+    curriculum = json.loads((out / "manifest.json").read_text())["summary"]["curriculum"]
+    assert curriculum == {"stage_steps": 2, "q": 2.0, "last_stage": 3}, curriculum
