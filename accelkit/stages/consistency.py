@@ -278,7 +278,7 @@ class ConsistencyJob:
         self.param = Parameterisation.for_teacher(self.schedule, recipe.boundary)
         self.shape = tuple(self.start.sample_shape)
         self.trainer: Trainer | None = None
-        self.target_network: torch.nn.Module | None = None
+        self.target_network: students.EmaTarget | None = None
 
     # ---------------------------------------------------------------------------------------------------- draws
 
@@ -310,16 +310,10 @@ class ConsistencyJob:
     def ema_target(self) -> torch.nn.Module:
         """The target network of cd / lcm: a frozen copy of the student holding its EMA at ``target_ema`` (the
         Trainer's own average, so checkpoints and resume carry it)."""
-        trainer = self.trainer
-        assert trainer is not None
+        assert self.trainer is not None
         if self.target_network is None:
-            self.target_network = copy.deepcopy(trainer.model).requires_grad_(False)
-        params = dict(self.target_network.named_parameters())
-        shadow = trainer.ema.shadow[float(self.recipe.target_ema)]
-        with torch.no_grad():
-            for name, value in zip(trainer.ema.names, shadow, strict=True):
-                params[name].copy_(value)
-        return self.target_network
+            self.target_network = students.EmaTarget(self.trainer, float(self.recipe.target_ema))
+        return self.target_network()
 
     # ---------------------------------------------------------------------------------------------------- losses
 
