@@ -93,6 +93,13 @@ class LoraSettings(BaseModel):
         description="module names (or a regex) to adapt; diffusers attention projections by default")
 
 
+#: Loop settings that change how a run executes, not what it computes (checkpoint cadence, logging, activation
+#: recomputation, FSDP sharding instead of DDP copies: like the number of processes, they leave the result equal up
+#: to float summation order): stages keep them out of their artifacts' identity, so changing one resumes the run.
+LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
+                         "validate_every", "gradient_checkpointing", "fsdp")
+
+
 class LoopConfig(BaseModel):
     """Settings of the training loop; every training stage's recipe embeds one (``recipe.loop``)."""
 

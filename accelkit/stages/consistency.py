@@ -43,13 +43,11 @@ from ..console import log
 from ..errors import AccelkitError
 from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
-from ..training import GroupSettings, LoopConfig, ParamGroup, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, GroupSettings, LoopConfig, ParamGroup, Trainer
 from . import student as students
 
 KIND = "consistency"
 METHODS = ("cd", "lcm", "pcm", "ect", "sct")
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 #: The recipe keys each method reads (beside the common ones); the others stay out of its identity.
 METHOD_FIELDS = {
     "cd": ("discretisation", "solver", "solver_nfe", "target_ema", "boundary"),

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..recipes import StageRecipe, register_stage
-from ..training import GroupSettings, LoopConfig, LoraSettings, ParamGroup, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, GroupSettings, LoopConfig, LoraSettings, ParamGroup, Trainer
 from . import student as students
 from .generator_student import (
     DiscriminatorSettings,
@@ -49,8 +49,6 @@ from .generator_student import (
 )
 
 KIND = "score_distill"
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 
 
 def default_loop() -> LoopConfig:

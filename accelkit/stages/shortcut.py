@@ -48,13 +48,11 @@ from torch import Tensor, nn
 from ..console import log
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, LoopConfig, Trainer
 from . import student as students
 
 KIND = "shortcut"
 METHODS = ("shortcut", "meanflow")
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 SHORTCUT_FIELDS = ("finest_steps", "consistency_share", "clip")
 MEANFLOW_FIELDS = ("interval_share", "times", "logit_mean", "logit_std", "adaptive_power", "adaptive_c", "derivative",
                    "fd_step")
