@@ -17,8 +17,8 @@ def adversarial(
                                                    "read a path from stdin."),
     method: str | None = typer.Option(None, "--method", help="ladd (default)."),
     steps: int | None = typer.Option(None, "--steps", help="K: the generator's sampling steps (default 1)."),
-    data: str | None = typer.Option(None, "--data", help="Real samples: a built-in set or a .safetensors/.npy file "
-                                                         "(default: the couplings' teacher samples)."),
+    data: str | None = typer.Option(None, "--data", help="Real samples: a built-in set, a .safetensors/.npy file or a "
+                                                         "folder of images (default: the couplings' teacher samples)."),
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
     negative_prompt: NegativePromptOption = None,

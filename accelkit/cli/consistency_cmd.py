@@ -17,8 +17,8 @@ def consistency(
                                                    "or '-': read a path from stdin."),
     method: str | None = typer.Option(None, "--method", help="cd (default), lcm (guided CD; needs --guidance), pcm "
                                                              "(phased), ect or sct (consistency tuning on data)."),
-    data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in data set or a .safetensors/.npy "
-                                                         "file (needed when SOURCE is a teacher)."),
+    data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in data set, a .safetensors/.npy "
+                                                         "file or a folder of images (with a teacher as SOURCE)."),
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
     negative_prompt: NegativePromptOption = None,

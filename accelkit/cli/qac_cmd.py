@@ -16,8 +16,8 @@ def qac(
     source: str | None = typer.Argument(None, help="A teacher (with --data) or a couple artifact whose samples serve "
                                                    "as data; missing or '-': read a path from stdin."),
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set (checkerboard, moons, rings, "
-                                                         "gaussian-mixture, digits, fashion-mnist) or a "
-                                                         ".safetensors/.npy file."),
+                                                         "gaussian-mixture, digits, fashion-mnist), a "
+                                                         ".safetensors/.npy file or a folder of images."),
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
     negative_prompt: NegativePromptOption = None,

@@ -17,8 +17,8 @@ def score_distill(
                                                    "missing or '-': read a path from stdin."),
     method: str | None = typer.Option(None, "--method", help="vsd, dmd, dmd2 (default) or sim."),
     steps: int | None = typer.Option(None, "--steps", help="K: the generator's sampling steps (default 1)."),
-    data: str | None = typer.Option(None, "--data", help="Real samples (a built-in set or a .safetensors/.npy "
-                                                         "file); used by dmd2's GAN term."),
+    data: str | None = typer.Option(None, "--data", help="Real samples (a built-in set, a .safetensors/.npy "
+                                                         "file or a folder of images); used by dmd2's GAN term."),
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
     negative_prompt: NegativePromptOption = None,

@@ -32,8 +32,8 @@ def shortcut(
                                                    "read a path from stdin."),
     method: str | None = typer.Option(None, "--method", help="shortcut (default: step size as input, two half "
                                                              "jumps make one) or meanflow (average velocity)."),
-    data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set or a .safetensors/.npy "
-                                                         "file (needed with a teacher as SOURCE)."),
+    data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set, a .safetensors/.npy "
+                                                         "file or a folder of images (with a teacher as SOURCE)."),
     prompt: PromptOption = None,
     prompts_file: PromptsFileOption = None,
     negative_prompt: NegativePromptOption = None,
