@@ -23,6 +23,11 @@ finite at both ends (alpha = 0 at t = 1 on the linear schedule gives f = x0_hat)
 teacher's denoiser away from the boundary, f(x, t_min) = x_t / alpha(t_min) exactly for any network, and the student
 keeps the teacher's network, prediction type and schedule (:class:`Parameterisation`).
 
+For a DDPM teacher of N discrete steps the student takes LCM's boundary instead (Luo et al. 2023; diffusers'
+LCMScheduler): f = c_skip(n) x_t + c_out(n) x0_hat on the network's timestep n = t N - 1 with c_skip = sd^2 / ((10
+n)^2 + sd^2), c_out = 10 n / sqrt((10 n)^2 + sd^2), exact (f = x_t) at n = 0, so the stock LCMScheduler runs the
+student step for step (``boundary`` in the recipe; :class:`Parameterisation` with ``timestep_scaling``).
+
 **Targets** (per sample; the student's output f_theta(x_t, t) regresses the target with L2 or pseudo-Huber):
 
 * ``cd`` (Song et al. 2023, consistency distillation): on the teacher's N-step grid 1 = t_0 > ... > t_N = t_min,
@@ -54,11 +59,15 @@ import torch
 from torch import Tensor
 
 from .errors import AccelkitError
-from .schedules import Schedule, as_time
+from .schedules import DiscreteVPSchedule, Schedule, as_time
 from .teacher import Condition, NetworkTeacher, Teacher, broadcast_to
 
 SIGMA_DATA = 0.5
 SIGMA_MIN = 0.002
+#: LCM's boundary scaling k in c_skip = sd^2 / ((k n)^2 + sd^2) (diffusers' LCMScheduler default).
+LCM_TIMESTEP_SCALING = 10.0
+#: LCMScheduler's ``original_inference_steps`` (the skip grid its timesteps are taken from).
+LCM_ORIGINAL_STEPS = 50
 
 
 # ------------------------------------------------------------------------------------------------ parameterisation
@@ -66,15 +75,37 @@ SIGMA_MIN = 0.002
 
 @dataclass(frozen=True)
 class Parameterisation:
-    """Song et al.'s c_skip / c_out over a teacher's schedule, in EDM terms (see the module docstring)."""
+    """Song et al.'s c_skip / c_out over a teacher's schedule, in EDM terms (see the module docstring); or, with
+    ``timestep_scaling`` set (a DDPM teacher of N discrete steps), LCM's boundary on the network's timestep n = t N - 1
+    (Luo et al. 2023; diffusers' LCMScheduler with ``timestep_scaling``, 10 by default):
+
+        f(x_t, t) = c_skip(n) x_t + c_out(n) x0_hat,   c_skip = sd^2 / ((k n)^2 + sd^2),   c_out = k n / sqrt((k n)^2
+        + sd^2),   k = timestep_scaling,
+
+    exact (f = x_t) at the first training step n = 0 (t_min = 1 / N). Students in this form sample with the stock
+    LCMScheduler step for step (:func:`accelkit.export.exporter.stock_scheduler`)."""
 
     schedule: Schedule
     sigma_data: float = SIGMA_DATA
     sigma_min: float = SIGMA_MIN
+    timestep_scaling: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.timestep_scaling is not None and not isinstance(self.schedule, DiscreteVPSchedule):
+            raise AccelkitError(f"LCM's boundary condition (timestep_scaling {self.timestep_scaling}) is on a DDPM "
+                                f"teacher's discrete timesteps; this teacher's schedule is {self.schedule.name}")
+
+    @property
+    def lcm(self) -> bool:
+        """LCM's boundary on discrete timesteps (else Song et al.'s in EDM terms)."""
+        return self.timestep_scaling is not None
 
     @property
     def s_min(self) -> float:
-        """The smallest EDM noise level: ``sigma_min`` or the schedule's own at t = 0 when that is larger."""
+        """The smallest EDM noise level: ``sigma_min`` or the schedule's own at t = 0 when that is larger (LCM's
+        boundary: the level at the first training step)."""
+        if self.lcm:
+            return float(self.edm_sigma(torch.tensor(self.t_min, dtype=torch.float64)))
         zero = torch.zeros((), dtype=torch.float64)
         s0 = float(self.schedule.sigma(zero) / self.schedule.alpha(zero))
         return max(self.sigma_min, s0)
@@ -82,6 +113,8 @@ class Parameterisation:
     @property
     def t_min(self) -> float:
         """The time of :attr:`s_min`: where the boundary condition f(x, t_min) = x holds exactly."""
+        if self.lcm:
+            return 1.0 / self.schedule.num_train_timesteps  # type: ignore[attr-defined]
         zero = torch.zeros((), dtype=torch.float64)
         if float(self.schedule.sigma(zero) / self.schedule.alpha(zero)) >= self.sigma_min:
             return 0.0
@@ -98,8 +131,12 @@ class Parameterisation:
     def coefficients(self, t: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(A, B, C) of f = A x_t + B (x0_hat - C x_t) at times t (float64; t clamped to t_min from below)."""
         t = as_time(t).clamp(min=self.t_min)
+        sd2 = self.sigma_data**2
+        if self.lcm:  # A = c_skip(n), B = c_out(n), C = 0 on the network's timestep n = t N - 1
+            k = (t * self.schedule.num_train_timesteps - 1.0).clamp(min=0.0) * self.timestep_scaling  # type: ignore
+            return sd2 / (k**2 + sd2), k / torch.sqrt(k**2 + sd2), torch.zeros_like(k)
         a, s = self.schedule.alpha(t), self.schedule.sigma(t)
-        sd2, s_min = self.sigma_data**2, self.s_min
+        s_min = self.s_min
         A = sd2 * a / ((s - s_min * a) ** 2 + sd2 * a**2)
         C = sd2 * a / (s**2 + sd2 * a**2)
         B = torch.where(s > 0, 1.0 - s_min * a / s.clamp(min=1e-300), torch.zeros_like(s))
@@ -110,15 +147,51 @@ class Parameterisation:
         A, B, C = (broadcast_to(c, x) for c in self.coefficients(t))
         return A * x + B * (x0_hat - C * x)
 
+    def boundary_value(self, x_min: Tensor) -> Tensor:
+        """f at t_min of the state x_min there: x_min / alpha(t_min) (EDM coordinates), x_min itself for LCM's."""
+        if self.lcm:
+            return x_min
+        return x_min / float(self.schedule.alpha(torch.tensor(self.t_min, dtype=torch.float64)))
+
     def config(self) -> dict[str, float]:
-        return {"sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
+        cfg = {"sigma_data": self.sigma_data, "sigma_min": self.sigma_min}
+        if self.lcm:
+            cfg.update(boundary="lcm", timestep_scaling=self.timestep_scaling)
+        return cfg
 
     @staticmethod
     def of(model: Teacher) -> Parameterisation:
         """The parameterisation a consistency student records in its info (Song et al.'s defaults otherwise)."""
         cfg = (getattr(model, "info", None) or {}).get("consistency") or {}
+        scaling = cfg.get("timestep_scaling") if cfg.get("boundary") == "lcm" else None
         return Parameterisation(model.schedule, float(cfg.get("sigma_data", SIGMA_DATA)),
-                                float(cfg.get("sigma_min", SIGMA_MIN)))
+                                float(cfg.get("sigma_min", SIGMA_MIN)),
+                                float(scaling) if scaling is not None else None)
+
+    @staticmethod
+    def for_teacher(schedule: Schedule, boundary: str = "auto",
+                    timestep_scaling: float = LCM_TIMESTEP_SCALING) -> Parameterisation:
+        """A new student's parameterisation: ``lcm`` (LCM's boundary on discrete timesteps), ``edm`` (Song et al.'s)
+        or ``auto`` (LCM's for a DDPM teacher of discrete steps, so diffusers' LCMScheduler samples it exactly;
+        Song et al.'s otherwise)."""
+        if boundary == "auto":
+            boundary = "lcm" if isinstance(schedule, DiscreteVPSchedule) else "edm"
+        if boundary not in ("lcm", "edm"):
+            raise AccelkitError(f"boundary {boundary!r}: expected auto, edm or lcm")
+        return Parameterisation(schedule, timestep_scaling=timestep_scaling if boundary == "lcm" else None)
+
+
+def lcm_grid(schedule: Schedule, nfe: int, original_steps: int = LCM_ORIGINAL_STEPS) -> list[float]:
+    """LCMScheduler's default timesteps for ``nfe`` steps as accelkit times (training step n at t = (n + 1) / N),
+    ending at 0: the skip grid n_k = k c - 1 (k = 1 .. original_steps, c = N // original_steps), reversed, at the
+    indices floor(linspace(0, original_steps, nfe, endpoint=False)) (diffusers' ``set_timesteps``)."""
+    n = schedule.num_train_timesteps  # type: ignore[attr-defined]
+    if not 1 <= nfe <= original_steps:
+        raise AccelkitError(f"NFE {nfe}: LCM's grid has at most its original_inference_steps {original_steps} steps")
+    c = n // original_steps
+    origin = [k * c - 1 for k in range(original_steps, 0, -1)]
+    picked = [origin[int(math.floor(i * original_steps / nfe))] for i in range(nfe)]
+    return [(k + 1.0) / n for k in picked] + [0.0]
 
 
 def consistency_function(model: Teacher, param: Parameterisation, x: Tensor, t: Tensor,
@@ -133,15 +206,15 @@ def consistency_function(model: Teacher, param: Parameterisation, x: Tensor, t: 
 def exact_consistency_function(teacher: Teacher, param: Parameterisation, x: Tensor, t: float,
                                nfe: int = 64, solver: str = "dpm++3m") -> Tensor:
     """The exact consistency function of a teacher (for tests with the analytic one): its ODE solved from t to t_min
-    with ``nfe`` accurate steps, in EDM coordinates x_{t_min} / alpha(t_min)."""
+    with ``nfe`` accurate steps, in the parameterisation's coordinates (:meth:`Parameterisation.boundary_value`)."""
     from .solvers import solve
 
     t_min = param.t_min
     if t <= t_min:
-        return x / float(teacher.schedule.alpha(torch.tensor(t_min, dtype=torch.float64)))
+        return param.boundary_value(x)
     end = solve(teacher, x, solver=solver, nfe=nfe, grid="logsnr",
                 t_max=float(t), t_min=t_min)
-    return end / float(teacher.schedule.alpha(torch.tensor(t_min, dtype=torch.float64)))
+    return param.boundary_value(end)
 
 
 # --------------------------------------------------------------------------------------------------- teacher steps
@@ -179,9 +252,16 @@ def ddim_jump(model: Teacher, x: Tensor, t: Tensor, s: Tensor, cond: Condition |
 def teacher_step(teacher: Teacher, x: Tensor, t: Tensor, s: Tensor, cond: Condition | None = None,
                  solver: str = "ddim", nfe: int = 1, scale: Tensor | None = None) -> Tensor:
     """The teacher's solver step from per-sample times t to s (t > s). ``ddim`` with 1 NFE (the LCM / PCM step) runs
-    per sample, with the per-example guidance ``scale``; any other solver (e.g. ``heun`` as in Song et al., or an
+    per sample, with the per-example guidance ``scale``; ``exact`` is the closed-form ODE map of a teacher that has
+    one (``flow_map``: a single analytic Gaussian), so the CD target of the exact consistency function is exact; any
+    other solver (e.g. ``heun`` as in Song et al., or an
     accurate multistep solve for ground-truth tests) runs per distinct (t, s) pair through
     :func:`accelkit.solvers.solve`."""
+    if solver == "exact":  # the closed-form ODE map of an analytic teacher (ground-truth tests)
+        if not hasattr(teacher, "flow_map") or scale is not None:
+            raise AccelkitError(f"solver exact: needs a teacher with a closed-form ODE map (one analytic Gaussian), "
+                                f"not a {type(teacher).__name__}")
+        return teacher.flow_map(x, t, s)
     if solver == "ddim" and nfe == 1:
         if scale is not None:
             return ddim_jump(teacher, x, t, s, denoised=guided_denoise(teacher, x, t, cond, scale))  # type: ignore
@@ -273,6 +353,7 @@ def same_dropout(fn: Callable[[], Tensor], device: torch.device) -> Callable[[],
     return run
 
 
-__all__ = ["Parameterisation", "consistency_function", "exact_consistency_function", "guided_denoise", "ddim_jump",
+__all__ = ["Parameterisation", "lcm_grid", "LCM_TIMESTEP_SCALING", "LCM_ORIGINAL_STEPS", "consistency_function",
+           "exact_consistency_function", "guided_denoise", "ddim_jump",
            "teacher_step", "ect_pair_times", "reference_x0_estimate", "sct_target_point", "per_sample_distance",
            "same_dropout", "SIGMA_DATA", "SIGMA_MIN"]

@@ -7,7 +7,9 @@ Data sets are tensors of samples (rows along dim 0):
 * ``digits``: scikit-learn's 1797 8x8 digits (shipped with scikit-learn), scaled from [0, 16] to [-1, 1], 1x8x8;
 * ``fashion-mnist``: the 60000 28x28 training images from /usr/share/datasets/fashion-mnist (Debian package
   ``dataset-fashion-mnist``), scaled to [-1, 1], 1x28x28;
-* a path to a ``.safetensors`` file (one tensor, or the tensor named ``data``) or a ``.npy`` file.
+* a path to a ``.safetensors`` file (one tensor, or the tensor named ``data``) or a ``.npy`` file;
+* a folder of images (:mod:`accelkit.image_folder`): RGB in [-1, 1] at their own size, or, for a stage that starts
+  from a teacher, at the teacher's resolution and, for a latent teacher, encoded with its VAE once and cached.
 
 :class:`BatchSampler` draws batches in epochs of random permutations. Its randomness comes from the seed and the
 batch number alone (a generator seeded with (seed, epoch) for the permutation and with (seed, batch) for the noise a
@@ -59,6 +61,16 @@ def checkerboard(n: int, generator: torch.Generator, squares: int = 4) -> Tensor
     u = torch.rand(n, 2, generator=generator)
     xy = torch.stack([i, j], dim=1).float() + u
     return xy * cell - 2.0
+
+
+def checkerboard_share(x: Tensor, squares: int = 4) -> float:
+    """The fraction of 2-D points on the dark squares of :func:`checkerboard`'s board (1 for its data; about 0.5
+    for points spread over the board regardless of colour; points off the board count as misses)."""
+    cell = 4.0 / squares
+    ij = torch.floor((x.double() + 2.0) / cell)
+    on_board = ((ij >= 0) & (ij < squares)).all(dim=1)
+    dark = (ij[:, 0] - ij[:, 1]).remainder(2) == 0
+    return float((on_board & dark).double().mean())
 
 
 def moons(n: int, generator: torch.Generator, noise: float = 0.05) -> Tensor:
@@ -210,9 +222,15 @@ def load_dataset(name: str, size: int = 100_000, seed: int = 0) -> DataSet:
         return DataSet(name, fashion_mnist("train"), {"kind": "image", "source": str(FASHION_MNIST_DIR),
                                                       "split": "train", "range": [-1, 1]})
     path = Path(name)
+    if path.is_dir():
+        from .image_folder import image_files, read_image_folder
+
+        return DataSet(str(path), read_image_folder(path), {"kind": "image-folder", "path": str(path.resolve()),
+                                                            "count": len(image_files(path)), "range": [-1, 1]})
     if path.suffix in (".safetensors", ".npy") or path.exists():
         return DataSet(str(path), tensor_file(path), {"kind": "file", "path": str(path.resolve())})
-    raise AccelkitError(f"data {name!r}: expected one of {', '.join(DATA_NAMES)} or a .safetensors/.npy file")
+    raise AccelkitError(f"data {name!r}: expected one of {', '.join(DATA_NAMES)}, a .safetensors/.npy file "
+                        "or a folder of images")
 
 
 # ------------------------------------------------------------------------------------------------------------ sampler
@@ -238,6 +256,7 @@ class BatchSampler:
         rank: int = 0,
         world: int = 1,
         noise: Callable[[torch.Generator, int], dict[str, Tensor]] | None = None,
+        rows: dict[str, Tensor] | None = None,
     ):
         if batch_size < 1:
             raise AccelkitError(f"batch size {batch_size}: expected at least 1")
@@ -246,6 +265,7 @@ class BatchSampler:
                                 f"use a multiple of {world}")
         self.data, self.batch_size, self.seed = data, int(batch_size), int(seed)
         self.rank, self.world, self.noise = rank, world, noise
+        self.rows = dict(rows or {})  # per-row tensors of R rows: data row i takes row i mod R (e.g. cond.<field>)
         self.batches = 0
         self.epoch = 0
         self.position = 0
@@ -278,6 +298,7 @@ class BatchSampler:
         hi = lo + self.batch_size // self.world
         idx = self._global_indices()[lo:hi]
         batch = {"x": self.data[idx]}
+        batch.update({k: v[idx % len(v)] for k, v in self.rows.items()})
         if self.noise is not None:
             extra = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
             batch.update({k: v[lo:hi] for k, v in extra.items()})

@@ -340,7 +340,20 @@ class RescaledTeacher(Teacher):
         return d
 
 
+class CountingTeacher(Teacher):
+    """Delegates to ``base`` and counts its evaluations (rows of x), for stages that report their teacher cost."""
+
+    def __init__(self, base: Teacher):
+        super().__init__()
+        self.base, self.schedule, self.sample_shape = base, base.schedule, base.sample_shape
+        self.evaluations = 0
+
+    def denoise(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> tuple[Tensor, Tensor]:
+        self.evaluations += x.shape[0]
+        return self.base.denoise(x, t, cond)
+
+
 __all__ = [
-    "Condition", "TimeInput", "Teacher", "NetworkTeacher", "RescaledTeacher", "PREDICTION_TYPES",
+    "Condition", "TimeInput", "Teacher", "NetworkTeacher", "RescaledTeacher", "CountingTeacher", "PREDICTION_TYPES",
     "output_to_x0_eps", "x0_eps_to_output", "broadcast_to",
 ]

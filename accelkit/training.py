@@ -16,7 +16,11 @@ with weights equal, bit for bit, to an uninterrupted run's.
 Distributed data parallel: under ``torchrun`` the model is wrapped in ``DistributedDataParallel`` (gloo on CPU, nccl
 on CUDA). The data iterator gives each rank its slice of the same global batch, and DDP averages gradients, so n
 processes compute the gradient of the same global-batch mean loss as one process (equal up to float summation order).
-Rank 0 writes the checkpoint's shared files, every rank writes its own random-generator state.
+Rank 0 writes the checkpoint's shared files, every rank writes its own random-generator state. With ``loop.fsdp``
+the model is sharded over the ranks instead (FSDP2, :mod:`accelkit.fsdp`): the same gradient mean, the same
+checkpoint files (full tensors gathered for rank 0), and at the end of :meth:`Trainer.fit` the full weights and EMAs
+are back in ``trainer.model`` / ``trainer.ema``. ``loop.gradient_checkpointing`` recomputes each block's activations
+in the backward pass (:mod:`accelkit.activation_checkpointing`).
 
 A non-finite loss or gradient norm stops training with :class:`TrainingDiverged`, before the optimizer step, so the
 last checkpoint on disk stays a good one.
@@ -119,6 +123,12 @@ class LoopConfig(BaseModel):
     log_every: int = Field(50, ge=1)
     deterministic: bool = Field(True, description="torch.use_deterministic_algorithms (exact resume on CPU)")
     lora: LoraSettings | None = None
+    gradient_checkpointing: bool = Field(False, description="recompute each block's activations in the backward "
+                                                            "pass instead of keeping them: the same gradients, less "
+                                                            "memory, one more forward pass (SD-size students)")
+    fsdp: bool = Field(False, description="under torchrun: shard weights, gradients, optimizer state and EMA over "
+                                          "the processes (FSDP2, accelkit.fsdp) instead of DDP's full copies, for "
+                                          "networks that do not fit one GPU with them")
 
     @field_validator("ema_rates")
     @classmethod
@@ -289,7 +299,12 @@ class EMA:
                 if key not in tensors:
                     raise AccelkitError(f"checkpoint has no EMA at rate {r} for {n}: was it made with other "
                                         f"ema_rates?")
-                shadow[i].copy_(tensors[key])
+                if hasattr(shadow[i], "device_mesh"):  # sharded (loop.fsdp): this process's part of it
+                    from .fsdp import copy_into_shard
+
+                    copy_into_shard(shadow[i], tensors[key])
+                else:
+                    shadow[i].copy_(tensors[key])
 
 
 # ------------------------------------------------------------------------------------------------- state as files
@@ -485,12 +500,19 @@ class Trainer:
                                 "LoRA per network (apply_lora on the module before), not loop.lora")
         if config.lora is not None:
             model = apply_lora(model, config.lora)
+        if config.gradient_checkpointing:
+            from .activation_checkpointing import enable_gradient_checkpointing
+
+            enable_gradient_checkpointing(model)
         self.model = model.to(self.device)
         self.module: nn.Module = self.model
         self.groups: list[ParamGroup] = list(groups or [])
+        self._sharded: nn.Module | None = None  # loop.fsdp under torchrun: the sharded model while it trains
+        if config.fsdp and self.world > 1:
+            self._start_fsdp(bool(self.groups))
         if self.groups:
             self._init_groups()
-        elif self.world > 1:
+        elif self.world > 1 and self._sharded is None:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.module = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
         self.loss_fn, self.data, self.validate_fn, self.on_log = loss_fn, data, validate_fn, on_log
@@ -503,6 +525,7 @@ class Trainer:
             self.optimizer = _make_optimizer(config, params, config.lr_at(0), config.betas, config.weight_decay)
         # with groups, this EMA covers no parameters (each group keeps its own in self.emas)
         self.ema = EMA(self.model if not self.groups else nn.Module(), config.ema_rates, config.ema_warmup)
+        self._sharded_ema = self.ema if self._sharded is not None else None
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.precision == "fp16")
         self.step = 0
         self.recent_losses: deque[float] = deque(maxlen=16)
@@ -511,6 +534,60 @@ class Trainer:
         self._checkpointer: Checkpointer | None = None
         self._stop: int | None = None  # the signal that stops every rank, once the ranks agreed on it
         self._save_due = False
+
+    def _start_fsdp(self, with_groups: bool) -> None:
+        """loop.fsdp: keep a plain copy of the model on the CPU (the full weights come back into it at the end of
+        :meth:`fit`) and shard the model over the processes (:mod:`accelkit.fsdp`)."""
+        import copy
+
+        from .fsdp import shard
+
+        if with_groups:
+            raise AccelkitError("loop.fsdp: not with several networks (parameter groups); train one network or set "
+                                "loop.fsdp: false")
+        if self.config.validate_every:
+            raise AccelkitError(f"loop.fsdp: validation during training (validate_every = "
+                                f"{self.config.validate_every}) needs the full weights; set validate_every: 0 (the "
+                                f"end-of-run validation still runs)")
+        self._plain = copy.deepcopy(self.model.cpu())
+        self.model = self.module = self._sharded = shard(self.model.to(self.device))
+
+    def _fsdp_full_state(self) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+        """loop.fsdp: (weights, EMA tensors, optimizer state) with full tensors, the optimizer state indexed like a
+        one-process run's (collective: every process calls it)."""
+        from .fsdp import full_optimizer_state, full_tensors
+
+        weights = full_tensors(self._sharded.state_dict())
+        ema = full_tensors(self._sharded_ema.tensors())
+        named = full_optimizer_state(self._sharded, self.optimizer)
+        if self.rank != 0:  # only rank 0 writes (and holds) the whole optimizer state
+            return weights, ema, {}
+        index = {n: i for i, n in enumerate(n for n, p in self._sharded.named_parameters() if p.requires_grad)}
+        opt = {"state": {index[n]: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
+                         for n, st in named["state"].items()},
+               "param_groups": [{**g, "params": [index[n] for n in g["params"]]} for g in named["param_groups"]]}
+        return weights, ema, opt
+
+    def _fsdp_load(self, weights: dict[str, Tensor], opt: dict[str, Any]) -> None:
+        """loop.fsdp: load full weights and a one-process-indexed optimizer state into the shards."""
+        from .fsdp import load_model_state, load_optimizer_state
+
+        load_model_state(self._sharded, weights)
+        names = [n for n, p in self._sharded.named_parameters() if p.requires_grad]
+        state = {names[int(i)]: st for i, st in opt["state"].items()}
+        groups = [{**g, "params": [names[int(i)] for i in g["params"]]} for g in opt["param_groups"]]
+        load_optimizer_state(self._sharded, self.optimizer, {"state": state, "param_groups": groups})
+
+    def _fsdp_finish(self) -> None:
+        """loop.fsdp, at the end of :meth:`fit`: the full weights and EMAs back in the plain model (on the device) and
+        a plain EMA, so that rank 0 can write the result as after a one-process run (collective)."""
+        weights, ema_tensors, _ = self._fsdp_full_state()
+        self._plain.load_state_dict(weights)
+        self.model = self._plain.to(self.device)
+        ema = EMA(self.model, self.config.ema_rates, self.config.ema_warmup)
+        ema.load_tensors(ema_tensors)
+        ema.updates = self._sharded_ema.updates
+        self.ema = ema
 
     def _init_groups(self) -> None:
         """Per-group parameters, optimizers, gradient scalers, EMAs and update counts (several-network runs)."""
@@ -620,9 +697,16 @@ class Trainer:
         _save_tensors(tmp / f"rank{self.rank}.safetensors", {**{f"rng.{k}": v for k, v in rng_tensors.items()},
                                                                 **{f"data.{k}": v for k, v in data_tensors.items()}})
         atomic_write_json(tmp / f"rank{self.rank}.json", {"rng": rng_plain, "data": data_plain})
+        sharded = self._fsdp_full_state() if self._sharded is not None else None  # every rank gathers
         if self.rank == 0 and self.groups:
             _save_tensors(tmp / "model.safetensors", self.model.state_dict())
             groups_plain = self._save_groups(tmp)
+        elif self.rank == 0 and sharded is not None:  # loop.fsdp: the same files as a one-process run's
+            _save_tensors(tmp / "model.safetensors", sharded[0])
+            _save_tensors(tmp / "ema.safetensors", sharded[1], metadata={"rates": json.dumps(self.ema.rates)})
+            opt_tensors = {}
+            opt_plain = split_state(sharded[2], opt_tensors)
+            _save_tensors(tmp / "optimizer.safetensors", opt_tensors)
         elif self.rank == 0:
             _save_tensors(tmp / "model.safetensors", self.model.state_dict())
             _save_tensors(tmp / "ema.safetensors", self.ema.tensors(),
@@ -705,7 +789,10 @@ class Trainer:
         if state.get("format") != CHECKPOINT_FORMAT:
             raise AccelkitError(f"{path}: checkpoint format {state.get('format')!r}, expected {CHECKPOINT_FORMAT}")
         weights = _load_tensors(path / "model.safetensors")
-        missing, unexpected = self.model.load_state_dict(weights, strict=False)
+        if self._sharded is not None:  # loop.fsdp: the plain model checks the names, the shards take the values
+            missing, unexpected = self._plain.load_state_dict(weights, strict=False)
+        else:
+            missing, unexpected = self.model.load_state_dict(weights, strict=False)
         if missing or unexpected:
             raise AccelkitError(f"{path}: weights do not fit this model (missing {missing[:3]}, unexpected "
                                 f"{unexpected[:3]}): was it made by another recipe?")
@@ -718,7 +805,10 @@ class Trainer:
                 raise AccelkitError(f"{path}: a checkpoint of a run with parameter groups, this run has none")
             self.ema.load_tensors(_load_tensors(path / "ema.safetensors"))
             opt = join_state(state["optimizer"], _load_tensors(path / "optimizer.safetensors"))
-            _load_optimizer(self.optimizer, opt)
+            if self._sharded is not None:
+                self._fsdp_load(weights, opt)
+            else:
+                _load_optimizer(self.optimizer, opt)
             if state.get("scaler") and self.scaler.is_enabled():
                 self.scaler.load_state_dict(state["scaler"])
         self.step = int(state["step"])
@@ -768,7 +858,7 @@ class Trainer:
         extra: dict[str, Tensor] = {}
         for i, mb in enumerate(micro):
             sync = i == len(micro) - 1 or self.world == 1
-            ctx = self.module.no_sync() if not sync else nullcontext()
+            ctx = self.module.no_sync() if not sync and self._sharded is None else nullcontext()
             with ctx:
                 with self._autocast():
                     out = self.loss_fn(self.module, mb)
@@ -782,6 +872,8 @@ class Trainer:
         if cfg.grad_clip is not None:
             self.scaler.unscale_(self.optimizer)
             grad_norm_t = nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
+            if hasattr(grad_norm_t, "full_tensor"):  # loop.fsdp: the norm over every shard
+                grad_norm_t = grad_norm_t.full_tensor()
         # One reduction and one host sync per step carry the loss, the logged values, the gradient norm, the signal
         # that arrived (if any) and rank 0's checkpoint timer, so that every rank agrees on all of them.
         keys = sorted(extra)
@@ -967,6 +1059,8 @@ class Trainer:
                         ckpt.saved()
             finally:
                 self._checkpointer = None
+        if self._sharded is not None:
+            self._fsdp_finish()
         if self.validate_fn is not None:
             logs.update(self.validate())
             self._log(logs)

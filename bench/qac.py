@@ -10,10 +10,13 @@ Every model is measured by ``accelkit eval`` on the same noises at 2, 4, 6 and 1
 the Frechet distance to digits on the shipped digits classifier's features (FD), each model with its best solver at
 each NFE; ratio = model / control. The QAC summaries give the codebook use (perplexity of the collected weights,
 online and offline, and their total variation), the encoder's and the extra parameters' share of the teacher, and
-the training cost (steps/s). Composition (``--composition``): couplings of the QAC model and of the original teacher
-(dpm++2m, 32 NFE) and a rectified-flow student of each, FD at 1 and 2 NFE (euler). Table on stderr, JSON to --json.
+the training cost (steps/s). ``--paper`` adds the QAC model with Algorithm 1's printed quantizer (the codebook use
+before FSQ's bounded straight-through estimator and the unit-scale encoder init). Composition (``--composition``):
+couplings of the QAC model and of the original teacher (dpm++2m, 32 NFE) and a rectified-flow student of each, FD
+at 1 and 2 NFE (euler). Table on stderr, JSON to --json.
 
-    python bench/qac.py [--teacher PATH | --teacher-steps 1000 --base 32] [--steps 500] [--bits 8] [--composition]
+    python bench/qac.py [--teacher PATH | --teacher-steps 1000 --base 32] [--steps 500] [--bits 8] [--paper]
+                        [--composition]
 """
 
 from __future__ import annotations
@@ -21,26 +24,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
+from common import accelkit, machine, summary, train_teacher, write
+
 SOLVERS = "euler,heun,dpm++2m"
 NFES = (2, 4, 6, 10)
-
-
-def accelkit(*args: object) -> str:
-    """Run one accelkit command; its stdout (an artifact path or JSON)."""
-    proc = subprocess.run([sys.executable, "-m", "accelkit", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"accelkit {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
-
-
-def summary(path: str) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text()).get("summary", {})
 
 
 METRIC = "frechet"  # sliced_w2 on a 2-D set (--data)
@@ -57,11 +47,6 @@ def best_fd(rows: list[dict], model: str, nfes) -> dict[int, tuple[float, str]]:
     return out
 
 
-def write(path: str, out: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=1) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="digits", help="digits, or a 2-D set (e.g. gaussian-mixture: sliced W2, an "
@@ -76,6 +61,9 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--offline", action="store_true", help="also train the QAC model with offline weights (the same "
                                                            "training; the summaries compare both books anyway)")
+    ap.add_argument("--paper", action="store_true", help="also train the QAC model with quantizer paper (Algorithm "
+                                                         "1's printed straight-through estimator, outputs only "
+                                                         "centred) to compare with the default")
     ap.add_argument("--composition", action="store_true", help="also couple + reflow from the QAC model and the "
                                                                "teacher")
     ap.add_argument("--pairs", type=int, default=4000)
@@ -85,22 +73,19 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     w = Path(args.workdir)
     start = time.time()
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args)}
+    device, described = machine()
+    out: dict = {"machine": described, "settings": vars(args)}
     global METRIC
     two_d = args.data != "digits"
     METRIC = "sliced_w2" if two_d else "frechet"
     net = ["train.network.hidden=128", "train.network.depth=3"] if two_d else [f"train.network.base={args.base}"]
-    teacher = args.teacher or accelkit("train", "--data", args.data, "--objective", "flow", "--steps",
-                                       args.teacher_steps, *[a for n in net for a in ("--set", n)], "--device",
-                                       device, "-o", w / "teacher")
+    teacher = args.teacher or train_teacher(args.data, args.teacher_steps, w / "teacher", sets=net, device=device)
     common = ["--data", args.data, "--steps", args.steps, "--batch-size", args.batch_size, "--lr", args.lr,
               "--device", device]
     models = {}
     runs = [("control", ["--bits", 0]), ("qac", ["--bits", args.bits])]
+    if args.paper:  # the quantizer as Algorithm 1 prints it: the codebook use before FSQ's bounded estimator
+        runs.append(("qac-paper", ["--bits", args.bits, "--set", "qac.quantizer=paper"]))
     if args.offline:
         runs.append(("qac-offline", ["--bits", args.bits, "--collection", "offline"]))
     for name, extra in runs:
@@ -110,7 +95,8 @@ def main() -> None:
         out[name] = {"path": models[name], "wall_s": time.time() - began,
                      "steps_per_s": s["steps"] / s["seconds_last_run"] if s.get("seconds_last_run") else None,
                      **{k: s.get(k) for k in ("perplexity", "codes_used", "online_offline_tv", "encoder",
-                                              "extra_share_of_teacher", "curvature", "straightness", "final_loss")}}
+                                              "extra_share_of_teacher", "curvature", "straightness", "final_loss",
+                                              "quantizer")}}
         write(args.json, out)
     names = ["teacher", *models]
     paths = [teacher, *models.values()]
@@ -139,11 +125,14 @@ def main() -> None:
 
     t = Table(title=f"{args.data}: QAC ({args.bits} bits) vs the control after {args.steps} steps, "
                     f"{'sliced W2' if two_d else 'FD'} with each model's best of {SOLVERS} (n = {args.eval_n})")
-    for c in ("NFE", "teacher", "control", "QAC online", "QAC offline", "QAC / control", "QAC solver"):
+    for c in ("NFE", "teacher", "control", "QAC online", "QAC offline", "QAC paper", "QAC / control", "QAC solver",
+              "paper / control"):
         t.add_column(c)
     for k in NFES:
-        cells = [best.get(m, {}).get(k, (float("nan"), "-")) for m in ("teacher", "control", "qac", "qac-offline")]
-        t.add_row(str(k), *[f"{c[0]:.3g}" for c in cells], f"{cells[2][0] / cells[1][0]:.3f}", cells[2][1])
+        cells = [best.get(m, {}).get(k, (float("nan"), "-"))
+                 for m in ("teacher", "control", "qac", "qac-offline", "qac-paper")]
+        t.add_row(str(k), *[f"{c[0]:.3g}" for c in cells], f"{cells[2][0] / cells[1][0]:.3f}", cells[2][1],
+                  f"{cells[4][0] / cells[1][0]:.3f}")
     console = Console(stderr=True)
     console.print(t)
     q = out["qac"]
@@ -152,6 +141,12 @@ def main() -> None:
                   f"{q['online_offline_tv']:.3f}; encoder {100 * q['encoder']['share_of_teacher']:.2f} % and all "
                   f"extra parameters {100 * q['extra_share_of_teacher']:.2f} % of the teacher; steps/s QAC "
                   f"{q['steps_per_s']:.2f}, control {out['control']['steps_per_s']:.2f}")
+    if "qac-paper" in out:
+        p = out["qac-paper"]
+        console.print(f"quantizer {q.get('quantizer')} (default): perplexity online {q['perplexity']['online']:.1f}, "
+                      f"codes used {q['codes_used']}; quantizer paper (before): perplexity online "
+                      f"{p['perplexity']['online']:.1f}, offline {p['perplexity']['offline']:.1f}, codes used "
+                      f"{p['codes_used']}")
     if "composition" in out:
         console.print(f"composition (reflow students, {METRIC} at 1 / 2 NFE euler): {out['composition']}")
     print(args.json)

@@ -21,34 +21,27 @@ average velocity over one plain forward, on a training batch. Table on stderr, J
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-SOLVERS = "euler,heun,dpm++2m,unipc"
+from common import (
+    STANDARD_SOLVERS,
+    accelkit,
+    couplings,
+    distance_key,
+    evaluate,
+    machine,
+    steps_per_second,
+    summary,
+    teacher_best,
+    train_teacher,
+    write,
+)
+
 NFES = (1, 2, 4, 8)
 MEANFLOW = ["--anchor", "teacher", "--set", "shortcut.times=uniform", "--set", "shortcut.interval_share=0.5",
             "--set", "shortcut.adaptive_power=0.5"]
-
-
-def accelkit(*args: object) -> str:
-    proc = subprocess.run([sys.executable, "-m", "accelkit", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"accelkit {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
-
-
-def summary(path: str) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text()).get("summary", {})
-
-
-def evaluate(model: str, solvers: str, reference: str, n: int, device: str) -> list[dict]:
-    return json.loads(accelkit("eval", model, "--solver", solvers, "--nfe", ",".join(map(str, NFES)),
-                               "--reference", reference, "-n", n, "--device", device, "--json"))
 
 
 def jvp_cost(student: str, batch: int, repeats: int = 20) -> float:
@@ -78,11 +71,6 @@ def jvp_cost(student: str, batch: int, repeats: int = 20) -> float:
     return jvp / plain
 
 
-def write(path: str, out: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=1) + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default="digits")
@@ -97,20 +85,12 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     w = Path(args.workdir) / args.data
     start = time.time()
-    import torch
-
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args),
-                 "models": {}}
-    teacher = accelkit("train", "--data", args.data, "--objective", "flow", "--steps", args.teacher_steps,
-                       "--device", device, "-o", w / "teacher")
-    couple = ["--solver", "dpm++2m", "--nfe", 32, "--micro-batch", 256, "--device", device]
-    pairs = accelkit("couple", teacher, "-n", args.pairs, *couple, "--seed", 1, "-o", w / "pairs")
-    held = accelkit("couple", teacher, "-n", args.eval_n, *couple, "--seed", 2, "-o", w / "held")
-    metric = "frechet" if args.data == "digits" else "sliced_w2"
-    base = evaluate(teacher, SOLVERS, held, args.eval_n, device)
-    best = {k: min((r for r in base if r["nfe"] == k), key=lambda r: r["rmse"]) for k in NFES}
+    device, described = machine()
+    out: dict = {"machine": described, "settings": vars(args), "models": {}}
+    teacher = train_teacher(args.data, args.teacher_steps, w / "teacher", device=device)
+    pairs, held = couplings(teacher, args.pairs, args.eval_n, device, w)
+    metric = distance_key(args.data)
+    best = teacher_best(teacher, held, args.eval_n, device, NFES, solvers=STANDARD_SOLVERS)
     out["teacher_best"] = best
     common = ["--steps", args.steps, "--batch-size", args.batch_size, "--device", device]
     students = {
@@ -124,8 +104,8 @@ def main() -> None:
         path = accelkit(*cmd, *common, "-o", w / name)
         wall = time.time() - began
         s = summary(path)
-        rate = s["steps"] / s["seconds_last_run"] if s.get("seconds_last_run") else float("nan")
-        got = evaluate(path, solver, held, args.eval_n, device)
+        rate = steps_per_second(path)
+        got = evaluate([path], held, args.eval_n, device, NFES, solver)
         entry = {"steps_per_s": rate, "wall_s": wall, "rows": got}
         if name == "meanflow":
             entry["jvp_over_forward"] = jvp_cost(path, args.batch_size)

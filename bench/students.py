@@ -20,42 +20,27 @@ Training steps per second come from the stages' manifests. Table on stderr, JSON
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import subprocess
-import sys
 import time
 from pathlib import Path
 
-SOLVERS = "euler,heun,dpm++2m,unipc"
+from common import (
+    STANDARD_SOLVERS,
+    accelkit,
+    couplings,
+    evaluate,
+    machine,
+    steps_per_second,
+    teacher_best,
+    train_teacher,
+    write,
+)
+
 #: (teacher objective, its schedule, its students)
 TEACHERS = (("flow", "linear", ("rectified-flow", "direct-1", "direct-2", "direct-4")),
             ("eps", "vp-linear", ("rectified-diffusion",)),
             ("eps-sl", "vp-scaled-linear", ("rectified-diffusion",)))
 NFES = (1, 2, 4)
-
-
-def accelkit(*args: str) -> str:
-    """Run one accelkit command; its stdout (an artifact path or JSON)."""
-    proc = subprocess.run([sys.executable, "-m", "accelkit", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"accelkit {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
-
-
-def summary(path: str) -> dict:
-    return json.loads((Path(path) / "manifest.json").read_text()).get("summary", {})
-
-
-def evaluate(models: list[str], solvers: str, reference: str, n: int, device: str) -> list[dict]:
-    return json.loads(accelkit("eval", *models, "--solver", solvers, "--nfe", ",".join(map(str, NFES)),
-                               "--reference", reference, "-n", n, "--device", device, "--json"))
-
-
-def write(path: str, out: dict) -> None:
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    Path(path).write_text(json.dumps(out, indent=1) + "\n")
 
 
 def main() -> None:
@@ -73,23 +58,16 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     w = Path(args.workdir)
     start = time.time()
-    import torch
-
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    device = "cuda" if torch.cuda.is_available() else "cpu"  # every stage runs there
-    out: dict = {"machine": f"{platform.machine()} {os.cpu_count()} cores, {gpu}", "settings": vars(args),
-                 "models": {}}
+    device, described = machine()  # every stage runs there
+    out: dict = {"machine": described, "settings": vars(args), "models": {}}
     rows: list[tuple] = []
     for objective, schedule, students in TEACHERS:
         if schedule not in args.teachers.split(","):
             continue
-        teacher = accelkit("train", "--data", "digits", "--objective", objective.split("-")[0], "--steps",
-                           args.teacher_steps, "--set", f"train.schedule={schedule}", "-o", w / f"teacher-{objective}")
-        couple = ["--solver", "dpm++2m", "--nfe", 32, "--micro-batch", 256, "--device", device]
-        pairs = accelkit("couple", teacher, "-n", args.pairs, *couple, "--seed", 1, "-o", w / f"pairs-{objective}")
-        held = accelkit("couple", teacher, "-n", args.eval_n, *couple, "--seed", 2, "-o", w / f"held-{objective}")
-        base = evaluate([teacher], SOLVERS, held, args.eval_n, device)
-        best = {k: min((r for r in base if r["nfe"] == k), key=lambda r: r["rmse"]) for k in NFES}
+        teacher = train_teacher("digits", args.teacher_steps, w / f"teacher-{objective}", objective.split("-")[0],
+                                [f"train.schedule={schedule}"])
+        pairs, held = couplings(teacher, args.pairs, args.eval_n, device, w, f"-{objective}")
+        best = teacher_best(teacher, held, args.eval_n, device, NFES, solvers=STANDARD_SOLVERS)
         for name in students:
             common = ["--steps", args.steps, "--batch-size", args.batch_size, "-o", w / f"{objective}-{name}"]
             began = time.time()
@@ -99,10 +77,9 @@ def main() -> None:
             else:
                 path = accelkit("reflow", pairs, "--method", name, *common)
             wall = time.time() - began
-            s = summary(path)
-            rate = s["steps"] / s["seconds_last_run"] if s.get("seconds_last_run") else float("nan")
+            rate = steps_per_second(path)
             solver = "euler" if objective == "flow" else "ddim"
-            got = evaluate([path], solver, held, args.eval_n, device)
+            got = evaluate([path], held, args.eval_n, device, NFES, solver)
             out["models"][f"{name} ({schedule})"] = {"teacher": objective, "schedule": schedule, "steps_per_s": rate,
                                                      "wall_s": wall, "rows": got,
                                                      "teacher_best": {k: best[k] for k in NFES}}

@@ -22,11 +22,12 @@ F64 = torch.float64
 
 @pytest.mark.parametrize("schedule", [CosineSchedule(), LinearSchedule()], ids=lambda s: s.name)
 def test_with_dpm_solver_pp_statistics_it_is_dpm_solver_pp(schedule):
-    """l = 1, s = b = 0: the predictor is DPM-Solver++ (first order: DDIM; second order: the exact-phi 2M)."""
+    """l = 1, s = b = 0: the predictor is DPM-Solver++ in its exact-integral form (first order: DDIM; second order:
+    the exact-phi 2M; third order: ``dpm++3m-exact``, not diffusers' 3M, whose D2 weight is half the exact one)."""
     teacher = gaussian_mixture_images(schedule)
     x = teacher.prior_sample(torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=F64))
     stats = EmpiricalStatistics.dpm_solver_pp(64)
-    for order in (1, 2):
+    for order in (1, 2, 3):
         for nfe in (3, 5, 8):
             got = solve(teacher, x, DPMSolverV3(stats, order, corrector=False), nfe)
             ref = solve(teacher, x, DPMSolverPP(order, exact_phi=True), nfe)

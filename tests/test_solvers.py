@@ -264,3 +264,40 @@ def test_ipndm_variable_step_weights():
     q = np.poly1d([2.0, -1.0, 0.5, 3.0])
     exact = np.polyint(q)(ts[7]) - np.polyint(q)(ts[6])
     assert np.isclose((ts[7] - ts[6]) * sum(c[j] * q(ts[6 - j]) for j in range(4)), exact, rtol=1e-9)
+
+
+@pytest.mark.parametrize("name, local_order", [("dpm++3m", 3), ("dpm++3m-exact", 4)])
+def test_dpm_solver_3m_local_error_orders(name, local_order):
+    """One third-order step from the exact trajectory (exact states and x0 predictions at three earlier log-SNR
+    points spaced h): the local error falls like h^3 for the 3M code's update (diffusers' and the paper's code:
+    its D2 weight is half the exact integral's) and like h^4 for ``dpm++3m-exact``."""
+    from accelkit.solvers.base import GridNodes
+
+    teacher = gaussian_mixture_2d(LinearSchedule(), modes=4, std=0.5)
+    x1 = teacher.prior_sample(torch.randn(8, 2, dtype=F64, generator=torch.Generator().manual_seed(0)))
+    solver = get_solver(name)
+    errors = []
+    for h in (0.025, 0.0125, 0.00625):
+        ts = [1.0 / (1.0 + math.exp(1.0 + k * h)) for k in (-2, -1, 0, 1)]  # linear: lambda = log((1 - t) / t)
+        xs = [reference_solve(teacher, x1, 1.0, ts[0])]
+        for a, b in zip(ts[:-1], ts[1:], strict=True):
+            xs.append(reference_solve(teacher, xs[-1], a, b))
+        orders, c = solver.coefficients(GridNodes.of(teacher.schedule, torch.tensor(ts, dtype=F64)))
+        assert orders[2] == 3
+        m0, m1, m2 = (teacher.predict_x0(xs[k], torch.full((8,), ts[k], dtype=F64)) for k in (2, 1, 0))
+        d1_0, d1_1 = (m0 - m1) * c["inv_r1"][2], (m1 - m2) * c["inv_r2"][2]
+        d1 = d1_0 + c["q"][2] * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) * c["inv_r12"][2]
+        x_next = c["ratio"][2] * xs[2] + c["w0"][2] * m0 + c["w1"][2] * d1 + c["w2"][2] * d2
+        errors.append(float((x_next - xs[3]).norm()))
+    slopes = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+    assert all(abs(s - local_order) < 0.35 for s in slopes), (name, errors, slopes)
+
+
+def test_dpm_solver_3m_exact_takes_its_nfe_and_reaches_the_data_end():
+    teacher = CountingTeacher(gaussian_mixture_2d(LinearSchedule()))
+    x = torch.randn(3, 2, dtype=F64)
+    for nfe in (1, 2, 3, 5, 8):
+        teacher.calls = 0
+        assert torch.isfinite(solve(teacher, x, "dpm++3m-exact", nfe)).all()
+        assert teacher.calls == nfe

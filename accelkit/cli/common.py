@@ -40,3 +40,40 @@ def run_stage(name: str, spec, output, force: bool, dry_run: bool) -> None:
     path = get_stage(name).run(spec, output, force)
     if dist_env()[0] == 0:
         emit(str(path))
+
+
+def prompt_texts(prompt: list[str] | None, prompts_file: str | None) -> list[str]:
+    """The prompts of ``--prompt`` (repeatable) followed by those of ``--prompts FILE`` (one a line)."""
+    texts = list(prompt or [])
+    if prompts_file is not None:
+        from ..prompts import read_prompts_file
+
+        texts += read_prompts_file(prompts_file)
+    return texts
+
+
+def prompt_conditions_option(source: str | None, prompt: list[str] | None, prompts_file: str | None,
+                             negative_prompt: str | None, conditions: str | None = None,
+                             conditions_flag: str = "--conditions") -> str | None:
+    """The conditions file of a command's ``--prompt`` / ``--prompts`` / ``--negative-prompt`` (encoded with the
+    pipeline of ``source``, a teacher, cached by content: :func:`accelkit.prompts.prompt_conditions_file`), else
+    its ``conditions_flag`` file, else None. ``couple`` and every training stage that takes a teacher take their
+    prompts through here."""
+    texts = prompt_texts(prompt, prompts_file)
+    if not texts:
+        if negative_prompt is not None:
+            raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
+        return conditions
+    if conditions is not None:
+        raise AccelkitError(f"give the conditions either with --prompt / --prompts or with {conditions_flag}, "
+                            "not both")
+    if source is None:
+        raise AccelkitError("--prompt: needs the teacher on the command line (its pipeline encodes the prompts)")
+    from ..stages.student import is_couplings
+
+    if is_couplings(source):
+        raise AccelkitError(f"--prompt: {source} is a couple artifact, whose pairs carry the conditions they were "
+                            "made with; give the prompts to `accelkit couple` (or a teacher with --data here)")
+    from ..prompts import prompt_conditions_file
+
+    return str(prompt_conditions_file(source, texts, negative_prompt))

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .common import input_path, run_stage
+from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 @app.command("consistency")
@@ -18,6 +19,10 @@ def consistency(
                                                              "(phased), ect or sct (consistency tuning on data)."),
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in data set or a .safetensors/.npy "
                                                          "file (needed when SOURCE is a teacher)."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     guidance: float | None = typer.Option(None, "--guidance", help="lcm / pcm: the teacher's guidance scale in its "
                                                                    "solver step (accelkit's g; LCM's w = g - 1)."),
     guidance_range: str | None = typer.Option(None, "--guidance-range", help="lcm: A,B: the student takes the "
@@ -55,9 +60,11 @@ def consistency(
     path_arg = source if source not in (None, "-") else None
     if path_arg is None and not (recipe is not None and source is None):
         path_arg = input_path(source, "SOURCE")
+    conditions = prompt_conditions_option(path_arg, prompt, prompts_file, negative_prompt, conditions)
     flags = {"source": path_arg, "method": method, "data": data, "guidance": guidance, "guidance_range": g_range,
              "phases": phases,
              "batch_size": batch_size, "seed": seed, "loss": loss, "device": device}
+    flags["conditions"] = conditions
     loop_sets = [f"consistency.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("consistency", recipe, flags, [*loop_sets, *set_])
     run_stage("consistency", spec, output, force, dry_run)

@@ -35,7 +35,7 @@ def couple(
                                      "conditions file."),
     prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
-                                               "--prompt: the empty prompt)."),
+                                               "--prompt: the empty prompt, or SDXL's zeros)."),
     save_trajectory: int | None = typer.Option(None, "--save-trajectory", help="Also store K intermediate states."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per step (does not change results)."),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="Samples per teacher call (default 64)."),
@@ -56,6 +56,12 @@ def couple(
     window: int | None = typer.Option(None, "--window", help="picard: steps per window (default 16)."),
     tol: float | None = typer.Option(None, "--tol", help="picard / parareal tolerance (0: exact)."),
     blocks: int | None = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default ~sqrt(steps))."),
+    compile_network: bool | None = typer.Option(None, "--compile", help="Compile the teacher's network with "
+                                                "torch.compile (CPU or CUDA): faster steps after a one-time "
+                                                "compilation."),
+    cuda_graphs: bool | None = typer.Option(None, "--cuda-graphs", help="CUDA only: capture each network call in a "
+                                            "CUDA graph once and replay it at every step (fixed-grid solvers; the "
+                                            "same pairs)."),
 ) -> None:
     """Generate (noise, sample) couplings from TEACHER's probability-flow ODE; prints the artifact path."""
     from ..recipes import resolve_stage
@@ -67,23 +73,10 @@ def couple(
         from ..solvers.parallel import wrap
 
         solver = wrap(parallel, solver or "euler", window=window, tol=tol, blocks=blocks)
-    from ..errors import AccelkitError
 
-    texts = list(prompt or [])
-    if prompts_file is not None:
-        from ..prompts import read_prompts_file
+    from .common import prompt_conditions_option
 
-        texts += read_prompts_file(prompts_file)
-    if texts:
-        from ..prompts import prompt_conditions_file
-
-        if conditions is not None:
-            raise AccelkitError("give the conditions either with --prompt / --prompts or with --conditions, not both")
-        if teacher_path is None:
-            raise AccelkitError("--prompt: needs the teacher on the command line (its pipeline encodes the prompts)")
-        conditions = str(prompt_conditions_file(teacher_path, texts, negative_prompt))
-    elif negative_prompt is not None:
-        raise AccelkitError("--negative-prompt: needs --prompt or --prompts")
+    conditions = prompt_conditions_option(teacher_path, prompt, prompts_file, negative_prompt, conditions)
     if solver is None and nfe is None and grid is None and recipe is None and teacher_path is not None:
         from ..sampling import recorded_sampler
 
@@ -101,7 +94,8 @@ def couple(
     flags = {"teacher": teacher_path, "n": n, "solver": solver, "nfe": nfe, "guidance": guidance,
              "conditions": conditions, "save_trajectory": save_trajectory, "batch_size": batch_size,
              "micro_batch": micro_batch, "shard_size": shard_size, "seed": seed, "dtype": dtype, "device": device,
-             "checkpoint_every": checkpoint_every, "grid": _parse_grid(grid)}
+             "checkpoint_every": checkpoint_every, "grid": _parse_grid(grid), "compile": compile_network,
+             "cuda_graphs": cuda_graphs}
     spec = resolve_stage("couple", recipe, flags, set_)
     from ..pipeline import check_inputs, plan_stage, print_plan
 

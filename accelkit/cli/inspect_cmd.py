@@ -100,6 +100,10 @@ def print_description(desc: dict) -> None:
         ("format", desc.get("format")),
         ("architecture", desc.get("architecture")),
         ("pipeline", desc.get("pipeline")),
+        ("layout", f"{desc['layout']}: {desc.get('family_name') or 'unknown family'} ({desc.get('family')})"
+         if desc.get("layout") else None),
+        ("components", ", ".join(desc["components"]) if desc.get("components") else None),
+        ("config", desc.get("config")),
         ("parameters", f"{desc['parameters']:,}" if isinstance(desc.get("parameters"), int) else None),
         ("dtype", desc.get("dtype")),
         ("prediction type", desc.get("prediction_type")),

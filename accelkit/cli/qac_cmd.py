@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .common import input_path, run_stage
+from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 @app.command("qac")
@@ -17,6 +18,10 @@ def qac(
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set (checkerboard, moons, rings, "
                                                          "gaussian-mixture, digits, fashion-mnist) or a "
                                                          ".safetensors/.npy file."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     bits: int | None = typer.Option(None, "--bits", help="D: code channels, codebook L^D (default 8; 0: the control, "
                                                          "fine-tuning without codes)."),
     levels: int | None = typer.Option(None, "--levels", help="L: levels per channel (default 2, binary codes)."),
@@ -46,8 +51,10 @@ def qac(
     path_arg = source if source not in (None, "-") else None
     if path_arg is None and not (recipe is not None and source is None):
         path_arg = input_path(source, "source (teacher or couplings)")
+    conditions = prompt_conditions_option(path_arg, prompt, prompts_file, negative_prompt, conditions)
     flags = {"source": path_arg, "data": data, "bits": bits, "levels": levels, "encoder_width": encoder_width,
              "collection": collection, "batch_size": batch_size, "seed": seed, "device": device}
+    flags["conditions"] = conditions
     loop_sets = [f"qac.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("qac", recipe, flags, [*loop_sets, *set_])
     run_stage("qac", spec, output, force, dry_run)

@@ -51,7 +51,9 @@ def sample_command(
                              "solver's choice for the schedule)."),
     shift: float = typer.Option(None, "--shift", help="Shift of the 'shift' grid (default: the scheduler's "
                                 "recorded shift, else 3)."),
-    batch_size: int = typer.Option(64, "--batch-size", help="Samples per batch (results do not depend on it)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Samples per batch (results do not depend on it; "
+                                   "default: 64 on the CPU, on CUDA the batch that fills about 80 % of the free "
+                                   "memory, estimated from one network call)."),
     label: str = typer.Option(None, "--label", help="Class label(s) for class-conditional models, comma-separated, "
                               "cycled over the samples (default: 0, 1, 2, ...)."),
     cond: str = typer.Option(None, "--cond", help="Conditioning tensors (.safetensors: encoder_hidden_states, "
@@ -62,7 +64,7 @@ def sample_command(
                                      "P), encoded with the pipeline's own tokenizer and text encoder (cached)."),
     prompts_file: str = typer.Option(None, "--prompts", help="Text file of prompts, one a line (after any --prompt)."),
     negative_prompt: str = typer.Option(None, "--negative-prompt", help="The prompt guidance steers away from "
-                                        "(default with --prompt: the empty prompt, as diffusers)."),
+                                        "(default with --prompt: the empty prompt, or SDXL's zeros, as diffusers)."),
     null_class: int = typer.Option(None, "--null-class", help="The class label a class-conditional model was trained "
                                    "with as its null (dropped-label) class: guidance's null condition."),
     null_cond: str = typer.Option(None, "--null-cond", help="Null condition for guidance (.safetensors, batch 1); "
@@ -87,6 +89,11 @@ def sample_command(
     tol: float = typer.Option(None, "--tol", help="picard: per-step tolerance relative to the noise level "
                               "(default 0.1); parareal: RMS change of the block ends (default 5e-3); 0: exact."),
     blocks: int = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default about sqrt(steps))."),
+    compile_network: bool = typer.Option(False, "--compile", help="Compile the network with torch.compile (CPU or "
+                                         "CUDA): faster steps after a one-time compilation of each batch shape."),
+    cuda_graphs: bool = typer.Option(False, "--cuda-graphs", help="CUDA only: capture each network call in a CUDA "
+                                     "graph once and replay it at every step (fixed-grid solvers; the same "
+                                     "samples)."),
 ) -> None:
     """Draw samples from the teacher's ODE and write them to -o (atomically; nothing is written on error)."""
     import math
@@ -105,10 +112,12 @@ def sample_command(
         raise AccelkitError(f"-n {n}: expected at least 1 sample")
     if nfe is not None and nfe < 1:
         raise AccelkitError(f"--nfe {nfe}: expected at least 1 network evaluation")
-    if batch_size < 1:
+    if batch_size is not None and batch_size < 1:
         raise AccelkitError(f"--batch-size {batch_size}: expected at least 1")
     if guidance is not None and not math.isfinite(guidance):
         raise AccelkitError(f"--guidance {guidance}: expected a finite number")
+    if cuda_graphs and not device.startswith("cuda"):
+        raise AccelkitError(f"--cuda-graphs: needs --device cuda (got --device {device}); leave it off on the CPU")
     time_grid = _parse_grid(grid) if grid is not None else None
     labels = _parse_labels(label) if label is not None else None
     path = input_path(path, "teacher checkpoint")
@@ -160,11 +169,9 @@ def sample_command(
         check_solver_teacher(solver, path, force)
     teacher = load_teacher(path, config=config, allow_pickle=allow_pickle, device=device, dtype=dtype,
                            prediction_type=prediction_type, schedule=schedule)
-    texts = list(prompt or [])
-    if prompts_file is not None:
-        from ..prompts import read_prompts_file
+    from .common import prompt_texts
 
-        texts += read_prompts_file(prompts_file)
+    texts = prompt_texts(prompt, prompts_file)
     if texts:
         from ..prompts import check_text_model, prompt_conditions
         from ..sampling import cycled_condition
@@ -172,7 +179,7 @@ def sample_command(
         if cond is not None:
             raise AccelkitError("give the text condition either with --prompt / --prompts or with --cond, not both")
         check_text_model(teacher, path)
-        text_cond, text_null = prompt_conditions(path, texts, negative_prompt)
+        text_cond, text_null = prompt_conditions(path, texts, negative_prompt, teacher)
         condition = cycled_condition(text_cond)
         teacher.null_condition = text_null
     elif negative_prompt is not None:
@@ -199,6 +206,20 @@ def sample_command(
         grid_kw["shift"] = shift if shift is not None else float(teacher.info.get("shift", 3.0))
     solver_grid(teacher, solver, nfe, time_grid, **grid_kw)  # checks NFE and grid before any work
     writer = _writer(out, teacher, path, allow_pickle, device)  # refuses an unsupported sample shape before any work
+    if batch_size is None and device.startswith("cuda"):
+        from ..acceleration import batch_to_fill_memory
+
+        batch_size = batch_to_fill_memory(teacher, condition, n, device)
+        log(f"sample: batch size {batch_size} (about 80 % of the free CUDA memory; --batch-size to choose)")
+    batch_size = 64 if batch_size is None else batch_size
+    from ..teacher import Condition
+
+    if isinstance(getattr(teacher, "null_condition", None), Condition):  # on the device once, not at every step
+        teacher.null_condition = teacher.null_condition.map(lambda v: v.to(device))
+    if compile_network or cuda_graphs:
+        from ..acceleration import accelerate
+
+        accelerate(teacher, compile=compile_network, cuda_graphs=cuda_graphs, solver=solver, what=path)
 
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -304,7 +325,7 @@ def _writer(out, teacher, path: str, allow_pickle: bool = False, device: str = "
     if len(shape) == 3 and vae_dir:
         from ..models.diffusers_models import decode_latents, load_vae
 
-        vae = load_vae(vae_dir, allow_pickle=allow_pickle)
+        vae = load_vae(vae_dir, allow_pickle=allow_pickle, config=getattr(teacher, "info", {}).get("vae_config"))
         vae.to(device)
 
         def write_decoded(samples, settings):

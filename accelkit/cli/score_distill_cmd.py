@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .common import input_path, run_stage
+from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 @app.command("score-distill")
@@ -18,6 +19,10 @@ def score_distill(
     steps: int | None = typer.Option(None, "--steps", help="K: the generator's sampling steps (default 1)."),
     data: str | None = typer.Option(None, "--data", help="Real samples (a built-in set or a .safetensors/.npy "
                                                          "file); used by dmd2's GAN term."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     train_steps: int | None = typer.Option(None, "--train-steps", help="Training steps "
                                                                        "(score_distill.loop.steps)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (over all processes)."),
@@ -43,8 +48,10 @@ def score_distill(
     path_arg = source if source not in (None, "-") else None
     if path_arg is None and not (recipe is not None and source is None):
         path_arg = input_path(source, "source")
+    conditions = prompt_conditions_option(path_arg, prompt, prompts_file, negative_prompt, conditions)
     flags = {"source": path_arg, "method": method, "steps": steps, "data": data, "batch_size": batch_size,
              "ratio": ratio, "guidance": guidance, "seed": seed, "device": device}
+    flags["conditions"] = conditions
     loop_sets = [f"score_distill.loop.{k}={v!r}" for k, v in (("steps", train_steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("score_distill", recipe, flags, [*loop_sets, *set_])
     run_stage("score_distill", spec, output, force, dry_run)

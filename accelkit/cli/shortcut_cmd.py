@@ -6,8 +6,9 @@ from pathlib import Path
 
 import typer
 
-from .common import input_path, run_stage
+from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 def parse_range(value: str | None) -> list[float] | None:
@@ -33,6 +34,10 @@ def shortcut(
                                                              "jumps make one) or meanflow (average velocity)."),
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set or a .safetensors/.npy "
                                                          "file (needed with a teacher as SOURCE)."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     anchor: str | None = typer.Option(None, "--anchor", help="data (default: flow matching on the clean samples) "
                                                              "or teacher (the teacher's velocity: a distillation)."),
     guidance: float | None = typer.Option(None, "--guidance", help="Bake this guidance scale into the targets."),
@@ -61,9 +66,11 @@ def shortcut(
     path_arg = source if source not in (None, "-") else None
     if path_arg is None and not (recipe is not None and source is None):
         path_arg = input_path(source, "source")
+    conditions = prompt_conditions_option(path_arg, prompt, prompts_file, negative_prompt, conditions)
     flags = {"source": path_arg, "method": method, "data": data, "anchor": anchor, "guidance": guidance,
              "guidance_range": parse_range(guidance_range), "nfe": nfe, "batch_size": batch_size, "seed": seed,
              "device": device}
+    flags["conditions"] = conditions
     loop_sets = [f"shortcut.loop.{k}={v!r}" for k, v in (("steps", steps), ("lr", lr)) if v is not None]
     spec = resolve_stage("shortcut", recipe, flags, [*loop_sets, *set_])
     run_stage("shortcut", spec, output, force, dry_run)

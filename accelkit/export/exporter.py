@@ -137,6 +137,8 @@ def stock_scheduler(teacher: Teacher, solver: str | Solver, nfe: int):
     """
     if not isinstance(solver, str):
         return None
+    if solver in ("consistency", "tcd", "edge-skip"):
+        return lcm_scheduler(teacher, solver, nfe)
     if _is_diffusers_vp(teacher) and solver in ("dpm++2m", "dpm++3m", "unipc2"):
         from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
 
@@ -165,6 +167,40 @@ def stock_scheduler(teacher: Teacher, solver: str | Solver, nfe: int):
         return None
     if len(grid) != nfe + 1 or any(b >= a for a, b in zip(grid, grid[1:], strict=False)):
         return None  # e.g. repeated training steps at more steps than the schedule has
+    return scheduler, grid
+
+
+def lcm_scheduler(teacher: Teacher, solver: str, nfe: int):
+    """diffusers' LCMScheduler and its grid for a consistency student with LCM's boundary (``boundary: lcm``), or None.
+
+    Its step is ours (:mod:`accelkit.solvers.consistency` with gamma = 1): denoised = c_skip(n) x + c_out(n) x0_hat
+    with c_skip, c_out on the timestep n scaled by ``timestep_scaling``
+    (:class:`accelkit.consistency.Parameterisation`);
+    then x_next = sqrt(alphas_cumprod[n']) denoised + sqrt(1 - alphas_cumprod[n']) z, and the denoised value itself
+    after the last step; its timesteps are LCM's skip grid (:func:`accelkit.consistency.lcm_grid`). The one difference
+    is where z comes from: LCMScheduler draws it from the pipeline's generator, accelkit from the sample's own seed, so
+    the samples are equal at one step and equal given the same z at more (``lcm_noise`` in the export record). TCD's
+    gamma sampler and edge-skipping equal it at one step only (TCDScheduler has no boundary scalings and back-steps on
+    integer timesteps)."""
+    from ..consistency import LCM_ORIGINAL_STEPS, Parameterisation, lcm_grid
+
+    param = Parameterisation.of(teacher)
+    one_step_only = solver in ("tcd", "edge-skip")
+    if not (_is_diffusers_vp(teacher) and param.lcm) or (one_step_only and nfe != 1) or nfe > LCM_ORIGINAL_STEPS:
+        return None
+    from diffusers import LCMScheduler
+
+    sched: DiscreteVPSchedule = teacher.schedule  # type: ignore[assignment]
+    pred = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}[teacher.prediction]  # type: ignore[attr-defined]
+    scheduler = LCMScheduler(num_train_timesteps=sched.num_train_timesteps, beta_start=sched.beta_start,
+                             beta_end=sched.beta_end, beta_schedule=sched.beta_schedule, prediction_type=pred,
+                             original_inference_steps=LCM_ORIGINAL_STEPS, clip_sample=False, set_alpha_to_one=True,
+                             timestep_scaling=float(param.timestep_scaling))  # type: ignore[arg-type]
+    scheduler.set_timesteps(nfe)
+    n = sched.num_train_timesteps
+    grid = [(float(k) + 1.0) / n for k in scheduler.timesteps] + [0.0]
+    if max(abs(a - b) for a, b in zip(grid, lcm_grid(sched, nfe), strict=True)) > 1e-12:
+        return None
     return scheduler, grid
 
 
@@ -249,7 +285,31 @@ def export_record(source: Source, sampling: Sampling, scheduler: str) -> dict[st
         "schedule": source.teacher.schedule.config(), "network_schedule": net.schedule.config(),
         "time_input": net.time_input.config(), "scheduler": scheduler, **sampling.record(),
     }
+    if scheduler == "LCMScheduler":  # a consistency student with LCM's boundary: the stock config and its exactness
+        stock = lcm_scheduler(source.teacher, sampling.solver, sampling.nfe)
+        assert stock is not None
+        record["scheduler_config"] = {k: v for k, v in dict(stock[0].config).items() if not k.startswith("_")}
+        record["lcm_noise"] = lcm_noise_note(sampling.nfe)
     return record
+
+
+def lcm_noise_note(nfe: int) -> str:
+    """How exactly an exported LCMScheduler reproduces accelkit's samples (see :func:`lcm_scheduler`)."""
+    if nfe == 1:
+        return "none: one step, the same samples as accelkit's"
+    return (f"{nfe - 1} re-noising draws from the pipeline's generator (accelkit draws them from each sample's own "
+            "seed): the same step rule, samples equal given the same draws")
+
+
+def scheduler_choice(source: Source, sampling: Sampling) -> str:
+    """The scheduler an export carries, in words (for the log)."""
+    stock = exact_stock_scheduler(source, sampling)
+    if stock is None:
+        return "AccelkitScheduler (accelkit's own: no stock diffusers scheduler runs this sampler exactly)"
+    name = type(stock).__name__
+    if name == "LCMScheduler":
+        return f"{name} (stock; re-noising: {lcm_noise_note(sampling.nfe)})"
+    return f"{name} (stock; computes this sampler exactly)"
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -427,16 +487,25 @@ def export(path: str | os.PathLike, output: str | os.PathLike, fmt: str | None =
                                     "exported scheduler; export with a standard or bespoke solver")
             nfe = getattr(solver, "nfe", None) if nfe is None else nfe
     sampling = resolve_sampling(source, solver, nfe, grid, shift)
+    written = _write(source, sampling, path, output, fmt, force)
+    from ..console import log
+
+    log(f"export: scheduler {scheduler_choice(source, sampling)}")
+    return written, sampling
+
+
+def _write(source: Source, sampling: Sampling, path: str | os.PathLike, output: str | os.PathLike, fmt: str,
+           force: bool) -> Path:
     if fmt == "diffusers" and sampling.solver in ("shortcut", "meanflow"):
         raise AccelkitError(f"{path}: a {sampling.solver} student takes its jump size as an input at every step, "
                             "which diffusers' pipelines do not feed; export it with --format safetensors")
     if fmt == "diffusers":
-        return export_diffusers(source, sampling, output, force), sampling
+        return export_diffusers(source, sampling, output, force)
     if fmt in ("lora", "kohya"):
         from .lora import export_lora
 
-        return export_lora(source, sampling, output, fmt, force), sampling
-    return export_safetensors(source, sampling, output, force), sampling
+        return export_lora(source, sampling, output, fmt, force)
+    return export_safetensors(source, sampling, output, force)
 
 
 __all__ = ["export", "export_diffusers", "export_safetensors", "open_source", "resolve_sampling", "Sampling",

@@ -62,6 +62,15 @@ class GaussianMixtureTeacher(Teacher):
         eps = (resp * (s / var_t * resid)).sum(1)
         return x0.reshape(shape).to(dtype), eps.reshape(shape).to(dtype)
 
+    def flow_map(self, x: Tensor, t: Tensor, s: Tensor) -> Tensor:
+        """The exact probability-flow ODE map from time t to time s (per sample) of a single Gaussian
+        (:func:`gaussian_flow_map`); a mixture of several has no closed form."""
+        if self.means.shape[0] != 1:
+            raise ValueError(f"the exact ODE map is closed-form for one Gaussian, not {self.means.shape[0]}")
+        mu = self.means[0].reshape(self.sample_shape)
+        v = self.variances[0].reshape(self.sample_shape)
+        return gaussian_flow_map(mu, v, self.schedule, x, t, s)
+
     def sample_data(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """n exact samples of the data distribution (float64)."""
         k = torch.multinomial(self.log_weights.exp(), n, replacement=True, generator=generator)
@@ -97,6 +106,29 @@ class GaussianMixtureTeacher(Teacher):
                   "components": int(self.means.shape[0]), "parameters": 0, "dtype": "float64",
                   "conditioning": "none"})
         return d
+
+
+def gaussian_flow_map(mean: Tensor, variance: Tensor | float, schedule: Schedule, x: Tensor, t: Tensor,
+                      s: Tensor) -> Tensor:
+    """The exact probability-flow ODE map x_t -> x_s for data N(mean, diag(variance)) (variance 0: a point mass).
+
+    Under x_t = a_t x0 + s_t eps the marginal is N(a_t mean, a_t^2 v + s_t^2) per coordinate, and the ODE moves every
+    point at the same standardised position along it:
+
+        x_s = a_s mean + sqrt(a_s^2 v + s_s^2) / sqrt(a_t^2 v + s_t^2) (x_t - a_t mean).
+
+    Float64 in, per-sample times t, s (or scalars); affine in x_t, so composing two maps is the map of the whole
+    interval up to rounding."""
+    from ..teacher import broadcast_to
+
+    z = x.to(torch.float64)
+    t, s = as_time(t, x.device), as_time(s, x.device)
+    mean = torch.as_tensor(mean, dtype=torch.float64, device=x.device)
+    v = torch.as_tensor(variance, dtype=torch.float64, device=x.device)
+    a_t, s_t = broadcast_to(schedule.alpha(t), z), broadcast_to(schedule.sigma(t), z)
+    a_s, s_s = broadcast_to(schedule.alpha(s), z), broadcast_to(schedule.sigma(s), z)
+    ratio = torch.sqrt(a_s**2 * v + s_s**2) / torch.sqrt(a_t**2 * v + s_t**2)
+    return (a_s * mean + ratio * (z - a_t * mean)).to(x.dtype)
 
 
 def gaussian_mixture_2d(

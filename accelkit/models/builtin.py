@@ -32,7 +32,8 @@ class TimeClassEmbedding(nn.Module):
         self.classes = nn.Embedding(num_classes + 1, dim) if num_classes > 0 else None
 
     def forward(self, timestep: Tensor, class_labels: Tensor | None) -> Tensor:
-        emb = self.mlp(timestep_embedding(timestep * self.time_scale, self.dim))
+        features = timestep_embedding(timestep * self.time_scale, self.dim)  # float32, then the network's dtype
+        emb = self.mlp(features.to(next(self.mlp.parameters()).dtype))
         if self.classes is not None:
             if class_labels is None:
                 class_labels = torch.full((timestep.shape[0],), self.classes.num_embeddings - 1,
@@ -41,16 +42,33 @@ class TimeClassEmbedding(nn.Module):
         return emb
 
 
+def fourier_features(x: Tensor, n: int, base: float) -> Tensor:
+    """[x, sin(w_k x), cos(w_k x)] for k = 0 .. n-1, w_k = pi base 2^k (per coordinate): Fourier features of the
+    input (Tancik et al. 2020, "Fourier Features Let Networks Learn High Frequency Functions in Low Dimensional
+    Domains"), so an MLP can represent sharp edges in the data."""
+    freqs = math.pi * base * 2.0 ** torch.arange(n, device=x.device, dtype=x.dtype)
+    angles = (x[..., None] * freqs).flatten(-2)
+    return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
 class MLP(nn.Module):
-    """Residual MLP for flat vectors (2-D toy data): x -> [Linear, SiLU] blocks with additive time embedding."""
+    """Residual MLP for flat vectors (2-D toy data): x -> [Linear, SiLU] blocks with additive time embedding.
+
+    ``fourier_features`` = n > 0 feeds the input layer [x, sin(w_k x), cos(w_k x)], w_k = pi ``fourier_base`` 2^k
+    (:func:`fourier_features`; periods 2 / (base 2^k) in data units) instead of x alone; 0 (the default, and what
+    checkpoints written before the option hold) is the plain MLP.
+    """
 
     def __init__(self, dim: int = 2, hidden: int = 256, depth: int = 4, time_scale: float = 1.0,
-                 num_classes: int = 0):
+                 num_classes: int = 0, fourier_features: int = 0, fourier_base: float = 0.5):
         super().__init__()
         #: The JSON config that rebuilds this network (see :func:`build_network`).
         self.config = {"dim": dim, "hidden": hidden, "depth": depth, "time_scale": time_scale,
                        "num_classes": num_classes}
-        self.inp = nn.Linear(dim, hidden)
+        if fourier_features:
+            self.config.update({"fourier_features": fourier_features, "fourier_base": fourier_base})
+        self.fourier = (int(fourier_features), float(fourier_base))
+        self.inp = nn.Linear(dim * (1 + 2 * self.fourier[0]), hidden)
         self.emb = TimeClassEmbedding(hidden, time_scale, num_classes)
         self.blocks = nn.ModuleList(
             nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, hidden), nn.SiLU(), nn.Linear(hidden, hidden))
@@ -59,7 +77,8 @@ class MLP(nn.Module):
         self.out = nn.Sequential(nn.LayerNorm(hidden), nn.Linear(hidden, dim))
 
     def forward(self, x: Tensor, timestep: Tensor, class_labels: Tensor | None = None) -> Tensor:
-        h = self.inp(x) + self.emb(timestep, class_labels)
+        features = fourier_features(x, *self.fourier) if self.fourier[0] else x
+        h = self.inp(features) + self.emb(timestep, class_labels)
         for block in self.blocks:
             h = h + block(h)
         return self.out(h)

@@ -4,7 +4,9 @@ Supported model families (the ``_class_name`` of a model's config.json):
 
 * ``UNet2DModel``            pixel-space UNets (DDPM, DDIM pipelines); optional class labels.
 * ``UNet2DConditionModel``   text-conditioned UNets (Stable Diffusion 1.x/2.x layout): ``encoder_hidden_states``
-                             (+ ``encoder_attention_mask``), optional class labels.
+                             (+ ``encoder_attention_mask``), optional class labels; SDXL's added conditioning
+                             (``addition_embed_type="text_time"``): ``pooled_projections`` as ``text_embeds`` and
+                             ``extra["time_ids"]`` (size / crop numbers) in ``added_cond_kwargs``.
 * ``DiTTransformer2DModel``  class-conditional DiT (Peebles & Xie 2023); the null class is ``num_embeds_ada_norm``.
 * ``SD3Transformer2DModel``  MMDiT of Stable Diffusion 3: ``encoder_hidden_states`` + ``pooled_projections``.
 
@@ -165,6 +167,11 @@ def _unet2d_condition_conditioning(network: nn.Module) -> dict[str, Any]:
         d["num_classes"] = cfg.get("num_class_embeds")
     if cfg.get("addition_embed_type"):
         d["addition_embed_type"] = cfg.get("addition_embed_type")
+    if cfg.get("addition_embed_type") == "text_time" and cfg.get("projection_class_embeddings_input_dim"):
+        # SDXL: the added embedding takes the pooled text embeddings and 6 size / crop numbers (time_ids)
+        d["pooled_dim"] = int(cfg["projection_class_embeddings_input_dim"]) - 6 * int(
+            cfg.get("addition_time_embed_dim") or 0)
+        d["time_ids"] = 6
     return d
 
 
@@ -380,7 +387,10 @@ def _build_teacher(
     prediction_type: str | None,
     schedule: Schedule | None,
     sample_shape: tuple[int, ...] | None,
+    state: dict[str, Tensor] | None = None,
 ) -> NetworkTeacher:
+    """The teacher of a model config and its weights (the files ``weights``, or ``state`` already in diffusers'
+    key layout, e.g. converted from an original single file)."""
     cfg = _read_json(config_path)
     class_name = cfg.get("_class_name")
     if not class_name:
@@ -402,7 +412,7 @@ def _build_teacher(
                                 "type and schedule are unknown; pass --prediction-type and --schedule")
         pred, sched, time_input = prediction_type, schedule, _time_input_for(schedule)
 
-    state = _state_dict(weights, allow_pickle)
+    state = _state_dict(weights, allow_pickle) if state is None else state
     with weights_to_be_loaded():
         network = adapter.build(cfg)
     move_network(network, dtype=stored_dtype(state))
@@ -483,9 +493,15 @@ def load_diffusers_single_file(
 VAE_CLASSES = ("AutoencoderKL",)
 
 
-def load_vae(folder: str | os.PathLike, *, allow_pickle: bool = False) -> nn.Module:
-    """The VAE of a latent pipeline (``vae/`` folder: config.json + weights), checked like a denoiser."""
+def load_vae(folder: str | os.PathLike, *, allow_pickle: bool = False,
+             config: str | os.PathLike | None = None) -> nn.Module:
+    """The VAE of a latent pipeline (``vae/`` folder: config.json + weights), checked like a denoiser; or the VAE
+    inside an original single-file checkpoint (``config``: its vae/ config folder, default the shipped one)."""
     folder = Path(folder)
+    if folder.is_file():
+        from .original_layout import load_original_vae
+
+        return load_original_vae(folder, config)
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise AccelkitError(f"{folder}: no config.json; expected a diffusers VAE folder")

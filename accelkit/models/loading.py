@@ -549,6 +549,10 @@ def load_teacher(
             from ..export.lora import load_lora_teacher
 
             return load_lora_teacher(p, device=device, dtype=dtype, guidance=guidance)
+        elif _is_original_layout(p, meta):  # an original SD 1.x / 2.x / XL file (accelkit.models.original_layout)
+            from .original_layout import load_original_teacher
+
+            teacher = load_original_teacher(p, config, **overrides)
         elif config is not None:
             from .diffusers_models import load_diffusers_single_file
 
@@ -556,8 +560,9 @@ def load_teacher(
         elif meta.get("format", "").startswith("accelkit."):
             raise AccelkitError(f"{path}: an {meta['format']} file, not a teacher; expected {FORMAT}")
         else:
-            raise AccelkitError(f"{path}: no {FORMAT} metadata in the header; for a diffusers state dict pass "
-                                "--config naming its config.json (or its model or pipeline folder)")
+            raise AccelkitError(f"{path}: no {FORMAT} metadata in the header and no original Stable Diffusion keys "
+                                "(model.diffusion_model.*): unknown single-file layout; for a diffusers-layout "
+                                "state dict pass --config naming its config.json (or its model or pipeline folder)")
     elif p.suffix in PICKLE_SUFFIXES:
         if not allow_pickle:
             raise pickle_refused(p)
@@ -577,6 +582,15 @@ def load_teacher(
     if guidance is not None:
         teacher.guidance_scale = float(guidance)
     return rescaled_if_recorded(teacher)
+
+
+def _is_original_layout(path: Path, meta: dict[str, str]) -> bool:
+    """Whether a safetensors file without an accelkit header is an original (LDM-layout) checkpoint."""
+    if meta.get("format", "").startswith("accelkit."):
+        return False
+    from .original_layout import original_layout_of
+
+    return original_layout_of(path) is not None
 
 
 def rescaled_if_recorded(teacher: NetworkTeacher) -> Teacher:

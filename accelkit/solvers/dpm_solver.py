@@ -16,6 +16,14 @@ r_k = h_{i-k} / h_i (earlier step sizes):
                      x_{i+1} = (sigma_{i+1} / sigma_i) x_i - alpha_{i+1} E m_i
                                + alpha_{i+1} (E / h + 1) D1 - alpha_{i+1} ((E + h) / h^2 - 1/2) D2.
 
+The 3M update is the one of the paper's code and of diffusers (``dpm++3m`` equals diffusers'
+``DPMSolverMultistepScheduler(solver_order=3)``). Its second-difference term is half the exact one: by Taylor
+expansion D1 = h m' + O(h^3) and D2 = h^2 m'' / 2 + O(h^3), while the exact integral of the quadratic term is
+alpha_{i+1} (1 - 2 (E + h) / h^2) D2, so the 3M step has local error O(h^3) (a second-order method) where the exact
+coefficient gives O(h^4). ``dpm++3m-exact`` (``exact_phi=True``) uses the exact integrals of the interpolating
+polynomial on every step, (E / h + 1) D1_0 on second-order steps and the coefficient above on third-order ones
+(tests/test_solvers.py::test_dpm_solver_3m_local_error_orders measures both).
+
 Warm-up with lower orders; the final step onto sigma = 0 (lambda = +inf) is first order and returns the x0 prediction
 (see :meth:`GridNodes.multistep_orders`).
 """
@@ -35,10 +43,11 @@ class DPMSolverPP(Solver):
         if order not in (1, 2, 3):
             raise ValueError(f"DPM-Solver++ order {order}: expected 1, 2 or 3")
         self.order = order
-        #: second-order steps with the exact integral of the linear interpolation, alpha_{i+1} (E / h + 1) D1_0,
-        #: instead of Algorithm 2's midpoint form (diffusers' solver_type "heun" against "midpoint")
+        #: the exact integrals of the interpolating polynomial: on second-order steps alpha_{i+1} (E / h + 1) D1_0
+        #: instead of Algorithm 2's midpoint form (diffusers' solver_type "heun" against "midpoint"), on third-order
+        #: steps the exact weight of D2 (twice the 3M code's; see the module docstring)
         self.exact_phi = exact_phi
-        self.name = f"dpm++{order}m" if order > 1 else "ddim"
+        self.name = (f"dpm++{order}m" if order > 1 else "ddim") + ("-exact" if exact_phi and order == 3 else "")
 
     def coefficients(self, g: GridNodes) -> tuple[list[int], dict[str, list[float]]]:
         """Per-step orders and the scalars of the update above (float64, host)."""
@@ -65,7 +74,7 @@ class DPMSolverPP(Solver):
                 c["w2"].append(0.0)
             elif p == 3:
                 c["w1"].append(alpha_next * (e / h + 1.0))
-                c["w2"].append(-alpha_next * ((e + h) / h**2 - 0.5))
+                c["w2"].append(-alpha_next * ((e + h) / h**2 - 0.5) * (2.0 if self.exact_phi else 1.0))
             else:
                 c["w1"].append(0.0)
                 c["w2"].append(0.0)
@@ -96,4 +105,5 @@ class DPMSolverPP(Solver):
 
 register_solver("dpm++2m", lambda: DPMSolverPP(2))
 register_solver("dpm++3m", lambda: DPMSolverPP(3))
+register_solver("dpm++3m-exact", lambda: DPMSolverPP(3, exact_phi=True))  # third order (see the module docstring)
 register_solver("ddim", lambda: DPMSolverPP(1))  # first order: DDIM, eta = 0 (Euler on the linear schedule)

@@ -42,7 +42,7 @@ from ..artifacts import Artifact, content_hash, open_on_rank0
 from ..console import log
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..teacher import Condition, Teacher
+from ..teacher import CountingTeacher, Teacher
 from ..training import LoopConfig, Trainer
 
 KIND = "bespoke"
@@ -160,19 +160,6 @@ class GroundTruthPaths:
             return sum(c.to(p.dtype) * p for c, p in zip(coef, parts, strict=True))
 
         return path
-
-
-class CountingTeacher(Teacher):
-    """Delegates to ``base`` and counts evaluations (rows of x) for the training-cost report."""
-
-    def __init__(self, base: Teacher):
-        super().__init__()
-        self.base, self.schedule, self.sample_shape = base, base.schedule, base.sample_shape
-        self.evaluations = 0
-
-    def denoise(self, x: Tensor, t: Tensor, cond: Condition | None = None) -> tuple[Tensor, Tensor]:
-        self.evaluations += x.shape[0]
-        return self.base.denoise(x, t, cond)
 
 
 def path_times(t_max: float, t_min: float, points: int) -> Tensor:
@@ -369,6 +356,16 @@ def fit_solver(module: nn.Module, kind: str, teacher: Teacher, train: GroundTrut
 # ----------------------------------------------------------------------------------------------------------- run
 
 
+def refuse_qac_teacher(path: str, load_teacher: Any) -> None:
+    """A QAC model's ODE depends on the code drawn for each sample; a learned solver here is trained and applied on
+    unconditional paths, so such a teacher is refused before anything is written (its header alone is read)."""
+    from ..qac import code_book_of
+
+    if code_book_of(load_teacher(path, device="meta")) is not None:
+        raise AccelkitError(f"{path}: a QAC model (accelkit qac), whose trajectories depend on the code drawn per "
+                            "sample; bespoke trains solvers on unconditional paths only, so it does not take one")
+
+
 def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the learned solver of ``recipe``; returns the artifact directory."""
     from ..jobs import dist_env
@@ -380,6 +377,7 @@ def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool =
     if dist_env()[1] > 1:
         raise AccelkitError("bespoke trains a few hundred parameters in one process; run it without torchrun")
     device = resolve_device(recipe.device)
+    refuse_qac_teacher(recipe.teacher, load_teacher)
     teacher_hash = content_hash(recipe.teacher)
     if recipe.couplings is not None:
         recorded = Artifact.read(recipe.couplings, "couple").manifest.get("inputs", {}).get("teacher", {})

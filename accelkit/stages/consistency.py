@@ -3,7 +3,9 @@
 SOURCE is a couple artifact (its teacher is the student's start; its teacher samples serve as the data x0) or a
 teacher with ``data`` (:func:`accelkit.stages.student.begin_source_run`). The student keeps the teacher's network,
 prediction type and schedule; its consistency function is Song et al.'s parameterisation over the teacher's x0
-prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equations and the papers):
+prediction, exact at the smallest time, or for a DDPM teacher of discrete timesteps LCM's boundary on them (``boundary``
+auto / lcm), which diffusers' LCMScheduler samples step for step (:mod:`accelkit.consistency` has the equations and the
+papers):
 
 * ``cd``: consistency distillation: target = an EMA copy (``target_ema``, 0.95) of the student at the teacher's one
   solver step (``solver``, ``solver_nfe``) over one interval of the teacher's ``discretisation``-step grid;
@@ -20,7 +22,8 @@ prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equa
 Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9`` including the EMA
 target, NaN guard, DDP, LoRA). The artifact holds ``teacher.safetensors`` (the student, with its parameterisation in
 its info), ``history.json``, and records its sampler in ``summary.sampling``: ``consistency`` (multistep with
-re-noising, :mod:`accelkit.solvers.consistency`) at ``sampling_nfe`` steps, or ``ddim`` / ``euler`` on the phase edges
+re-noising, :mod:`accelkit.solvers.consistency`; ``tcd`` for ect, SCT's ``edge-skip`` for sct) at ``sampling_nfe``
+steps, or ``ddim`` / ``euler`` on the phase edges
 for PCM, so ``accelkit sample`` / ``couple`` / ``eval`` use it without flags.
 """
 
@@ -49,12 +52,12 @@ LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_chec
                          "validate_every")
 #: The recipe keys each method reads (beside the common ones); the others stay out of its identity.
 METHOD_FIELDS = {
-    "cd": ("discretisation", "solver", "solver_nfe", "target_ema"),
-    "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range"),
+    "cd": ("discretisation", "solver", "solver_nfe", "target_ema", "boundary"),
+    "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range", "boundary"),
     "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance", "adversarial_weight", "disc",
             "disc_layers", "disc_width", "adversarial_real", "disc_held_out"),
-    "ect": ("ect_q", "stage_steps", "p_mean", "p_std"),
-    "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size"),
+    "ect": ("ect_q", "stage_steps", "p_mean", "p_std", "boundary"),
+    "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size", "boundary"),
 }
 #: Sinusoidal features of g * 100 (the time embedding's features take t * 1000 for t in [0, 1]; g spans ~1-15).
 GUIDANCE_INPUT_SCALE = 100.0
@@ -100,15 +103,22 @@ class ConsistencyRecipe(students.SourceRecipe):
                               "teacher-stepped target's jump, noised forward) or 'data' (the clean samples x0 of the "
                               "batch, noised to s': the teacher's / data's marginal there)")
     ect_q: float = Field(2.0, gt=1, description="ect / sct: q of the r(t) curriculum")
-    stage_steps: int = Field(500, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by q)")
+    stage_steps: int | None = Field(None, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by "
+                                                             "q); default a quarter of loop.steps (4 stages in any "
+                                                             "run)")
     p_mean: float = Field(-1.1, description="ect / sct: mean of log sigma")
     p_std: float = Field(2.0, gt=0, description="ect / sct: standard deviation of log sigma")
     reference_size: int = Field(64, ge=1, description="sct: x0 samples in each reference batch")
+    boundary: Literal["auto", "edm", "lcm"] = Field(
+        "auto", description="the consistency parameterisation: edm (Song et al.'s c_skip / c_out in EDM terms), lcm "
+                            "(LCM's on a DDPM teacher's discrete timesteps, which diffusers' LCMScheduler samples "
+                            "exactly) or auto (lcm for a DDPM teacher of discrete steps, else edm)")
     sampling_nfe: int | None = Field(None, ge=1, description="the recorded sampling steps (default 1; pcm: phases)")
-    sampler: Literal["consistency", "tcd"] | None = Field(
+    sampler: Literal["consistency", "tcd", "edge-skip"] | None = Field(
         None, description="the recorded multistep sampler (not pcm): consistency (full re-noising; default for cd and "
-                          "lcm) or tcd (gamma 0.3; default for ect and sct, which improve 1 -> 2 -> 4 steps with it "
-                          "on the 2-D teachers and not with full re-noising)")
+                          "lcm), tcd (gamma 0.3; default for ect, which improves 1 -> 2 -> 4 steps with it on the 2-D "
+                          "teachers and not with full re-noising) or edge-skip (SCT's edge-skipping: tcd whose inner "
+                          "evaluations sit a quarter interval past each edge; default for sct)")
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the batch order, the times and the noise")
     loop: LoopConfig = Field(default_factory=default_loop)
@@ -155,7 +165,16 @@ class ConsistencyRecipe(students.SourceRecipe):
             if k not in METHOD_FIELDS[self.method]:
                 d.pop(k, None)
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
+        if "stage_steps" in d:  # the steps it resolves to (the default 2000-step recipe keeps its identity)
+            d["stage_steps"] = self.curriculum_stage_steps
         return d
+
+    @property
+    def curriculum_stage_steps(self) -> int:
+        """ect / sct: steps per stage of the r(t) curriculum: ``stage_steps``, or a quarter of the run, so that every
+        run passes through 4 stages (a fixed length left a run shorter than it in stage 0: r = t_min for most noise
+        levels, plain denoising; docs/benchmarks.md, digits)."""
+        return self.stage_steps if self.stage_steps is not None else max(1, self.loop.steps // 4)
 
     @property
     def recorded_nfe(self) -> int:
@@ -179,15 +198,20 @@ def phase_edges(schedule, discretisation: int, phases: int) -> Tensor:
     return teacher_grid(schedule, discretisation)[:: discretisation // phases]
 
 
-def recommended_sampling(recipe: ConsistencyRecipe, schedule) -> dict[str, Any]:
-    """The sampler the student is made for: phase jumps (pcm) or the multistep consistency sampler."""
+def recommended_sampling(recipe: ConsistencyRecipe, schedule, param=None) -> dict[str, Any]:
+    """The sampler the student is made for: phase jumps (pcm) or the multistep consistency sampler (on LCMScheduler's
+    own timesteps for a student with LCM's boundary, so the stock scheduler runs it)."""
     if recipe.method == "pcm":
         edges = phase_edges(schedule, recipe.discretisation, recipe.phases)
         solver = "euler" if schedule.name == "linear" else "ddim"
         nfe = recipe.phases
         return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in edges]}
     nfe = recipe.recorded_nfe
-    solver = recipe.sampler or ("tcd" if recipe.method in ("ect", "sct") else "consistency")
+    solver = recipe.sampler or {"ect": "tcd", "sct": "edge-skip"}.get(recipe.method, "consistency")
+    if param is not None and param.lcm:
+        from ..consistency import lcm_grid
+
+        return {"solver": solver, "nfe": nfe, "grid": lcm_grid(schedule, nfe)}
     return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in teacher_grid(schedule, nfe)]}
 
 
@@ -204,9 +228,17 @@ def check_source(recipe: ConsistencyRecipe):
         if guided is not None and (conditioning == "none" or ref.null_condition is None):
             raise AccelkitError(f"{run.teacher_path}: guidance {guided} needs a conditional teacher with a null "
                                 "condition; this teacher is unconditional")
-        if run.data is not None and conditioning != "none":
+        if recipe.boundary == "lcm" and recipe.method != "pcm":
+            from ..schedules import DiscreteVPSchedule
+
+            if not isinstance(ref.schedule, DiscreteVPSchedule):
+                raise AccelkitError(f"boundary lcm: LCM's boundary condition is on a DDPM teacher's discrete "
+                                    f"timesteps; {run.teacher_path} has the {ref.schedule.name} schedule (use "
+                                    "boundary edm or auto)")
+        if run.data is not None and conditioning != "none" and run.conditions is None:
             raise AccelkitError(f"data {recipe.data!r}: the teacher is conditional ({conditioning}) and the data has "
-                                "no conditions; give its couplings as SOURCE instead")
+                                "no conditions; give --prompt / --prompts (or --conditions FILE), or its couplings "
+                                "as SOURCE instead")
     return check
 
 
@@ -249,7 +281,7 @@ class ConsistencyJob:
             if not any(spec.name == "guidance" for spec in extra_inputs_of(self.start.network)):
                 attach_extra_inputs(self.start, [ExtraInput("guidance", "scalar", scale=GUIDANCE_INPUT_SCALE)])
         self.schedule = self.start.schedule
-        self.param = Parameterisation(self.schedule)
+        self.param = Parameterisation.for_teacher(self.schedule, recipe.boundary)
         self.shape = tuple(self.start.sample_shape)
         self.trainer: Trainer | None = None
         self.target_network: torch.nn.Module | None = None
@@ -360,7 +392,7 @@ class ConsistencyJob:
 
         def ect_loss(network: torch.nn.Module, batch: dict[str, Tensor]):
             x0, eps, cond = students.clean_samples(batch).float(), batch["eps"], condition_of(batch)
-            stage = self.trainer.step // recipe.stage_steps if self.trainer is not None else 0
+            stage = self.trainer.step // recipe.curriculum_stage_steps if self.trainer is not None else 0
             t, r, weight = (v.to(device) for v in ect_pair_times(param, batch["z"].cpu(), stage, recipe.ect_q,
                                                                  recipe.p_mean, recipe.p_std))
             x_t = noised(x0, eps, t)
@@ -527,7 +559,7 @@ class ConsistencyJob:
             weights = f"ema {rate}" if rate is not None else "raw"
         else:
             network, weights = students.averaged_network(trainer)
-        sampling = recommended_sampling(recipe, self.schedule)
+        sampling = recommended_sampling(recipe, self.schedule, self.param)
         info = {"trained_by": "accelkit consistency", "method": recipe.method, "steps": trainer.step,
                 "weights": weights, "seed": recipe.seed, "source": str(recipe.source), "sampling": sampling,
                 "consistency": self.param.config()}
@@ -549,6 +581,9 @@ class ConsistencyJob:
                                       "disc_held_out": {"samples_per_side": self.held_out["samples_per_side"],
                                                         "real": self.held_out["real_is"]},
                                       "disc_train_batch_accuracy_through_run": accs}
+        if recipe.method in ("ect", "sct"):
+            per = recipe.curriculum_stage_steps
+            summary["curriculum"] = {"stage_steps": per, "q": recipe.ect_q, "last_stage": (trainer.step - 1) // per}
         if recipe.method in ("lcm", "pcm") and recipe.guidance is not None:
             summary["guidance"] = {"scale": recipe.guidance, "lcm_w": recipe.guidance - 1.0}
         if recipe.guidance_range is not None:

@@ -32,6 +32,7 @@ from pydantic import Field, field_validator, model_validator
 from torch import Tensor
 
 from ..artifacts import Artifact, file_problem, open_on_rank0, save_safetensors
+from ..condition_files import load_conditions, load_null_condition  # the conditions file (training stages read it too)
 from ..console import log
 from ..errors import AccelkitError
 from ..jobs import Checkpointer, barrier, init_distributed, progress_bar
@@ -46,7 +47,7 @@ class CoupleRecipe(StageRecipe):
     """couple: (noise, sample) pairs from the teacher's ODE."""
 
     input_fields = ("teacher", "conditions")
-    execution_fields = frozenset({"batch_size", "checkpoint_every", "device"})
+    execution_fields = frozenset({"batch_size", "checkpoint_every", "device", "compile", "cuda_graphs"})
 
     teacher: str = Field(description="teacher checkpoint (file, folder or artifact)")
     n: int = Field(ge=1, description="number of pairs")
@@ -63,6 +64,9 @@ class CoupleRecipe(StageRecipe):
     batch_size: int = Field(256, ge=1, description="samples per step between progress updates and checkpoints")
     checkpoint_every: float = Field(60.0, ge=0, description="seconds between checkpoints (0: every step)")
     device: str = "cpu"
+    compile: bool = Field(False, description="compile the teacher's network with torch.compile (accelkit.acceleration)")
+    cuda_graphs: bool = Field(False, description="replay each network call from a CUDA graph (CUDA, fixed-grid "
+                                                 "solvers; accelkit.acceleration)")
 
     @field_validator("solver")
     @classmethod
@@ -118,66 +122,15 @@ class CoupleRecipe(StageRecipe):
                              f"(the intermediate states are taken where the teacher is evaluated)")
         if self.guidance is not None and self.guidance != 1.0 and self.conditions is None:
             raise ValueError("guidance needs conditions (a conditions file)")
+        if self.cuda_graphs and not self.device.startswith("cuda"):
+            raise ValueError(f"cuda_graphs: needs a CUDA device, not {self.device}")
+        if self.cuda_graphs and ":" in self.solver:
+            raise ValueError(f"cuda_graphs: the parallel solver {self.solver} changes its batch every round; use a "
+                             "fixed-grid solver")
         return self
 
 
 # ------------------------------------------------------------------------------------------------------ conditioning
-
-CONDITION_FIELDS = ("class_labels", "encoder_hidden_states", "encoder_attention_mask", "pooled_projections")
-
-
-def load_conditions(path: str | Path) -> Condition:
-    """Conditions of M samples from a ``.safetensors`` file (tensors named like :class:`Condition` fields, other
-    names go to ``extra``) or a ``.json`` file (``{"class_labels": [...]}`` or a list of class labels)."""
-    p = Path(path)
-    if not p.is_file():
-        raise AccelkitError(f"conditions file {str(p)!r} does not exist")
-    if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(p))
-    elif p.suffix == ".json":
-        try:
-            data = json.loads(p.read_text())
-        except ValueError as e:
-            raise AccelkitError(f"{p}: invalid JSON ({e})") from None
-        if isinstance(data, list):
-            data = {"class_labels": data}
-        if not isinstance(data, dict):
-            raise AccelkitError(f"{p}: expected a list of class labels or a mapping of condition fields")
-        tensors = {k: torch.as_tensor(v) for k, v in data.items()}
-    else:
-        raise AccelkitError(f"{p}: expected a .safetensors or .json conditions file")
-    tensors = {k: v for k, v in tensors.items() if not k.startswith(NULL_PREFIX)}  # see load_null_condition
-    if not tensors:
-        raise AccelkitError(f"{p}: no conditions in the file")
-    sizes = {k: v.shape[0] if v.ndim else None for k, v in tensors.items()}
-    if None in sizes.values() or len(set(sizes.values())) != 1:
-        raise AccelkitError(f"{p}: every condition tensor needs the same number of rows (dim 0), got {sizes}")
-    if "class_labels" in tensors:
-        tensors["class_labels"] = tensors["class_labels"].long()
-    return Condition(**{k: v for k, v in tensors.items() if k in CONDITION_FIELDS},
-                     extra={k: v for k, v in tensors.items() if k not in CONDITION_FIELDS})
-
-
-#: Tensors named ``null.<field>`` in a conditions file are guidance's null condition (batch 1), e.g. the encoded
-#: negative prompt of ``couple --prompt``; without them the teacher's own null is used.
-NULL_PREFIX = "null."
-
-
-def load_null_condition(path: str | Path) -> Condition | None:
-    """The null condition a ``.safetensors`` conditions file carries (``null.<field>`` tensors), or None."""
-    if Path(path).suffix != ".safetensors":
-        return None
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        null = {k.removeprefix(NULL_PREFIX): f.get_tensor(k) for k in f.keys() if k.startswith(NULL_PREFIX)}
-    if not null:
-        return None
-    return Condition(**{k: v for k, v in null.items() if k in CONDITION_FIELDS},
-                     extra={k: v for k, v in null.items() if k not in CONDITION_FIELDS})
-
 
 def conditions_for(cond: Condition | None, indices: Tensor) -> Condition | None:
     if cond is None:
@@ -263,7 +216,9 @@ def generate(teacher: Teacher, recipe: CoupleRecipe, indices: range, cond: Condi
     c = with_codes(teacher, c, recipe.seed, idx)  # a QAC model: sample i's code from (seed, i), kept as cond.code
     c_dev = c.map(lambda v: v.to(device)) if c is not None else None
     model = RecordingTeacher(teacher) if recipe.save_trajectory else teacher
-    x1 = teacher.prior_sample(noise.to(device=device, dtype=dtype))
+    # The solver's state and schedule arithmetic stay float32 (float64 for fp64) when the network runs in half
+    # precision: the network call casts its input to the network's dtype and its output back.
+    x1 = teacher.prior_sample(noise.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32))
     x0 = solve(model, x1, solver=recipe.solver, nfe=recipe.nfe, grid=recipe.grid, cond=c_dev)
     if not bool(torch.isfinite(x0).all()):
         raise AccelkitError(f"the teacher's ODE gave non-finite samples in [{indices.start}, {indices.stop}) "
@@ -377,8 +332,13 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
             teacher = load_teacher_for(recipe)
         cond = load_conditions(recipe.conditions) if recipe.conditions else None
         null = load_null_condition(recipe.conditions) if recipe.conditions else None
-        if null is not None:
-            teacher.null_condition = null
+        if null is not None:  # on the device once: a host copy in every guided step would sync the solver's loop
+            teacher.null_condition = null.map(lambda v: v.to(recipe.device))
+        if recipe.compile or recipe.cuda_graphs:
+            from ..acceleration import accelerate
+
+            accelerate(teacher, compile=recipe.compile, cuda_graphs=recipe.cuda_graphs, solver=recipe.solver,
+                       what=recipe.teacher)
         my_total = sum(b - a for k, (a, b) in enumerate(ranges) if k in todo)
         start_time = time.perf_counter()
         with Checkpointer(recipe.checkpoint_every, what="couple") as ckpt, \

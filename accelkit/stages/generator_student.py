@@ -96,7 +96,8 @@ def open_run(stage: str, recipe, output: Path | None, force: bool,
 def check_before_training(recipe, run: students.StudentRun, needs_real: bool, needs_pairs: bool) -> dict:
     """What the method needs from SOURCE (a one-line error otherwise); returns the teacher's conditioning info."""
     cond_info = dict(run.start.info.get("conditioning", {"kind": "none"}))
-    has_cond = run.couplings is not None and any(k.startswith("cond.") for k in run.couplings.keys)
+    has_cond = (run.couplings is not None and any(k.startswith("cond.") for k in run.couplings.keys)) or \
+        run.conditions is not None
     if needs_pairs and run.couplings is None:
         raise AccelkitError(f"{recipe.source}: method {recipe.method} regresses on couplings pairs; give a couple "
                             f"artifact as SOURCE (or regression_weight 0)")
@@ -104,7 +105,7 @@ def check_before_training(recipe, run: students.StudentRun, needs_real: bool, ne
         raise AccelkitError(f"{recipe.source}: the GAN term needs real samples: give --data or a couple artifact")
     if cond_info.get("kind") not in (None, "none", "class") and not has_cond:
         raise AccelkitError(f"{recipe.source}: a {cond_info.get('kind')}-conditioned teacher needs its conditions: "
-                            f"give a couple artifact made with them as SOURCE")
+                            f"give a couple artifact made with them as SOURCE, or --prompt / --conditions")
     cond_info["draw"] = cond_info.get("kind") == "class" and not has_cond
     return cond_info
 

@@ -173,7 +173,7 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
             features = feature_network(recipe.features, str(device))
         batches = (run.batches(recipe.batch_size, recipe.seed,
                                noise=draw_fn(recipe, real, objective, times, cond_info))
-                   if run.couplings is not None or run.data is not None else
+                   if run.couplings is not None or run.data is not None or run.conditions is not None else
                    students.NoiseBatches(recipe.batch_size, recipe.seed, run.rank, run.world,
                                          draw_fn(recipe, real, objective, times, cond_info)))
         multi = len(times) > 2

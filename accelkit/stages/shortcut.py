@@ -167,7 +167,7 @@ def check_guidance(recipe: ShortcutRecipe, teacher, path: Path) -> None:
     if kind == "none" or getattr(teacher, "null_condition", None) is None:
         raise AccelkitError(f"{path}: {flag} needs a conditional teacher with a null condition; this teacher is "
                             "unconditional")
-    if recipe.data is not None or not students.is_couplings(recipe.source):
+    if recipe.conditions is None and (recipe.data is not None or not students.is_couplings(recipe.source)):
         raise AccelkitError(f"{flag}: guidance needs the conditions of couplings (SOURCE a couple artifact "
                             "made with --conditions or a class teacher, without --data)")
 

@@ -26,7 +26,7 @@ from ..artifacts import content_hash, open_on_rank0
 from ..console import log
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..teacher import Condition, Teacher
+from ..teacher import CountingTeacher
 
 KIND = "solver-stats"
 COMPARED = ("dpm++2m", "unipc", "unipc2")
@@ -50,19 +50,6 @@ class SolverStatsRecipe(StageRecipe):
     seed: int = Field(0, ge=0, description="seeds the noise (sample i from (seed, i)) and the Hutchinson probes")
     batch_size: int = Field(256, ge=1, description="samples per teacher call")
     device: str = Field("auto", description="auto (CUDA when present), cpu, cuda or cuda:N")
-
-
-class CountingTeacher(Teacher):
-    """Delegates to ``base`` and counts evaluations (rows of x) for the cost report."""
-
-    def __init__(self, base: Teacher):
-        super().__init__()
-        self.base, self.schedule, self.sample_shape = base, base.schedule, base.sample_shape
-        self.evaluations = 0
-
-    def denoise(self, x, t, cond: Condition | None = None):
-        self.evaluations += x.shape[0]
-        return self.base.denoise(x, t, cond)
 
 
 def run_solver_stats(recipe: SolverStatsRecipe, output: Path | None = None, force: bool = False) -> Path:

@@ -54,6 +54,7 @@ class StudentRun:
     couplings: Any = None  # accelkit.couplings.Couplings
     data: Tensor | None = None  # begin_source_run with data: the clean samples (the couplings' are not used)
     teacher_path: Path | None = None  # begin_source_run: the file or folder the student starts from
+    conditions: Any = None  # the recipe's conditions file (Condition of R rows): data row / draw i takes row i mod R
 
     def close(self) -> None:
         if self.art is not None:
@@ -66,10 +67,20 @@ class StudentRun:
         from ..data import BatchSampler
 
         if self.data is not None:
-            return BatchSampler(self.data, batch_size, seed, self.rank, self.world, noise=noise)
+            return BatchSampler(self.data, batch_size, seed, self.rank, self.world, noise=noise,
+                                rows=self.condition_rows())
         if self.couplings is None:
+            if self.conditions is not None:  # a teacher alone with conditions (begin_data_free_run)
+                return NoiseBatches(batch_size, seed, self.rank, self.world, noise, rows=self.condition_rows())
             raise AccelkitError("this run has neither data nor couplings to draw batches from")
         return self.couplings.sampler(batch_size, seed, self.rank, self.world, noise=noise)
+
+
+    def condition_rows(self) -> dict[str, Tensor]:
+        """The conditions as batch tensors ``cond.<field>`` of R rows (empty without conditions)."""
+        if self.conditions is None:
+            return {}
+        return {f"cond.{k}": v for k, v in self.conditions.tensors().items()}
 
 
 def begin_student_run(stage: str, recipe: Any, output: Path | None, force: bool) -> StudentRun:
@@ -135,13 +146,16 @@ class SourceRecipe(StageRecipe):
     """Base of the recipes of stages whose SOURCE is a couple artifact or a teacher with data (see
     :func:`begin_source_run`); subclasses add ``seed``, ``batch_size``, ``loop`` and ``device``."""
 
-    input_fields = ("source", "data")
+    input_fields = ("source", "data", "conditions")
 
     source: str = Field(description="a complete couple artifact (its teacher is the student's start and its samples "
                                     "the data), or a teacher (file, folder or artifact) together with data")
     data: str | None = Field(None, description="clean samples x0: one of the built-in sets or a .safetensors/.npy "
                                                "file (needed with a teacher as source; overrides couplings' samples)")
     data_size: int = Field(100_000, ge=16, description="points drawn for a 2-D toy set given as data")
+    conditions: str | None = Field(None, description="conditions file (.safetensors, as couple's; what --prompt / "
+                                                     "--prompts encode) for a teacher with data or alone: data row "
+                                                     "or draw i takes row i mod R; null.<field> is guidance's null")
 
     @property
     def data_is_file(self) -> bool:
@@ -150,7 +164,8 @@ class SourceRecipe(StageRecipe):
         return self.data is not None and self.data not in DATA_NAMES
 
     def inputs(self) -> dict[str, str]:
-        return {"source": self.source, **({"data": self.data} if self.data_is_file else {})}
+        return {"source": self.source, **({"data": self.data} if self.data_is_file else {}),
+                **({"conditions": self.conditions} if self.conditions is not None else {})}
 
     def identity_dict(self) -> dict[str, Any]:
         d = super().identity_dict()
@@ -216,7 +231,12 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         start, reference = load_teacher_start(source, stage)
     data = couplings = None
     if recipe.data is not None:
-        ds = load_dataset(recipe.data, recipe.data_size, recipe.seed)
+        if Path(recipe.data).is_dir():  # images at the teacher's resolution, or latents of its VAE (cached)
+            from ..image_folder import training_images
+
+            ds = training_images(recipe.data, start, allow_pickle=getattr(recipe, "allow_pickle", False))
+        else:
+            ds = load_dataset(recipe.data, recipe.data_size, recipe.seed)
         if tuple(ds.sample_shape) != tuple(start.sample_shape):
             raise AccelkitError(f"data {recipe.data!r}: samples of shape {list(ds.sample_shape)}, but the "
                                 f"teacher's are {list(start.sample_shape)}")
@@ -231,7 +251,30 @@ def begin_source_run(stage: str, recipe: SourceRecipe, output: Path | None, forc
         prepare(start)
     run = StudentRun(device, rank, world, couplings_art, None, Path(output or "."), False, start, reference,
                      couplings, data, teacher_path)
+    run.conditions = recipe_conditions(recipe, run)
     return open_run(stage, recipe, output, force, run, check)
+
+
+def recipe_conditions(recipe: SourceRecipe, run: StudentRun):
+    """The recipe's conditions file (None without one), checked against the run: a couple artifact carries its own
+    conditions; the teacher must be conditional. Its ``null.<field>`` tensors become the start's and the reference's
+    null condition (the negative prompt of --prompt)."""
+    from ..condition_files import load_conditions, load_null_condition
+
+    if recipe.conditions is None:
+        return None
+    if run.couplings is not None:
+        raise AccelkitError(f"conditions {recipe.conditions}: SOURCE {recipe.source} is a couple artifact, which "
+                            "carries the conditions it was made with; give --prompt / --conditions to couple instead")
+    kind = run.start.info.get("conditioning", {}).get("kind", "none")
+    if kind == "none":
+        raise AccelkitError(f"conditions {recipe.conditions}: the teacher {recipe.source} is unconditional")
+    conditions = load_conditions(recipe.conditions)
+    null = load_null_condition(recipe.conditions)
+    if null is not None:
+        run.start.null_condition = null
+        run.reference.null_condition = null
+    return conditions
 
 
 class NoiseBatches:
@@ -240,10 +283,12 @@ class NoiseBatches:
     as :class:`accelkit.data.BatchSampler` draws its noise, and rank r keeps the r-th of ``world`` equal slices.
     State: the number of batches drawn."""
 
-    def __init__(self, batch_size: int, seed: int, rank: int, world: int, noise):
+    def __init__(self, batch_size: int, seed: int, rank: int, world: int, noise,
+                 rows: dict[str, Tensor] | None = None):
         if batch_size % world:
             raise AccelkitError(f"batch size {batch_size} does not split over {world} processes")
         self.batch_size, self.seed, self.rank, self.world, self.noise = batch_size, seed, rank, world, noise
+        self.rows = dict(rows or {})  # per-draw tensors of R rows: draw i (over all batches) takes row i mod R
         self.batches = 0
 
     def __iter__(self) -> NoiseBatches:
@@ -255,8 +300,9 @@ class NoiseBatches:
         per = self.batch_size // self.world
         lo, hi = self.rank * per, (self.rank + 1) * per
         draws = self.noise(seeded_generator(self.seed, 2, self.batches), self.batch_size)
+        index = torch.arange(self.batches * self.batch_size + lo, self.batches * self.batch_size + hi)
         self.batches += 1
-        return {k: v[lo:hi] for k, v in draws.items()}
+        return {**{k: v[lo:hi] for k, v in draws.items()}, **{k: v[index % len(v)] for k, v in self.rows.items()}}
 
     def state_dict(self) -> dict[str, Any]:
         return {"batches": self.batches}
@@ -275,6 +321,7 @@ def begin_data_free_run(stage: str, recipe: SourceRecipe, output: Path | None, f
     start, reference = load_teacher_start(recipe.source, stage)
     run = StudentRun(device, rank, world, None, None, Path(output or "."), False, start, reference, None, None,
                      Path(recipe.source))
+    run.conditions = recipe_conditions(recipe, run)
     return open_run(stage, recipe, output, force, run, check)
 
 
@@ -383,4 +430,4 @@ def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: 
 
 __all__ = ["StudentRun", "begin_student_run", "SourceRecipe", "begin_source_run", "clean_samples", "is_couplings",
            "load_teacher_start", "couplings_teacher_path", "load_student_start", "averaged_network",
-           "student_of", "save_student", "NoiseBatches", "begin_data_free_run", "fit_in_artifact"]
+           "student_of", "save_student", "NoiseBatches", "begin_data_free_run", "fit_in_artifact", "recipe_conditions"]

@@ -45,6 +45,9 @@ class NetworkSettings(BaseModel):
     architecture: Literal["auto", "accelkit.MLP", "accelkit.SmallUNet"] = "auto"
     hidden: int = Field(256, ge=1, description="MLP width")
     depth: int = Field(4, ge=1, description="MLP residual blocks")
+    fourier_features: int = Field(0, ge=0, description="MLP: n > 0 feeds it Fourier features sin / cos(pi base 2^k x), "
+                                  "k < n, beside x (sharp edges in 2-D data); 0: x alone")
+    fourier_base: float = Field(0.5, gt=0, description="MLP: the lowest Fourier frequency, in half-cycles per unit")
     base: int = Field(32, ge=8, description="SmallUNet channels at the first level (a multiple of 8)")
     mults: list[int] = Field(default_factory=lambda: [1, 2], description="SmallUNet channel multipliers per level")
 
@@ -112,6 +115,8 @@ class TrainRecipe(StageRecipe):
         else:
             d.pop("data_size", None)
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
+        if not self.network.fourier_features:  # recipes from before the option keep their identity
+            d["network"] = {k: v for k, v in d["network"].items() if k not in ("fourier_features", "fourier_base")}
         return d
 
     @property
@@ -137,8 +142,11 @@ def build_teacher_network(recipe: TrainRecipe, sample_shape: tuple[int, ...]) ->
         if len(sample_shape) != 1:
             raise AccelkitError(f"network accelkit.MLP takes vectors; data {recipe.data} has samples of shape "
                                 f"{list(sample_shape)} (use accelkit.SmallUNet or auto)")
-        return arch, {"dim": sample_shape[0], "hidden": net.hidden, "depth": net.depth, "time_scale": time_scale,
-                      "num_classes": 0}
+        config = {"dim": sample_shape[0], "hidden": net.hidden, "depth": net.depth, "time_scale": time_scale,
+                  "num_classes": 0}
+        if net.fourier_features:
+            config.update({"fourier_features": net.fourier_features, "fourier_base": net.fourier_base})
+        return arch, config
     if len(sample_shape) != 3:
         raise AccelkitError(f"network accelkit.SmallUNet takes images (C x H x W); data {recipe.data} has samples "
                             f"of shape {list(sample_shape)}")
