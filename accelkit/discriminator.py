@@ -16,7 +16,10 @@ and the approximated R1 penalty of Seaweed-APT (Lin et al. 2025, "Diffusion adve
 video generation"): lambda E || D(x_real) - D(x_real + s n) ||^2, n ~ N(0, I), instead of the gradient penalty's
 double backward. A healthy discriminator's accuracy stays well below 1 (FIELD-NOTES.md); batch >= 2.
 
-Heads by feature shape: (B, C) -> Linear-SiLU-Linear; (B, C, H, W) -> conv3x3-GroupNorm-SiLU, spatial mean, then
+Each head first standardises its layer's channels with the mean and deviation of a probe batch (real samples noised
+at drawn levels, given by the stage; fixed buffers): a pretrained network's channels differ widely in offset and
+scale, and unstandardised heads barely learn (docs/score_distill.md). Heads by feature shape: (B, C) ->
+Linear-SiLU-Linear; (B, C, H, W) -> conv3x3-GroupNorm-SiLU, spatial mean, then
 the same MLP; (B, N, C) tokens -> token mean, then the MLP; the MLP also sees (t, sin pi t, cos pi t). Layers
 ``auto``: a diffusers UNet's ``mid_block``, the builtin UNet's ``mid``, every block of the builtin MLP, a
 transformer's middle and last block.

@@ -622,25 +622,32 @@ def test_lcm_lora_exports_as_a_lora_file_that_samples_like_the_student(lcm_lora,
 @pytest.mark.slow
 def test_pcm_adversarial_term_trains_stably_and_does_not_hurt(toy):
     """PCM with its adversarial term (heads on the frozen teacher's features, hinge loss, two parameter groups of one
-    Trainer): every loss finite, the heads' accuracy never runs away (below 0.95), and the 2-phase student is no
-    worse than the same run without the term. On this 2-D teacher the accuracy stays at chance (0.50 +- 0.01):
-    the student's jumps and their targets are too close for the heads to tell apart."""
+    Trainer; real side: the couplings' samples noised to s', each side with its own noise): every loss finite, the
+    heads' accuracy on a held-out batch (2048 per side, real: fresh teacher samples) recorded every 10 steps and
+    never saturated (below 0.95), and the 2-phase student no worse than the same run without the term (observed SW2
+    0.109 with it, 0.131 without). The held-out accuracy stays at 0.48-0.52: the student's noised jumps and the
+    teacher's marginal at s' are too close for the heads (with the target side, or one shared noise, as before:
+    0.49-0.51), so "strictly above 0.5" does not hold on this 2-D teacher (docs/score_distill.md)."""
     out = run_consistency(ConsistencyRecipe(source=str(toy["couple"]), method="pcm", phases=2, adversarial_weight=0.1,
-                                            disc={"lr": 1e-3}, batch_size=256, device="cpu",
+                                            adversarial_real="data", disc={"lr": 1e-3}, batch_size=256, device="cpu",
                                             loop={"steps": 300, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0,
-                                                  "log_every": 10}), toy["root"] / "pcm2-adv")
+                                                  "log_every": 10, "validate_every": 10}), toy["root"] / "pcm2-adv")
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     history = json.loads((out / "history.json").read_text())
     for key in ("discriminator/loss", "student/loss", "student/adv_loss"):
-        assert all(math.isfinite(h[key]) for h in history), key
-    accs = summary["adversarial"]["disc_accuracy_through_run"]
-    assert len(accs) == 30 and 0.4 < min(accs) and max(accs) < 0.95, accs
+        assert all(math.isfinite(h[key]) for h in history if key in h), key
+    adversarial = summary["adversarial"]
+    assert adversarial["real_side"] == "data" and adversarial["disc_held_out"]["samples_per_side"] == 2048
+    accs = adversarial["disc_accuracy_through_run"]
+    assert len(accs) == 30 and max(accs) < 0.95, accs
+    train_accs = adversarial["disc_train_batch_accuracy_through_run"]
+    assert max(train_accs) < 0.95, train_accs
     model = load_teacher(out)
     with_adv = sliced_wasserstein(sample_batched(model, toy["noise"], "euler", 2, grid=summary["sampling"]["grid"]),
                                   toy["data"])
     without = sw_recorded(toy, "pcm2", 2)
-    print(f"pcm 2 phases: SW2 {with_adv:.3f} with the adversarial term, {without:.3f} without; heads' accuracy "
-          f"{min(accs):.3f}..{max(accs):.3f}")
+    print(f"pcm 2 phases: SW2 {with_adv:.3f} with the adversarial term, {without:.3f} without; heads' held-out "
+          f"accuracy {min(accs):.3f}..{max(accs):.3f}")
     assert with_adv < 1.1 * without, (with_adv, without)
 
 

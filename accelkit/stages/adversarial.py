@@ -14,7 +14,9 @@ Two parameter groups of the one :class:`accelkit.training.Trainer`:
 
 Real samples x_real are the data set's (``--data``) or the couplings' teacher samples (SOURCE a couple artifact).
 The artifact is the generator's first EMA with its K-step sampler recorded in ``summary.sampling``; the summary also
-reports the discriminator's accuracy on a held-out batch (real rows and draws of another seed) against the
+reports the discriminator's accuracy on a held-out batch (``discriminator.held_out`` per side, draws of another seed,
+real samples in no training batch: fresh draws of a built-in 2-D set or fresh teacher ODE samples with the
+couplings' solver, :func:`accelkit.stages.generator_student.held_out_real`; ``disc_held_out`` says which) against the
 generator's samples (``disc_accuracy``, and at every ``loop.validate_every`` steps that are also log steps:
 ``disc_accuracy_through_run``) and against the frozen teacher's own K-step samples
 (``disc_accuracy_vs_teacher_samples_through_run``: what a working discriminator recognises as fake).

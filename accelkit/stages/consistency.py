@@ -53,7 +53,7 @@ METHOD_FIELDS = {
     "cd": ("discretisation", "solver", "solver_nfe", "target_ema", "boundary"),
     "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range", "boundary"),
     "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance", "adversarial_weight", "disc",
-            "disc_layers", "disc_width"),
+            "disc_layers", "disc_width", "adversarial_real", "disc_held_out"),
     "ect": ("ect_q", "stage_steps", "p_mean", "p_std", "boundary"),
     "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size", "boundary"),
 }
@@ -94,6 +94,12 @@ class ConsistencyRecipe(students.SourceRecipe):
     disc_layers: list[str] | Literal["auto"] = Field("auto", description="pcm adversarial: the teacher layers the "
                                                                          "heads read")
     disc_width: int = Field(64, ge=4, description="pcm adversarial: the heads' width")
+    disc_held_out: int = Field(2048, ge=16, description="pcm adversarial: samples per side of the heads' held-out "
+                                                         "accuracy check (validate steps)")
+    adversarial_real: Literal["target", "data"] = Field(
+        "target", description="pcm adversarial: the real side the heads judge at s': 'target' (PCM's code: the "
+                              "teacher-stepped target's jump, noised forward) or 'data' (the clean samples x0 of the "
+                              "batch, noised to s': the teacher's / data's marginal there)")
     ect_q: float = Field(2.0, gt=1, description="ect / sct: q of the r(t) curriculum")
     stage_steps: int | None = Field(None, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by "
                                                              "q); default a quarter of loop.steps (4 stages in any "
@@ -292,6 +298,7 @@ class ConsistencyJob:
             if self.recipe.adversarial_weight > 0:  # the noise level above the phase edge and the noise there
                 out["u"] = torch.rand(n, generator=generator, dtype=torch.float64)
                 out["n"] = torch.randn(n, *self.shape, generator=generator)
+                out["n_real"] = torch.randn(n, *self.shape, generator=generator)  # the real side's own noise
             if self.recipe.guidance_range is not None:
                 lo, hi = self.recipe.guidance_range
                 out["g"] = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
@@ -424,7 +431,7 @@ class ConsistencyJob:
         if recipe.adversarial_weight > 0:
             model, groups = self.adversarial_groups()
             self.trainer = Trainer(model, None, sampler, self.loop_config(), checkpoint_dir=run.path / "checkpoint",
-                                   device=run.device, on_log=on_log, groups=groups)
+                                   device=run.device, on_log=on_log, groups=groups, validate_fn=self.validate_fn)
         else:
             self.trainer = Trainer(network, self.loss_fn(), sampler, self.loop_config(),
                                    checkpoint_dir=run.path / "checkpoint", device=run.device, on_log=on_log)
@@ -435,13 +442,19 @@ class ConsistencyJob:
         return self.trainer
 
     def adversarial_groups(self):
-        """PCM's adversarial term (Wang et al. 2024, sec. 4.3): the student's jump and its target are both noised
-        forward from the phase edge e to s' in [e, e + (1 - e) / M) and judged by heads on the frozen teacher's
-        features (:class:`accelkit.discriminator.FeatureDiscriminator`), hinge losses
+        """PCM's adversarial term (Wang et al. 2024, sec. 4.3): the student's jump to the phase edge e, noised
+        forward from e to s' in [e, e + (1 - e) / M), is judged against a real side at s' by heads on the frozen
+        teacher's features (:class:`accelkit.discriminator.FeatureDiscriminator`), hinge losses
 
-            L_D = E ReLU(1 - D(target)) + E ReLU(1 + D(pred)),      L_student = L_PCM - w E D(pred),
+            L_D = E ReLU(1 - D(real)) + E ReLU(1 + D(pred)),      L_student = L_PCM - w E D(pred),
 
-        two parameter groups of one Trainer (the heads with their own optimizer settings ``disc``)."""
+        two parameter groups of one Trainer (the heads with their own optimizer settings ``disc``). The real side
+        (``adversarial_real``): ``target``, the teacher-stepped target's jump noised forward as PCM's code does, or
+        ``data``, the batch's clean samples x0 noised straight to s' (alpha_s' x0 + sigma_s' n: the teacher's /
+        data's marginal at s', which the student's noised jumps should follow). Each side has its own noise (PCM's
+        code draws them apart): with one shared noise the two inputs differ only by the PCM residual, nearly zero
+        by design, and the heads sit at chance. The heads' accuracy on a held-out batch (:meth:`held_out_check`)
+        is recorded at the validate steps."""
         from .. import discriminator as gan
         from ..data import stream_seed
         from ..objectives import condition_of
@@ -449,39 +462,84 @@ class ConsistencyJob:
 
         recipe, sch = self.recipe, self.schedule
         self.loss_fn()  # defines self.pcm_jumps and self.distance
+        held_out = self.held_out_check()
         with torch.random.fork_rng(devices=[]):  # the heads' initial weights: seeded, so a run repeats
             torch.manual_seed(stream_seed(recipe.seed, 0xAD))
-            disc = gan.FeatureDiscriminator(self.reference, recipe.disc_layers, recipe.disc_width)
+            disc = gan.FeatureDiscriminator(self.reference, recipe.disc_layers, recipe.disc_width,
+                                            probe=held_out["probe"])
         model = torch.nn.ModuleDict({"student": self.start.network, "discriminator": disc})
         width = 1.0 / recipe.phases
 
-        def renoise(x_e: Tensor, e: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-            s_up = (e + width * (1.0 - e) * batch["u"]).clamp(max=1.0)
+        def level(e: Tensor, batch: dict[str, Tensor]) -> Tensor:
+            return (e + width * (1.0 - e) * batch["u"]).clamp(max=1.0)
+
+        def renoise(x_e: Tensor, e: Tensor, s_up: Tensor, noise: Tensor) -> Tensor:
             a_e, s_e, a_u, s_u = sch.alpha(e), sch.sigma(e), sch.alpha(s_up), sch.sigma(s_up)
             ratio = a_u / a_e
             spread = (s_u**2 - (ratio * s_e) ** 2).clamp(min=0).sqrt()
-            return broadcast_to(ratio, x_e) * x_e + broadcast_to(spread, x_e) * batch["n"], s_up
+            return broadcast_to(ratio, x_e) * x_e + broadcast_to(spread, x_e) * noise
 
-        def disc_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
+        def real_side(target: Tensor, e: Tensor, s_up: Tensor, batch: dict[str, Tensor]) -> Tensor:
+            if recipe.adversarial_real == "data":
+                x0 = batch["real"] if "real" in batch else students.clean_samples(batch).float()
+                return broadcast_to(sch.alpha(s_up), x0) * x0 + broadcast_to(sch.sigma(s_up), x0) * batch["n_real"]
+            return renoise(target, e, s_up, batch["n_real"])
+
+        def judged(m: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             with torch.no_grad():
                 pred, target, e = self.pcm_jumps(m["student"], batch)
-            cond = condition_of(batch)
-            real_in, s_up = renoise(target, e, batch)
-            fake_in, _ = renoise(pred, e, batch)
-            real, fake = disc(real_in, s_up, cond), disc(fake_in, s_up, cond)
+            s_up, cond = level(e, batch), condition_of(batch)
+            return (disc(real_side(target, e, s_up, batch), s_up, cond),
+                    disc(renoise(pred, e, s_up, batch["n"]), s_up, cond))
+
+        def disc_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
+            real, fake = judged(m, batch)
             loss = torch.relu(1.0 - real).mean() + torch.relu(1.0 + fake).mean()
             return loss, {"d_loss": loss.detach(), "d_acc": torch.tensor(gan.accuracy(real.detach(), fake.detach()))}
 
         def student_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
             pred, target, e = self.pcm_jumps(m["student"], batch)
             pcm = self.distance(pred.float() - target.float())
-            fake_in, s_up = renoise(pred, e, batch)
-            adv = -disc(fake_in, s_up, condition_of(batch)).mean()
+            s_up = level(e, batch)
+            adv = -disc(renoise(pred, e, s_up, batch["n"]), s_up, condition_of(batch)).mean()
             return pcm + recipe.adversarial_weight * adv, {"pcm_loss": pcm.detach(), "adv_loss": adv.detach()}
 
+        def validate(tr: Trainer) -> dict[str, float]:  # the heads on a batch they never train on
+            real, fake = judged(model, held_out["batch"])
+            return {"disc_accuracy": gan.accuracy(real, fake)}
+
+        self.validate_fn = validate
+        self.held_out = held_out
         groups = [ParamGroup("discriminator", disc, disc_loss, recipe.disc.model_copy(update={"ema": False})),
                   ParamGroup("student", model["student"], student_loss, GroupSettings(ema=True))]
         return model, groups
+
+    def held_out_check(self) -> dict[str, Any]:
+        """The heads' held-out batch: draws of another seed than the run's and, for the ``data`` real side, real
+        samples no training batch holds (:func:`accelkit.stages.generator_student.held_out_real`); 256 more real
+        samples noised at drawn levels (``probe``) fix the heads' per-channel feature standardisation."""
+        from ..data import seeded_generator
+        from ..teacher import broadcast_to
+        from .generator_student import held_out_real
+
+        recipe, run, sch = self.recipe, self.run, self.schedule
+        n = recipe.disc_held_out
+        b = next(run.batches(n, recipe.seed + 7919, noise=self.draw))
+        batch: dict[str, Any] = {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+        fresh, what = held_out_real(recipe, run, n + 256, recipe.seed + 7919)
+        if fresh is None:
+            rows = students.clean_samples(batch).float()
+            fresh = torch.cat([rows, rows[:256]])
+        fresh = fresh.to(run.device)
+        if recipe.adversarial_real == "data":
+            batch["real"] = fresh[:n]
+        g = seeded_generator(recipe.seed + 7919, 0x9B)
+        t = (0.02 + 0.96 * torch.rand(256, generator=g, dtype=torch.float64)).to(run.device)
+        x0 = fresh[n:]
+        noise = torch.randn(x0.shape, generator=g).to(run.device)
+        probe = (broadcast_to(sch.alpha(t), x0) * x0 + broadcast_to(sch.sigma(t), x0) * noise, t, None)
+        return {"batch": batch, "probe": probe, "real_is": what if recipe.adversarial_real == "data" else
+                "target jumps of held-out rows", "samples_per_side": n}
 
     def finish(self, trainer: Trainer, seconds: float) -> None:
         recipe, run = self.recipe, self.run
@@ -508,8 +566,13 @@ class ConsistencyJob:
         }
         if trainer.groups:
             accs = [h["discriminator/d_acc"] for h in trainer.history if "discriminator/d_acc" in h]
+            held = [h["val/disc_accuracy"] for h in trainer.history if "val/disc_accuracy" in h]
             summary["adversarial"] = {"weight": recipe.adversarial_weight, "updates": dict(trainer.updates),
-                                      "disc_accuracy_through_run": accs}
+                                      "real_side": recipe.adversarial_real,
+                                      "disc_accuracy_through_run": held,
+                                      "disc_held_out": {"samples_per_side": self.held_out["samples_per_side"],
+                                                        "real": self.held_out["real_is"]},
+                                      "disc_train_batch_accuracy_through_run": accs}
         if recipe.method in ("ect", "sct"):
             per = recipe.curriculum_stage_steps
             summary["curriculum"] = {"stage_steps": per, "q": recipe.ect_q, "last_stage": (trainer.step - 1) // per}
