@@ -43,14 +43,12 @@ from ..console import log
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
 from ..teacher import CountingTeacher, Teacher
-from ..training import LoopConfig, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, LoopConfig, Trainer
 
 KIND = "bespoke"
 F64 = torch.float64
 #: Standard solvers a learned one is compared with (and a BNS solver may start from).
 STANDARD_SOLVERS = ("euler", "heun", "midpoint", "dpm++2m", "dpm++3m", "unipc", "unipc2", "ipndm")
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 
 
 def default_loop() -> LoopConfig:

@@ -43,12 +43,10 @@ from ..console import log
 from ..data import seeded_generator, stream_seed
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, LoopConfig, Trainer
 from . import student as students
 
 KIND = "qac"
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 ENCODER_FILE = "encoder.safetensors"
 #: The first this many clean samples set the encoder's initial output bias (accelkit.qac.center_encoder).
 CENTER_SAMPLES = 2048
