@@ -76,7 +76,8 @@ class GraphedCall:
         return out.clone()
 
     def _capture(self, network: nn.Module, inputs: dict[str, Tensor], cond: Condition | None):
-        static = {k: v.clone() for k, v in inputs.items()}
+        with torch.inference_mode(False):  # plain buffers: filled in inference mode or under no_grad alike
+            static = {k: v.clone() for k, v in inputs.items()}
         static_cond = _condition_like(cond, static)
         device = static["x"].device
         side = torch.cuda.Stream(device=device)
@@ -124,4 +125,34 @@ def accelerate(teacher: Teacher, *, compile: bool = False, cuda_graphs: bool = F
     return teacher
 
 
-__all__ = ["accelerate", "GraphedCall", "network_teachers"]
+
+
+@torch.no_grad()
+def batch_to_fill_memory(teacher: Teacher, condition: Callable[[list[int]], Condition | None] | None, n: int,
+                         device: torch.device | str, probe: int = 8, share: float = 0.8, most: int = 4096) -> int:
+    """The sampling batch size that fills about ``share`` of the CUDA device's free memory, estimated from one
+    (guided) teacher evaluation of ``probe`` samples: batch = share x free memory / (peak memory of the probe per
+    sample), at most ``n`` and ``most``, a multiple of 8 when above 8. Samples do not depend on the batch size (sample
+    i's noise comes from (seed, i)), so this only changes the speed."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise AccelkitError(f"batch_to_fill_memory: needs a CUDA device, not {device}")
+    k = max(1, min(probe, n))
+    idx = list(range(k))
+    cond = condition(idx) if condition is not None else None
+    if cond is not None:
+        cond = cond.map(lambda v: v.to(device))
+    x = torch.randn(k, *teacher.sample_shape, device=device)
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    teacher.denoise(x, torch.full((k,), 0.5, device=device), cond)
+    torch.cuda.synchronize(device)
+    per_sample = max(1, torch.cuda.max_memory_allocated(device) - before) / k
+    free, _ = torch.cuda.mem_get_info(device)
+    batch = int(share * free / per_sample)
+    batch = max(1, min(batch, n, most))
+    return batch - batch % 8 if batch > 8 else batch
+
+
+__all__ = ["accelerate", "GraphedCall", "network_teachers", "batch_to_fill_memory"]

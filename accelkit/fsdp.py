@@ -62,10 +62,11 @@ def full_tensors(tensors: dict[str, Tensor]) -> dict[str, Tensor]:
 
 
 def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """The optimizer's state with full tensors, keyed by parameter name (collective)."""
+    """The optimizer's state with full tensors on the CPU, keyed by parameter name, on rank 0 (other ranks get an
+    empty dict: no process but rank 0 ever holds the whole state; collective)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
-    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))
+    return get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def load_model_state(model: nn.Module, state: dict[str, Tensor]) -> None:

@@ -184,13 +184,16 @@ def _load_encoder(stack: TextStack | Path) -> list:
 
     if not isinstance(stack, TextStack):
         stack = text_stack(stack)
-    loaded = []
-    for tok_name, enc_name in stack.pairs:
+    transformers.utils.logging.disable_progress_bar()  # stderr keeps accelkit's own progress and errors
+    tokenizers = []
+    for tok_name, _ in stack.pairs:  # every tokenizer before any encoder: a bad one is found before weights load
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(stack.folder / tok_name), local_files_only=True)
+            tokenizers.append(AutoTokenizer.from_pretrained(str(stack.folder / tok_name), local_files_only=True))
         except (OSError, ValueError, TypeError) as e:
             raise AccelkitError(f"{stack.folder / tok_name}: not a readable tokenizer "
                                 f"({' '.join(str(e).split())[:200]})") from None
+    loaded = []
+    for tokenizer, (_, enc_name) in zip(tokenizers, stack.pairs, strict=True):
         cls = getattr(transformers, stack.classes.get(enc_name) or "", None) or AutoModel
         try:
             encoder = cls.from_pretrained(str(stack.folder / enc_name), local_files_only=True, dtype=torch.float32)

@@ -93,6 +93,13 @@ class LoraSettings(BaseModel):
         description="module names (or a regex) to adapt; diffusers attention projections by default")
 
 
+#: Loop settings that change how a run executes, not what it computes (checkpoint cadence, logging, activation
+#: recomputation, FSDP sharding instead of DDP copies: like the number of processes, they leave the result equal up
+#: to float summation order): stages keep them out of their artifacts' identity, so changing one resumes the run.
+LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
+                         "validate_every", "gradient_checkpointing", "fsdp")
+
+
 class LoopConfig(BaseModel):
     """Settings of the training loop; every training stage's recipe embeds one (``recipe.loop``)."""
 
@@ -560,6 +567,8 @@ class Trainer:
         weights = full_tensors(self._sharded.state_dict())
         ema = full_tensors(self._sharded_ema.tensors())
         named = full_optimizer_state(self._sharded, self.optimizer)
+        if self.rank != 0:  # only rank 0 writes (and holds) the whole optimizer state
+            return weights, ema, {}
         index = {n: i for i, n in enumerate(n for n, p in self._sharded.named_parameters() if p.requires_grad)}
         opt = {"state": {index[n]: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
                          for n, st in named["state"].items()},

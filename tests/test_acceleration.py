@@ -151,14 +151,16 @@ def test_cuda_graphed_samples_equal_eager(sd_like, solver):
 @pytest.mark.cuda
 def test_cuda_graphed_step_loop_has_no_host_sync(sd_like):
     from accelkit.solvers import solve
+    from accelkit.teacher import Condition
 
-    teacher = accelerate(load_teacher(sd_like, device="cuda", dtype="fp32"), cuda_graphs=True)
+    teacher = accelerate(load_teacher(sd_like, device="cuda", dtype="fp32", guidance=4.0), cuda_graphs=True)
     x = torch.randn(4, 3, 8, 8, device="cuda")
-    solve(teacher, x, solver="dpm++2m", nfe=6)  # captures
+    cond = Condition(encoder_hidden_states=torch.randn(4, 5, 12, device="cuda"))
+    solve(teacher, x, solver="dpm++2m", nfe=6, cond=cond)  # captures
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        solve(teacher, x, solver="dpm++2m", nfe=6)
+        solve(teacher, x, solver="dpm++2m", nfe=6, cond=cond)  # guided: conditional and null rows, one replay
     finally:
         torch.cuda.set_sync_debug_mode("default")
 
@@ -175,3 +177,31 @@ def test_couple_with_cuda_graphs_and_compile_equals_eager(mlp_file, tmp_path):
                                      tmp_path / "both"))[0:128]
     assert torch.equal(eager["noise"], graphed["noise"])
     assert rel(graphed["sample"], eager["sample"]) < 1e-6 and rel(both["sample"], eager["sample"]) < 1e-5
+
+
+def test_sample_keeps_batch_64_on_the_cpu_when_not_given(mlp_file, tmp_path, monkeypatch, capsys):
+    import json
+
+    from safetensors import safe_open
+
+    out = tmp_path / "x.safetensors"
+    code, _, err = run_in_process(monkeypatch, capsys, "sample", mlp_file, "--nfe", "2", "-n", "4", "-o", out)
+    assert code == 0, err
+    with safe_open(str(out), "pt") as f:
+        assert json.loads(f.metadata()["settings"])["batch_size"] == 64
+
+
+@pytest.mark.cuda
+def test_sample_without_batch_size_on_cuda_fills_memory_with_the_same_samples(mlp_file, tmp_path, monkeypatch,
+                                                                               capsys):
+    from accelkit.acceleration import batch_to_fill_memory
+
+    assert batch_to_fill_memory(load_teacher(mlp_file, device="cuda"), None, 100_000, "cuda") > 64
+    out = {}
+    for name, flags in (("auto", ()), ("64", ("--batch-size", "64"))):
+        path = tmp_path / f"{name}.safetensors"
+        code, _, err = run_in_process(monkeypatch, capsys, "sample", mlp_file, "--device", "cuda", "--nfe", "4",
+                                      "-n", "3000", "-o", path, *flags)
+        assert code == 0, err
+        out[name] = load_file(path)["samples"]
+    assert rel(out["auto"], out["64"]) < 1e-5

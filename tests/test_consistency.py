@@ -283,8 +283,31 @@ def test_students_beat_the_teachers_best_solver_at_1_and_2_nfe(toy, name):
 @pytest.mark.parametrize("name", ["ect", "sct"])
 def test_consistency_tuning_improves_from_1_to_2_to_4_steps(toy, name):
     sw = [sw_recorded(toy, name, n) for n in (1, 2, 4)]
-    print(name, "SW2 at 1, 2, 4 steps (tcd):", sw)
+    print(name, "SW2 at 1, 2, 4 steps (ect: tcd, sct: edge-skip):", sw)
     assert sw[0] > sw[1] > sw[2] and sw[2] < 0.8 * sw[0], sw
+
+
+def test_sct_records_edge_skipping_which_beats_plain_multistep_of_the_same_renoising(toy):
+    """SCT's edge-skipping multistep sampler (recorded by sct students): eta = 0 is the plain multistep sampler of the
+    same gamma exactly; moving each inner evaluation past its edge lowers the 2-step sliced W2 against plain multistep
+    with TCD's gamma 0.3 (the recorded one against tcd) and with Song et al.'s full re-noising (gamma 1)."""
+    from accelkit.solvers.consistency import EDGE_SKIP_ETA, EDGE_SKIP_GAMMA, ConsistencySampler
+
+    out = student(toy, "sct")
+    assert json.loads((out / "manifest.json").read_text())["summary"]["sampling"]["solver"] == "edge-skip"
+    model = load_teacher(out)
+    noise = toy["noise"]
+    assert torch.equal(solve(model, noise[:64], solver=ConsistencySampler(EDGE_SKIP_GAMMA, "x", 0.0), nfe=3),
+                       solve(model, noise[:64], solver="tcd", nfe=3))
+    ratios = {}
+    for gamma in (EDGE_SKIP_GAMMA, 1.0):
+        plain = sliced_wasserstein(sample_batched(model, noise, ConsistencySampler(gamma, "plain"), 2), toy["data"])
+        skip = sliced_wasserstein(sample_batched(model, noise, ConsistencySampler(gamma, "skip", EDGE_SKIP_ETA), 2),
+                                  toy["data"])
+        ratios[gamma] = skip / plain
+        print(f"sct at 2 steps, gamma {gamma}: edge-skipping SW2 {skip:.4f}, plain multistep {plain:.4f}")
+    # observed: 0.092 against 0.110 (gamma 0.3), 0.158 against 0.173 (gamma 1)
+    assert all(r < 0.95 for r in ratios.values()), ratios
 
 
 @pytest.mark.parametrize("name,phases", [("pcm2", 2), ("pcm4", 4)])
@@ -360,6 +383,7 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(toy, cli, tmp_path):
         (("consistency", couple, "--method", "lcm", "--guidance-range", "1,4"), "unconditional"),
         (("consistency", couple, "--method", "pcm", "--phases", "3"), "does not divide"),
         (("consistency", train, "--method", "ect"), "needs --data"),
+        (("consistency", couple, "--method", "cd", "--set", "consistency.boundary=lcm"), "discrete timesteps"),
     ]
     for i, (args, expected) in enumerate(cases):
         out = tmp_path / f"out{i}"
@@ -542,9 +566,9 @@ def test_lcm_kill9_then_same_command_equals_uninterrupted(class_teacher, tmp_pat
 
 
 @pytest.mark.slow
-def test_export_keeps_the_one_step_sampler_and_refuses_a_re_noising_one(toy, cli, tmp_path):
-    """A 1-step consistency student exports as one file whose recorded sampler reproduces accelkit's samples; the
-    re-noising multistep sampler has no fixed linear form, so exporting it at 2 NFE is a one-line error."""
+def test_export_keeps_the_one_step_and_the_re_noising_sampler(toy, cli, tmp_path):
+    """A 1-step consistency student exports as one file whose recorded sampler reproduces accelkit's samples; at 2 NFE
+    the re-noising sampler exports too, with the fresh draws' coefficients in its scheduler config."""
     from safetensors.torch import load_file
 
     out = student(toy, "cd")
@@ -556,8 +580,11 @@ def test_export_keeps_the_one_step_sampler_and_refuses_a_re_noising_one(toy, cli
     assert torch.allclose(load_file(tmp_path / "a.safetensors")["samples"],
                           load_file(tmp_path / "b.safetensors")["samples"], atol=1e-6)
     r = cli("export", out, "-o", tmp_path / "t.safetensors", "--format", "safetensors", "--nfe", "2", env=ONE_THREAD)
-    assert r.returncode == 2 and "no fixed linear form" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert not (tmp_path / "t.safetensors").exists()
+    assert r.returncode == 0, r.stderr
+    from accelkit.models.loading import read_safetensors_metadata
+
+    config = json.loads(read_safetensors_metadata(tmp_path / "t.safetensors")["accelkit.scheduler_config"])
+    assert config["num_inference_steps"] == 2 and config["noise_coefficients"][0][0] != 0
 
 
 @pytest.mark.slow
@@ -595,23 +622,58 @@ def test_lcm_lora_exports_as_a_lora_file_that_samples_like_the_student(lcm_lora,
 @pytest.mark.slow
 def test_pcm_adversarial_term_trains_stably_and_does_not_hurt(toy):
     """PCM with its adversarial term (heads on the frozen teacher's features, hinge loss, two parameter groups of one
-    Trainer): every loss finite, the heads' accuracy never runs away (below 0.95), and the 2-phase student is no
-    worse than the same run without the term. On this 2-D teacher the accuracy stays at chance (0.50 +- 0.01):
-    the student's jumps and their targets are too close for the heads to tell apart."""
+    Trainer; real side: the couplings' samples noised to s', each side with its own noise): every loss finite, the
+    heads' accuracy on a held-out batch (2048 per side, real: fresh teacher samples) recorded every 10 steps and
+    never saturated (below 0.95), and the 2-phase student no worse than the same run without the term (observed SW2
+    0.109 with it, 0.131 without). The held-out accuracy stays at 0.48-0.52: the student's noised jumps and the
+    teacher's marginal at s' are too close for the heads (with the target side, or one shared noise, as before:
+    0.49-0.51), so "strictly above 0.5" does not hold on this 2-D teacher (docs/score_distill.md)."""
     out = run_consistency(ConsistencyRecipe(source=str(toy["couple"]), method="pcm", phases=2, adversarial_weight=0.1,
-                                            disc={"lr": 1e-3}, batch_size=256, device="cpu",
+                                            adversarial_real="data", disc={"lr": 1e-3}, batch_size=256, device="cpu",
                                             loop={"steps": 300, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0,
-                                                  "log_every": 10}), toy["root"] / "pcm2-adv")
+                                                  "log_every": 10, "validate_every": 10}), toy["root"] / "pcm2-adv")
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     history = json.loads((out / "history.json").read_text())
     for key in ("discriminator/loss", "student/loss", "student/adv_loss"):
-        assert all(math.isfinite(h[key]) for h in history), key
-    accs = summary["adversarial"]["disc_accuracy_through_run"]
-    assert len(accs) == 30 and 0.4 < min(accs) and max(accs) < 0.95, accs
+        assert all(math.isfinite(h[key]) for h in history if key in h), key
+    adversarial = summary["adversarial"]
+    assert adversarial["real_side"] == "data" and adversarial["disc_held_out"]["samples_per_side"] == 2048
+    accs = adversarial["disc_accuracy_through_run"]
+    assert len(accs) == 30 and max(accs) < 0.95, accs
+    train_accs = adversarial["disc_train_batch_accuracy_through_run"]
+    assert max(train_accs) < 0.95, train_accs
     model = load_teacher(out)
     with_adv = sliced_wasserstein(sample_batched(model, toy["noise"], "euler", 2, grid=summary["sampling"]["grid"]),
                                   toy["data"])
     without = sw_recorded(toy, "pcm2", 2)
-    print(f"pcm 2 phases: SW2 {with_adv:.3f} with the adversarial term, {without:.3f} without; heads' accuracy "
-          f"{min(accs):.3f}..{max(accs):.3f}")
+    print(f"pcm 2 phases: SW2 {with_adv:.3f} with the adversarial term, {without:.3f} without; heads' held-out "
+          f"accuracy {min(accs):.3f}..{max(accs):.3f}")
     assert with_adv < 1.1 * without, (with_adv, without)
+
+
+def test_ect_curriculum_spans_the_run_whatever_its_length(tmp_path):
+    """ECT / SCT's r(t) curriculum (t - r shrinks by q every stage) passes through 4 stages in any run when
+    stage_steps is not given: a quarter of loop.steps, as every shipped recipe sets it. A fixed 500 left a shorter run
+    in stage 0 (r = t_min for most noise levels: plain denoising): on the digits bench at 300 steps, ECT's FD at 1 / 2
+    / 4 steps went from 318 / 110 / 60 to 28 / 19 / 22 (docs/benchmarks.md). The default 2000-step recipe keeps its
+    identity (500 steps per stage) and an explicit stage_steps wins."""
+    from accelkit.models.builtin import MLP, builtin_call
+    from accelkit.models.loading import save_teacher
+    from accelkit.teacher import NetworkTeacher
+
+    default = ConsistencyRecipe(source="t.safetensors", method="ect", data="moons")
+    assert default.curriculum_stage_steps == 500 and default.identity_dict()["stage_steps"] == 500
+    short = ConsistencyRecipe(source="t.safetensors", method="sct", data="moons", loop={"steps": 300})
+    assert short.curriculum_stage_steps == 75 and short.identity_dict()["stage_steps"] == 75
+    explicit = ConsistencyRecipe(source="t.safetensors", method="ect", data="moons", stage_steps=250,
+                                 loop={"steps": 300})
+    assert explicit.curriculum_stage_steps == 250
+    assert "stage_steps" not in ConsistencyRecipe(source="t.safetensors", method="cd").identity_dict()
+
+    torch.manual_seed(0)
+    file = save_teacher(NetworkTeacher(MLP(dim=2, hidden=16, depth=1), builtin_call, "flow", LinearSchedule(), (2,)),
+                        tmp_path / "teacher.safetensors")
+    out = run_consistency(ConsistencyRecipe(source=str(file), method="ect", data="moons", batch_size=32, device="cpu",
+                                            loop={"steps": 8, "checkpoint_every": 0}), tmp_path / "ect")
+    curriculum = json.loads((out / "manifest.json").read_text())["summary"]["curriculum"]
+    assert curriculum == {"stage_steps": 2, "q": 2.0, "last_stage": 3}, curriculum

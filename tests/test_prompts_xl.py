@@ -238,3 +238,83 @@ def test_training_stage_takes_prompts_for_a_teacher_with_data(sd15, tmp_path, mo
                                        "--steps", "2", "-o", tmp_path / "refused")
     assert code == 2 and stdout == "" and not (tmp_path / "refused").exists()
     assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and "couple artifact" in err, err
+
+
+def test_bad_prompt_input_is_one_line_exit_2_nothing_written(sdxl, sd3, tmp_path, monkeypatch, capsys):
+    """--prompt for a model with no text encoder, a pipeline folder missing a tokenizer, an unreadable tokenizer: one
+    line, exit 2, no output and no artifact, for sample, couple and a training stage."""
+    import shutil
+
+    no_text = tiny_models.sd3_like_pipeline(tmp_path / "sd3-no-text")
+    no_tokenizer_2 = tmp_path / "sdxl-no-tokenizer-2"
+    shutil.copytree(sdxl, no_tokenizer_2)
+    shutil.rmtree(no_tokenizer_2 / "tokenizer_2")
+    no_tokenizer_3 = tmp_path / "sd3-no-tokenizer-3"
+    shutil.copytree(sd3, no_tokenizer_3)
+    shutil.rmtree(no_tokenizer_3 / "tokenizer_3")
+    bad_tokenizer = tmp_path / "sd3-bad-tokenizer"
+    shutil.copytree(sd3, bad_tokenizer)
+    for f in (bad_tokenizer / "tokenizer_3").iterdir():
+        f.write_text("not a tokenizer")
+    ddpm = tiny_models.ddpm_pipeline(tmp_path / "ddpm")
+    out = tmp_path / "out"
+    cases = [
+        (no_text, "has no text_encoder"),
+        (no_tokenizer_2, "tokenizer_2: missing"),
+        (no_tokenizer_3, "tokenizer_3: missing"),
+        (bad_tokenizer, "not a readable tokenizer"),
+        (ddpm, "takes no text"),
+    ]
+    for model, expected in cases:
+        for command in (["sample", model, "--prompt", "a cat", "--nfe", "2", "-n", "1", "-o", out / "s.safetensors"],
+                        ["couple", model, "--prompt", "a cat", "--nfe", "2", "-n", "2", "-o", out / "couple"],
+                        ["shortcut", model, "--data", tmp_path / "none.safetensors", "--prompt", "a cat", "-o",
+                         out / "shortcut"]):
+            code, stdout, err = run_in_process(monkeypatch, capsys, *command)
+            assert code == 2 and stdout == "" and not out.exists(), (command, err)
+            assert err.startswith("error:") and len(err.strip().splitlines()) == 1 and expected in err, (command, err)
+    assert not (tmp_path / "cache" / "prompts").exists() or not any((tmp_path / "cache" / "prompts").iterdir())
+
+
+def test_condition_rows_follow_the_sample_index_over_batches_and_processes():
+    """A training stage's conditions of R rows: data row i (BatchSampler) and draw i (NoiseBatches, a teacher alone)
+    take row i mod R, and the slices of two processes make up the one-process batch."""
+    from accelkit.data import BatchSampler
+    from accelkit.stages.student import NoiseBatches
+
+    rows = {"cond.encoder_hidden_states": torch.arange(3.0).reshape(3, 1, 1).expand(3, 2, 4).clone()}
+    data = torch.arange(10.0).reshape(10, 1) * 100
+
+    def noise(g, n):
+        return {"z": torch.randn(n, 2, generator=g)}
+
+    for batch in (next(iter(BatchSampler(data, 4, seed=1, rows=rows))), ):
+        index = (batch["x"][:, 0] / 100).long()
+        assert torch.equal(batch["cond.encoder_hidden_states"][:, 0, 0], (index % 3).float())
+    one = NoiseBatches(4, 1, 0, 1, noise, rows=rows)
+    two = [NoiseBatches(4, 1, r, 2, noise, rows=rows) for r in range(2)]
+    for b in range(3):
+        full = next(one)
+        halves = [next(t) for t in two]
+        assert torch.equal(full["cond.encoder_hidden_states"][:, 0, 0], torch.arange(4 * b, 4 * b + 4.0) % 3)
+        for k in full:
+            assert torch.equal(full[k], torch.cat([h[k] for h in halves])), k
+
+
+@pytest.mark.slow
+def test_score_distill_from_a_teacher_alone_takes_prompts(sd15, tmp_path, monkeypatch, capsys):
+    """score-distill PIPE --prompts FILE (no data, no couplings): the draws are conditioned on the prompts (other
+    prompts train another generator); without them a text teacher is refused in one line."""
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("\n".join(PROMPTS) + "\n")
+    args = ["score-distill", sd15, "--method", "vsd", "--steps", "1", "--train-steps", "2", "--batch-size", "2"]
+    code, stdout, err = run_in_process(monkeypatch, capsys, *args, "--prompts", prompts_file, "--negative-prompt",
+                                       NEGATIVE, "-o", tmp_path / "sd")
+    assert code == 0, err
+    code, stdout, err = run_in_process(monkeypatch, capsys, *args, "--prompt", "a blue tree", "--negative-prompt",
+                                       NEGATIVE, "-o", tmp_path / "other")
+    assert code == 0, err
+    a, b = (load_file(tmp_path / d / "teacher.safetensors") for d in ("sd", "other"))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-6  # the prompts reached the training steps
+    code, stdout, err = run_in_process(monkeypatch, capsys, *args, "-o", tmp_path / "refused")
+    assert code == 2 and not (tmp_path / "refused").exists() and "--prompt" in err, err

@@ -35,7 +35,7 @@ def couple(
                                      "conditions file."),
     prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
     negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
-                                               "--prompt: the empty prompt)."),
+                                               "--prompt: the empty prompt, or SDXL's zeros)."),
     save_trajectory: int | None = typer.Option(None, "--save-trajectory", help="Also store K intermediate states."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Samples per step (does not change results)."),
     micro_batch: int | None = typer.Option(None, "--micro-batch", help="Samples per teacher call (default 64)."),

@@ -61,6 +61,8 @@ def eval_command(
     window: int = typer.Option(None, "--window", help="picard: steps per window (default 16)."),
     tol: float = typer.Option(None, "--tol", help="picard / parareal tolerance (0: exact)."),
     blocks: int = typer.Option(None, "--blocks", help="parareal: blocks of the grid (default ~sqrt(steps))."),
+    compile_network: bool = typer.Option(False, "--compile", help="Compile each model's network with torch.compile "
+                                         "(samples/s then counts each batch shape's one-time compilation)."),
 ) -> None:
     """Quality against NFE of every model with every solver on the same noise: RMSE / PSNR to the teacher's ODE
     endpoint, distribution distance to data, path straightness and curvature, and samples per second (table on
@@ -147,6 +149,11 @@ def eval_command(
                             + (f" on the {len(times) - 1}-step --grid" if isinstance(times, list) else ""))
 
     teachers = {p: load_teacher(p, device=device, allow_pickle=allow_pickle) for p in paths}
+    if compile_network:
+        from ..acceleration import accelerate
+
+        for p, t in teachers.items():
+            accelerate(t, compile=True, what=p)
     shape = tuple(teachers[paths[0]].sample_shape)
     for p, t in teachers.items():
         if tuple(t.sample_shape) != shape:

@@ -13,7 +13,8 @@ from .main import app
 @app.command("train")
 def train(
     data: str | None = typer.Option(None, "--data", help="checkerboard, moons, rings, gaussian-mixture, digits, "
-                                                         "fashion-mnist, or a .safetensors/.npy file of samples."),
+                                                         "fashion-mnist, a .safetensors/.npy file of samples, or a "
+                                                         "folder of same-size images."),
     objective: str | None = typer.Option(None, "--objective", help="flow (flow matching, linear schedule; default) "
                                                                     "or eps (DDPM noise prediction, discrete VP)."),
     steps: int | None = typer.Option(None, "--steps", help="Optimizer steps (recipe key train.loop.steps)."),

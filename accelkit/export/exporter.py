@@ -137,7 +137,7 @@ def stock_scheduler(teacher: Teacher, solver: str | Solver, nfe: int):
     """
     if not isinstance(solver, str):
         return None
-    if solver in ("consistency", "tcd"):
+    if solver in ("consistency", "tcd", "edge-skip"):
         return lcm_scheduler(teacher, solver, nfe)
     if _is_diffusers_vp(teacher) and solver in ("dpm++2m", "dpm++3m", "unipc2"):
         from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
@@ -180,12 +180,13 @@ def lcm_scheduler(teacher: Teacher, solver: str, nfe: int):
     after the last step; its timesteps are LCM's skip grid (:func:`accelkit.consistency.lcm_grid`). The one difference
     is where z comes from: LCMScheduler draws it from the pipeline's generator, accelkit from the sample's own seed, so
     the samples are equal at one step and equal given the same z at more (``lcm_noise`` in the export record). TCD's
-    gamma sampler equals it at one step only (TCDScheduler has no boundary scalings and back-steps on integer
-    timesteps)."""
+    gamma sampler and edge-skipping equal it at one step only (TCDScheduler has no boundary scalings and back-steps on
+    integer timesteps)."""
     from ..consistency import LCM_ORIGINAL_STEPS, Parameterisation, lcm_grid
 
     param = Parameterisation.of(teacher)
-    if not (_is_diffusers_vp(teacher) and param.lcm) or (solver == "tcd" and nfe != 1) or nfe > LCM_ORIGINAL_STEPS:
+    one_step_only = solver in ("tcd", "edge-skip")
+    if not (_is_diffusers_vp(teacher) and param.lcm) or (one_step_only and nfe != 1) or nfe > LCM_ORIGINAL_STEPS:
         return None
     from diffusers import LCMScheduler
 

@@ -10,7 +10,7 @@ Solvers (registered by name; :func:`register_solver` adds more, e.g. learned bes
   ``ddim`` is its first-order update (DDIM with eta = 0);
 * ``unipc``, ``unipc2``              UniPC-3 / UniPC-2 (bh2) predictor-corrector (:mod:`.unipc`);
 * ``ipndm``, ``ipndm-v``             improved PNDM, fixed / variable-step Adams-Bashforth (:mod:`.ipndm`);
-* ``consistency``, ``tcd``          consistency students' multistep samplers with re-noising (:mod:`.consistency`);
+* ``consistency``, ``tcd``, ``edge-skip``  consistency students' multistep re-noising samplers (:mod:`.consistency`);
 * ``shortcut``, ``meanflow``         the jumps of self-consistency students (:mod:`.self_consistency`);
 * a ``bespoke`` artifact's path       a learned solver (:mod:`.learned`: :mod:`.bespoke` scale-time, :mod:`.bns`
                                      non-stationary), for its own teacher and NFE.

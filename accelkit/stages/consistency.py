@@ -3,7 +3,9 @@
 SOURCE is a couple artifact (its teacher is the student's start; its teacher samples serve as the data x0) or a
 teacher with ``data`` (:func:`accelkit.stages.student.begin_source_run`). The student keeps the teacher's network,
 prediction type and schedule; its consistency function is Song et al.'s parameterisation over the teacher's x0
-prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equations and the papers):
+prediction, exact at the smallest time, or for a DDPM teacher of discrete timesteps LCM's boundary on them (``boundary``
+auto / lcm), which diffusers' LCMScheduler samples step for step (:mod:`accelkit.consistency` has the equations and the
+papers):
 
 * ``cd``: consistency distillation: target = an EMA copy (``target_ema``, 0.95) of the student at the teacher's one
   solver step (``solver``, ``solver_nfe``) over one interval of the teacher's ``discretisation``-step grid;
@@ -20,7 +22,8 @@ prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equa
 Training runs on :class:`accelkit.training.Trainer` (checkpoints, exact resume after ``kill -9`` including the EMA
 target, NaN guard, DDP, LoRA). The artifact holds ``teacher.safetensors`` (the student, with its parameterisation in
 its info), ``history.json``, and records its sampler in ``summary.sampling``: ``consistency`` (multistep with
-re-noising, :mod:`accelkit.solvers.consistency`) at ``sampling_nfe`` steps, or ``ddim`` / ``euler`` on the phase edges
+re-noising, :mod:`accelkit.solvers.consistency`; ``tcd`` for ect, SCT's ``edge-skip`` for sct) at ``sampling_nfe``
+steps, or ``ddim`` / ``euler`` on the phase edges
 for PCM, so ``accelkit sample`` / ``couple`` / ``eval`` use it without flags.
 """
 
@@ -40,19 +43,17 @@ from ..console import log
 from ..errors import AccelkitError
 from ..jobs import barrier
 from ..recipes import StageRecipe, register_stage
-from ..training import GroupSettings, LoopConfig, ParamGroup, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, GroupSettings, LoopConfig, ParamGroup, Trainer
 from . import student as students
 
 KIND = "consistency"
 METHODS = ("cd", "lcm", "pcm", "ect", "sct")
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 #: The recipe keys each method reads (beside the common ones); the others stay out of its identity.
 METHOD_FIELDS = {
     "cd": ("discretisation", "solver", "solver_nfe", "target_ema", "boundary"),
     "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range", "boundary"),
     "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance", "adversarial_weight", "disc",
-            "disc_layers", "disc_width"),
+            "disc_layers", "disc_width", "adversarial_real", "disc_held_out"),
     "ect": ("ect_q", "stage_steps", "p_mean", "p_std", "boundary"),
     "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size", "boundary"),
 }
@@ -93,8 +94,16 @@ class ConsistencyRecipe(students.SourceRecipe):
     disc_layers: list[str] | Literal["auto"] = Field("auto", description="pcm adversarial: the teacher layers the "
                                                                          "heads read")
     disc_width: int = Field(64, ge=4, description="pcm adversarial: the heads' width")
+    disc_held_out: int = Field(2048, ge=16, description="pcm adversarial: samples per side of the heads' held-out "
+                                                         "accuracy check (validate steps)")
+    adversarial_real: Literal["target", "data"] = Field(
+        "target", description="pcm adversarial: the real side the heads judge at s': 'target' (PCM's code: the "
+                              "teacher-stepped target's jump, noised forward) or 'data' (the clean samples x0 of the "
+                              "batch, noised to s': the teacher's / data's marginal there)")
     ect_q: float = Field(2.0, gt=1, description="ect / sct: q of the r(t) curriculum")
-    stage_steps: int = Field(500, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by q)")
+    stage_steps: int | None = Field(None, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by "
+                                                             "q); default a quarter of loop.steps (4 stages in any "
+                                                             "run)")
     p_mean: float = Field(-1.1, description="ect / sct: mean of log sigma")
     p_std: float = Field(2.0, gt=0, description="ect / sct: standard deviation of log sigma")
     reference_size: int = Field(64, ge=1, description="sct: x0 samples in each reference batch")
@@ -103,10 +112,11 @@ class ConsistencyRecipe(students.SourceRecipe):
                             "(LCM's on a DDPM teacher's discrete timesteps, which diffusers' LCMScheduler samples "
                             "exactly) or auto (lcm for a DDPM teacher of discrete steps, else edm)")
     sampling_nfe: int | None = Field(None, ge=1, description="the recorded sampling steps (default 1; pcm: phases)")
-    sampler: Literal["consistency", "tcd"] | None = Field(
+    sampler: Literal["consistency", "tcd", "edge-skip"] | None = Field(
         None, description="the recorded multistep sampler (not pcm): consistency (full re-noising; default for cd and "
-                          "lcm) or tcd (gamma 0.3; default for ect and sct, which improve 1 -> 2 -> 4 steps with it "
-                          "on the 2-D teachers and not with full re-noising)")
+                          "lcm), tcd (gamma 0.3; default for ect, which improves 1 -> 2 -> 4 steps with it on the 2-D "
+                          "teachers and not with full re-noising) or edge-skip (SCT's edge-skipping: tcd whose inner "
+                          "evaluations sit a quarter interval past each edge; default for sct)")
     batch_size: int = Field(256, ge=1, description="global batch size (over all processes)")
     seed: int = Field(0, ge=0, description="seeds the batch order, the times and the noise")
     loop: LoopConfig = Field(default_factory=default_loop)
@@ -153,7 +163,16 @@ class ConsistencyRecipe(students.SourceRecipe):
             if k not in METHOD_FIELDS[self.method]:
                 d.pop(k, None)
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
+        if "stage_steps" in d:  # the steps it resolves to (the default 2000-step recipe keeps its identity)
+            d["stage_steps"] = self.curriculum_stage_steps
         return d
+
+    @property
+    def curriculum_stage_steps(self) -> int:
+        """ect / sct: steps per stage of the r(t) curriculum: ``stage_steps``, or a quarter of the run, so that every
+        run passes through 4 stages (a fixed length left a run shorter than it in stage 0: r = t_min for most noise
+        levels, plain denoising; docs/benchmarks.md, digits)."""
+        return self.stage_steps if self.stage_steps is not None else max(1, self.loop.steps // 4)
 
     @property
     def recorded_nfe(self) -> int:
@@ -186,7 +205,7 @@ def recommended_sampling(recipe: ConsistencyRecipe, schedule, param=None) -> dic
         nfe = recipe.phases
         return {"solver": solver, "nfe": nfe, "grid": [round(float(v), 10) for v in edges]}
     nfe = recipe.recorded_nfe
-    solver = recipe.sampler or ("tcd" if recipe.method in ("ect", "sct") else "consistency")
+    solver = recipe.sampler or {"ect": "tcd", "sct": "edge-skip"}.get(recipe.method, "consistency")
     if param is not None and param.lcm:
         from ..consistency import lcm_grid
 
@@ -207,6 +226,13 @@ def check_source(recipe: ConsistencyRecipe):
         if guided is not None and (conditioning == "none" or ref.null_condition is None):
             raise AccelkitError(f"{run.teacher_path}: guidance {guided} needs a conditional teacher with a null "
                                 "condition; this teacher is unconditional")
+        if recipe.boundary == "lcm" and recipe.method != "pcm":
+            from ..schedules import DiscreteVPSchedule
+
+            if not isinstance(ref.schedule, DiscreteVPSchedule):
+                raise AccelkitError(f"boundary lcm: LCM's boundary condition is on a DDPM teacher's discrete "
+                                    f"timesteps; {run.teacher_path} has the {ref.schedule.name} schedule (use "
+                                    "boundary edm or auto)")
         if run.data is not None and conditioning != "none" and run.conditions is None:
             raise AccelkitError(f"data {recipe.data!r}: the teacher is conditional ({conditioning}) and the data has "
                                 "no conditions; give --prompt / --prompts (or --conditions FILE), or its couplings "
@@ -256,7 +282,7 @@ class ConsistencyJob:
         self.param = Parameterisation.for_teacher(self.schedule, recipe.boundary)
         self.shape = tuple(self.start.sample_shape)
         self.trainer: Trainer | None = None
-        self.target_network: torch.nn.Module | None = None
+        self.target_network: students.EmaTarget | None = None
 
     # ---------------------------------------------------------------------------------------------------- draws
 
@@ -272,6 +298,7 @@ class ConsistencyJob:
             if self.recipe.adversarial_weight > 0:  # the noise level above the phase edge and the noise there
                 out["u"] = torch.rand(n, generator=generator, dtype=torch.float64)
                 out["n"] = torch.randn(n, *self.shape, generator=generator)
+                out["n_real"] = torch.randn(n, *self.shape, generator=generator)  # the real side's own noise
             if self.recipe.guidance_range is not None:
                 lo, hi = self.recipe.guidance_range
                 out["g"] = lo + (hi - lo) * torch.rand(n, generator=generator, dtype=torch.float64)
@@ -288,16 +315,10 @@ class ConsistencyJob:
     def ema_target(self) -> torch.nn.Module:
         """The target network of cd / lcm: a frozen copy of the student holding its EMA at ``target_ema`` (the
         Trainer's own average, so checkpoints and resume carry it)."""
-        trainer = self.trainer
-        assert trainer is not None
+        assert self.trainer is not None
         if self.target_network is None:
-            self.target_network = copy.deepcopy(trainer.model).requires_grad_(False)
-        params = dict(self.target_network.named_parameters())
-        shadow = trainer.ema.shadow[float(self.recipe.target_ema)]
-        with torch.no_grad():
-            for name, value in zip(trainer.ema.names, shadow, strict=True):
-                params[name].copy_(value)
-        return self.target_network
+            self.target_network = students.EmaTarget(self.trainer, float(self.recipe.target_ema))
+        return self.target_network()
 
     # ---------------------------------------------------------------------------------------------------- losses
 
@@ -363,7 +384,7 @@ class ConsistencyJob:
 
         def ect_loss(network: torch.nn.Module, batch: dict[str, Tensor]):
             x0, eps, cond = students.clean_samples(batch).float(), batch["eps"], condition_of(batch)
-            stage = self.trainer.step // recipe.stage_steps if self.trainer is not None else 0
+            stage = self.trainer.step // recipe.curriculum_stage_steps if self.trainer is not None else 0
             t, r, weight = (v.to(device) for v in ect_pair_times(param, batch["z"].cpu(), stage, recipe.ect_q,
                                                                  recipe.p_mean, recipe.p_std))
             x_t = noised(x0, eps, t)
@@ -410,7 +431,7 @@ class ConsistencyJob:
         if recipe.adversarial_weight > 0:
             model, groups = self.adversarial_groups()
             self.trainer = Trainer(model, None, sampler, self.loop_config(), checkpoint_dir=run.path / "checkpoint",
-                                   device=run.device, on_log=on_log, groups=groups)
+                                   device=run.device, on_log=on_log, groups=groups, validate_fn=self.validate_fn)
         else:
             self.trainer = Trainer(network, self.loss_fn(), sampler, self.loop_config(),
                                    checkpoint_dir=run.path / "checkpoint", device=run.device, on_log=on_log)
@@ -421,13 +442,19 @@ class ConsistencyJob:
         return self.trainer
 
     def adversarial_groups(self):
-        """PCM's adversarial term (Wang et al. 2024, sec. 4.3): the student's jump and its target are both noised
-        forward from the phase edge e to s' in [e, e + (1 - e) / M) and judged by heads on the frozen teacher's
-        features (:class:`accelkit.discriminator.FeatureDiscriminator`), hinge losses
+        """PCM's adversarial term (Wang et al. 2024, sec. 4.3): the student's jump to the phase edge e, noised
+        forward from e to s' in [e, e + (1 - e) / M), is judged against a real side at s' by heads on the frozen
+        teacher's features (:class:`accelkit.discriminator.FeatureDiscriminator`), hinge losses
 
-            L_D = E ReLU(1 - D(target)) + E ReLU(1 + D(pred)),      L_student = L_PCM - w E D(pred),
+            L_D = E ReLU(1 - D(real)) + E ReLU(1 + D(pred)),      L_student = L_PCM - w E D(pred),
 
-        two parameter groups of one Trainer (the heads with their own optimizer settings ``disc``)."""
+        two parameter groups of one Trainer (the heads with their own optimizer settings ``disc``). The real side
+        (``adversarial_real``): ``target``, the teacher-stepped target's jump noised forward as PCM's code does, or
+        ``data``, the batch's clean samples x0 noised straight to s' (alpha_s' x0 + sigma_s' n: the teacher's /
+        data's marginal at s', which the student's noised jumps should follow). Each side has its own noise (PCM's
+        code draws them apart): with one shared noise the two inputs differ only by the PCM residual, nearly zero
+        by design, and the heads sit at chance. The heads' accuracy on a held-out batch (:meth:`held_out_check`)
+        is recorded at the validate steps."""
         from .. import discriminator as gan
         from ..data import stream_seed
         from ..objectives import condition_of
@@ -435,39 +462,84 @@ class ConsistencyJob:
 
         recipe, sch = self.recipe, self.schedule
         self.loss_fn()  # defines self.pcm_jumps and self.distance
+        held_out = self.held_out_check()
         with torch.random.fork_rng(devices=[]):  # the heads' initial weights: seeded, so a run repeats
             torch.manual_seed(stream_seed(recipe.seed, 0xAD))
-            disc = gan.FeatureDiscriminator(self.reference, recipe.disc_layers, recipe.disc_width)
+            disc = gan.FeatureDiscriminator(self.reference, recipe.disc_layers, recipe.disc_width,
+                                            probe=held_out["probe"])
         model = torch.nn.ModuleDict({"student": self.start.network, "discriminator": disc})
         width = 1.0 / recipe.phases
 
-        def renoise(x_e: Tensor, e: Tensor, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-            s_up = (e + width * (1.0 - e) * batch["u"]).clamp(max=1.0)
+        def level(e: Tensor, batch: dict[str, Tensor]) -> Tensor:
+            return (e + width * (1.0 - e) * batch["u"]).clamp(max=1.0)
+
+        def renoise(x_e: Tensor, e: Tensor, s_up: Tensor, noise: Tensor) -> Tensor:
             a_e, s_e, a_u, s_u = sch.alpha(e), sch.sigma(e), sch.alpha(s_up), sch.sigma(s_up)
             ratio = a_u / a_e
             spread = (s_u**2 - (ratio * s_e) ** 2).clamp(min=0).sqrt()
-            return broadcast_to(ratio, x_e) * x_e + broadcast_to(spread, x_e) * batch["n"], s_up
+            return broadcast_to(ratio, x_e) * x_e + broadcast_to(spread, x_e) * noise
 
-        def disc_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
+        def real_side(target: Tensor, e: Tensor, s_up: Tensor, batch: dict[str, Tensor]) -> Tensor:
+            if recipe.adversarial_real == "data":
+                x0 = batch["real"] if "real" in batch else students.clean_samples(batch).float()
+                return broadcast_to(sch.alpha(s_up), x0) * x0 + broadcast_to(sch.sigma(s_up), x0) * batch["n_real"]
+            return renoise(target, e, s_up, batch["n_real"])
+
+        def judged(m: torch.nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
             with torch.no_grad():
                 pred, target, e = self.pcm_jumps(m["student"], batch)
-            cond = condition_of(batch)
-            real_in, s_up = renoise(target, e, batch)
-            fake_in, _ = renoise(pred, e, batch)
-            real, fake = disc(real_in, s_up, cond), disc(fake_in, s_up, cond)
+            s_up, cond = level(e, batch), condition_of(batch)
+            return (disc(real_side(target, e, s_up, batch), s_up, cond),
+                    disc(renoise(pred, e, s_up, batch["n"]), s_up, cond))
+
+        def disc_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
+            real, fake = judged(m, batch)
             loss = torch.relu(1.0 - real).mean() + torch.relu(1.0 + fake).mean()
             return loss, {"d_loss": loss.detach(), "d_acc": torch.tensor(gan.accuracy(real.detach(), fake.detach()))}
 
         def student_loss(m: torch.nn.Module, batch: dict[str, Tensor]):
             pred, target, e = self.pcm_jumps(m["student"], batch)
             pcm = self.distance(pred.float() - target.float())
-            fake_in, s_up = renoise(pred, e, batch)
-            adv = -disc(fake_in, s_up, condition_of(batch)).mean()
+            s_up = level(e, batch)
+            adv = -disc(renoise(pred, e, s_up, batch["n"]), s_up, condition_of(batch)).mean()
             return pcm + recipe.adversarial_weight * adv, {"pcm_loss": pcm.detach(), "adv_loss": adv.detach()}
 
+        def validate(tr: Trainer) -> dict[str, float]:  # the heads on a batch they never train on
+            real, fake = judged(model, held_out["batch"])
+            return {"disc_accuracy": gan.accuracy(real, fake)}
+
+        self.validate_fn = validate
+        self.held_out = held_out
         groups = [ParamGroup("discriminator", disc, disc_loss, recipe.disc.model_copy(update={"ema": False})),
                   ParamGroup("student", model["student"], student_loss, GroupSettings(ema=True))]
         return model, groups
+
+    def held_out_check(self) -> dict[str, Any]:
+        """The heads' held-out batch: draws of another seed than the run's and, for the ``data`` real side, real
+        samples no training batch holds (:func:`accelkit.stages.generator_student.held_out_real`); 256 more real
+        samples noised at drawn levels (``probe``) fix the heads' per-channel feature standardisation."""
+        from ..data import seeded_generator
+        from ..teacher import broadcast_to
+        from .generator_student import held_out_real
+
+        recipe, run, sch = self.recipe, self.run, self.schedule
+        n = recipe.disc_held_out
+        b = next(run.batches(n, recipe.seed + 7919, noise=self.draw))
+        batch: dict[str, Any] = {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+        fresh, what = held_out_real(recipe, run, n + 256, recipe.seed + 7919)
+        if fresh is None:
+            rows = students.clean_samples(batch).float()
+            fresh = torch.cat([rows, rows[:256]])
+        fresh = fresh.to(run.device)
+        if recipe.adversarial_real == "data":
+            batch["real"] = fresh[:n]
+        g = seeded_generator(recipe.seed + 7919, 0x9B)
+        t = (0.02 + 0.96 * torch.rand(256, generator=g, dtype=torch.float64)).to(run.device)
+        x0 = fresh[n:]
+        noise = torch.randn(x0.shape, generator=g).to(run.device)
+        probe = (broadcast_to(sch.alpha(t), x0) * x0 + broadcast_to(sch.sigma(t), x0) * noise, t, None)
+        return {"batch": batch, "probe": probe, "real_is": what if recipe.adversarial_real == "data" else
+                "target jumps of held-out rows", "samples_per_side": n}
 
     def finish(self, trainer: Trainer, seconds: float) -> None:
         recipe, run = self.recipe, self.run
@@ -494,8 +566,16 @@ class ConsistencyJob:
         }
         if trainer.groups:
             accs = [h["discriminator/d_acc"] for h in trainer.history if "discriminator/d_acc" in h]
+            held = [h["val/disc_accuracy"] for h in trainer.history if "val/disc_accuracy" in h]
             summary["adversarial"] = {"weight": recipe.adversarial_weight, "updates": dict(trainer.updates),
-                                      "disc_accuracy_through_run": accs}
+                                      "real_side": recipe.adversarial_real,
+                                      "disc_accuracy_through_run": held,
+                                      "disc_held_out": {"samples_per_side": self.held_out["samples_per_side"],
+                                                        "real": self.held_out["real_is"]},
+                                      "disc_train_batch_accuracy_through_run": accs}
+        if recipe.method in ("ect", "sct"):
+            per = recipe.curriculum_stage_steps
+            summary["curriculum"] = {"stage_steps": per, "q": recipe.ect_q, "last_stage": (trainer.step - 1) // per}
         if recipe.method in ("lcm", "pcm") and recipe.guidance is not None:
             summary["guidance"] = {"scale": recipe.guidance, "lcm_w": recipe.guidance - 1.0}
         if recipe.guidance_range is not None:

@@ -332,8 +332,8 @@ def run_couple(recipe: CoupleRecipe, output: Path | None = None, force: bool = F
             teacher = load_teacher_for(recipe)
         cond = load_conditions(recipe.conditions) if recipe.conditions else None
         null = load_null_condition(recipe.conditions) if recipe.conditions else None
-        if null is not None:
-            teacher.null_condition = null
+        if null is not None:  # on the device once: a host copy in every guided step would sync the solver's loop
+            teacher.null_condition = null.map(lambda v: v.to(recipe.device))
         if recipe.compile or recipe.cuda_graphs:
             from ..acceleration import accelerate
 

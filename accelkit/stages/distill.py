@@ -71,7 +71,7 @@ from ..errors import AccelkitError
 from ..jobs import barrier, broadcast_object
 from ..recipes import StageRecipe, register_stage
 from ..teacher import Condition, NetworkTeacher, Teacher, broadcast_to
-from ..training import LoopConfig, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, LoopConfig, Trainer
 from . import student as students
 
 KIND = "distill"
@@ -79,8 +79,6 @@ METHODS = ("direct", "progressive", "guided")
 #: Sinusoidal features of g * 100 for the student's guidance input (as accelkit.stages.consistency's LCM input).
 GUIDANCE_INPUT_SCALE = 100.0
 DIRECT_NFES = (1, 2, 4)
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 
 
 def default_loop() -> LoopConfig:

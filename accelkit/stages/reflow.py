@@ -51,13 +51,11 @@ from ..console import log
 from ..data import seeded_generator
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, LoopConfig, Trainer
 from . import student as students
 
 KIND = "reflow"
 METHODS = ("rectified-flow", "rectified-diffusion")
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 
 
 def default_loop() -> LoopConfig:

@@ -36,7 +36,7 @@ from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..recipes import StageRecipe, register_stage
-from ..training import GroupSettings, LoopConfig, LoraSettings, ParamGroup, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, GroupSettings, LoopConfig, LoraSettings, ParamGroup, Trainer
 from . import student as students
 from .generator_student import (
     DiscriminatorSettings,
@@ -49,8 +49,6 @@ from .generator_student import (
 )
 
 KIND = "score_distill"
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 
 
 def default_loop() -> LoopConfig:
@@ -153,8 +151,15 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
         fake = students.student_of(real, fake_net)
         fake_part = nn.ModuleDict({"network": fake_net})
         disc = None
-        if gan:
-            disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width,
+        if gan:  # the heads' feature standardisation from 256 real rows of another seed, noised at drawn levels
+            probe_rows = next(run.batches(256, recipe.seed + 7919,
+                                          noise=draw_fn(recipe, real, DenoisingObjective(
+                                              real.schedule, real.prediction, real.call, real.time_input), times,
+                                              cond_info)))
+            x_probe = students.clean_samples(probe_rows).float().to(device)
+            probe = (noised(real.schedule, x_probe, probe_rows["t_d"].to(device), probe_rows["eps_d_real"].to(device)),
+                     probe_rows["t_d"].to(device), None)
+            disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width, probe=probe,
                                         seed=recipe.seed)
             fake_part["heads"] = disc
         model = nn.ModuleDict({"generator": generator.network, "fake_score": fake_part})

@@ -48,13 +48,11 @@ from torch import Tensor, nn
 from ..console import log
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer
+from ..training import LOOP_EXECUTION_FIELDS, LoopConfig, Trainer
 from . import student as students
 
 KIND = "shortcut"
 METHODS = ("shortcut", "meanflow")
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 SHORTCUT_FIELDS = ("finest_steps", "consistency_share", "clip")
 MEANFLOW_FIELDS = ("interval_share", "times", "logit_mean", "logit_std", "adaptive_power", "adaptive_c", "derivative",
                    "fd_step")
@@ -222,31 +220,6 @@ def average_velocity_fn(student_teacher, cond, guidance: Tensor | None = None):
     return u
 
 
-class EmaNetwork:
-    """A frozen copy of a trainer's network that holds its EMA weights at the trainer's first rate (the raw weights
-    without EMA), refreshed whenever the trainer has taken a step since: the EMA target of a self-consistency loss."""
-
-    def __init__(self, trainer: Trainer):
-        self.trainer = trainer
-        self.copy = copy.deepcopy(trainer.model).requires_grad_(False)
-        self.step = -1
-
-    def __call__(self) -> nn.Module:
-        tr = self.trainer
-        if self.step != tr.step:
-            with torch.no_grad():
-                params = dict(self.copy.named_parameters())
-                if tr.ema.rates:
-                    for name, value in zip(tr.ema.names, tr.ema.shadow[tr.ema.rates[0]], strict=True):
-                        params[name].copy_(value)
-                else:
-                    for name, p in tr.model.named_parameters():
-                        params[name].copy_(p)
-            self.copy.train(tr.model.training)
-            self.step = tr.step
-        return self.copy
-
-
 # ------------------------------------------------------------------------------------------------------------ losses
 
 
@@ -260,7 +233,7 @@ class SelfConsistencyLoss:
         self.recipe, self.reference, self.shape, self.derivative = recipe, reference, sample_shape, derivative
         self.teacher = linear_path_teacher(reference.with_guidance(1.0))
         self.baked = recipe.guidance if recipe.guidance is not None else default_guidance
-        self.ema: EmaNetwork | None = None  # set once the trainer exists (shortcut)
+        self.ema: students.EmaTarget | None = None  # set once the trainer exists (shortcut)
 
     # draws ----------------------------------------------------------------------------------------------------------
 
@@ -403,7 +376,7 @@ def run_shortcut(recipe: ShortcutRecipe, output: Path | None = None, force: bool
 
         def hand_ema_to_loss(trainer: Trainer) -> None:  # shortcut targets come from the EMA student
             if recipe.method == "shortcut":
-                loss.ema = EmaNetwork(trainer)
+                loss.ema = students.EmaTarget(trainer)
 
         students.fit_in_artifact(art, path, rank, start.network, loss, sampler, recipe.loop, device,
                                  lambda trainer, logs, seconds: finish(art, recipe, run, reference, trainer, logs,
@@ -498,5 +471,5 @@ def _run(recipe: StageRecipe, output: Path | None, force: bool) -> Path:
 
 register_stage(KIND, ShortcutRecipe, _run)
 
-__all__ = ["ShortcutRecipe", "run_shortcut", "SelfConsistencyLoss", "EmaNetwork", "recommended_sampling", "KIND",
+__all__ = ["ShortcutRecipe", "run_shortcut", "SelfConsistencyLoss", "recommended_sampling", "KIND",
            "METHODS"]

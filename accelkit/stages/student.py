@@ -428,6 +428,35 @@ def save_student(art: Artifact, student: NetworkTeacher, history: Any, summary: 
     art.complete(summary)
 
 
-__all__ = ["StudentRun", "begin_student_run", "SourceRecipe", "begin_source_run", "clean_samples", "is_couplings",
+class EmaTarget:
+    """A frozen copy of a trainer's network holding its EMA weights at ``rate`` (default: the trainer's first rate;
+    the raw weights when it keeps none), refreshed whenever the trainer has taken a step since: the target network of
+    a consistency loss (CD / LCM's EMA target, a shortcut model's self-consistency target). Its weights are the
+    Trainer's own average, so checkpoints and exact resume carry them."""
+
+    def __init__(self, trainer: Trainer, rate: float | None = None):
+        self.trainer, self.rate = trainer, rate
+        self.copy = copy.deepcopy(trainer.model).requires_grad_(False)
+        self.step = -1
+
+    def __call__(self) -> nn.Module:
+        tr = self.trainer
+        if self.step != tr.step:
+            rate = self.rate if self.rate is not None else (tr.ema.rates[0] if tr.ema.rates else None)
+            with torch.no_grad():
+                params = dict(self.copy.named_parameters())
+                if rate is not None:
+                    for name, value in zip(tr.ema.names, tr.ema.shadow[float(rate)], strict=True):
+                        params[name].copy_(value)
+                else:
+                    for name, p in tr.model.named_parameters():
+                        params[name].copy_(p)
+            self.copy.train(tr.model.training)
+            self.step = tr.step
+        return self.copy
+
+
+__all__ = ["EmaTarget", "StudentRun", "begin_student_run", "SourceRecipe", "begin_source_run", "clean_samples",
+           "is_couplings",
            "load_teacher_start", "couplings_teacher_path", "load_student_start", "averaged_network",
            "student_of", "save_student", "NoiseBatches", "begin_data_free_run", "fit_in_artifact", "recipe_conditions"]

@@ -29,13 +29,11 @@ from ..console import log
 from ..data import DATA_NAMES, TOY_2D, BatchSampler, DataSet, load_dataset, seeded_generator, stream_seed
 from ..errors import AccelkitError
 from ..recipes import StageRecipe, register_stage
-from ..training import LoopConfig, Trainer, init_distributed, resolve_device
+from ..training import LOOP_EXECUTION_FIELDS, LoopConfig, Trainer, init_distributed, resolve_device
 
 KIND = "train"
 OBJECTIVES = {"flow": ("flow", "linear"), "eps": ("eps", "vp-linear")}
 #: Loop settings that change how the job runs, not its result: left out of the artifact identity.
-LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
-                         "validate_every")
 
 
 class NetworkSettings(BaseModel):
