@@ -28,7 +28,7 @@ def test_demo_small_end_to_end_and_reused(tmp_path, cli):
     quality = json.loads((out / "quality.json").read_text())
     rows = quality["rows"]
     # the teacher has learned the board, not a blur over it: its ODE samples land on the dark squares (a density
-    # blind to the colours puts half there; the full demo's teacher about 92 %)
+    # blind to the colours puts half there; the full demo's teacher 91 %, 79 % before its Fourier features)
     assert quality["teacher_on_dark_squares"] > 0.7, quality["teacher_on_dark_squares"]
     euler = {r["nfe"]: r["rmse"] for r in rows if r["solver"] == "euler" and r["method"] == "teacher"}
     assert euler[1] > euler[4] > euler[16]  # more steps, closer to the ODE endpoint
