@@ -31,7 +31,9 @@ stages:
       data: checkerboard
       objective: flow
       seed: 0
-      loop: {steps: 2600, lr: 2.0e-3, warmup_steps: 100, lr_schedule: cosine}
+      batch_size: 512
+      network: {fourier_features: 4}
+      loop: {steps: 1800, lr: 2.0e-3, warmup_steps: 100, lr_schedule: cosine, ema_rates: []}
   - couple:
       teacher: "@train"
       n: 2000

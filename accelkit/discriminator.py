@@ -70,12 +70,19 @@ def noise_level_features(t: Tensor) -> Tensor:
 
 
 class Head(nn.Module):
-    """One logit per sample from one layer's features and the noise level (see the module docstring)."""
+    """One logit per sample from one layer's features and the noise level (see the module docstring).
 
-    def __init__(self, shape: Sequence[int], width: int):
+    The features are first standardised per channel, (f - mean) / std, with the mean and standard deviation of
+    that channel over the probe batch the discriminator was built with (fixed buffers, part of the state dict): a
+    pretrained network's channels have offsets and scales far apart, and without this the heads barely learn
+    (see :class:`FeatureDiscriminator`)."""
+
+    def __init__(self, shape: Sequence[int], width: int, mean: Tensor | None = None, std: Tensor | None = None):
         super().__init__()
         self.rank = len(shape)
         channels = shape[0] if self.rank == 3 else shape[-1]
+        self.register_buffer("mean", torch.zeros(channels) if mean is None else mean.detach().float().clone())
+        self.register_buffer("std", torch.ones(channels) if std is None else std.detach().float().clone())
         if self.rank == 3:
             self.conv = nn.Sequential(nn.Conv2d(channels, width, 3, padding=1), nn.GroupNorm(min(8, width), width),
                                       nn.SiLU())
@@ -87,11 +94,24 @@ class Head(nn.Module):
     def forward(self, f: Tensor, t: Tensor) -> Tensor:
         f = f.float()
         if self.rank == 3:
+            f = (f - self.mean[:, None, None]) / self.std[:, None, None]
             f = self.conv(f).mean((2, 3))
-        elif self.rank == 2:
-            f = f.mean(1)
+        else:
+            f = (f - self.mean) / self.std
+            if self.rank == 2:
+                f = f.mean(1)
         level = noise_level_features(t.to(f.device).expand(f.shape[0]) if t.ndim == 0 else t.to(f.device))
         return self.mlp(torch.cat([f, level], dim=1))[:, 0]
+
+
+def channel_statistics(f: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-channel mean and standard deviation of a batch of features (B, C), (B, N, C) or (B, C, H, W); a
+    channel's deviation is kept above 1e-2 of the median channel's (a dead channel is not blown up)."""
+    f = f.detach().float()
+    flat = f.transpose(0, 1).reshape(f.shape[1], -1) if f.ndim == 4 else f.reshape(-1, f.shape[-1]).T
+    mean, std = flat.mean(1), flat.std(1) if flat.shape[1] > 1 else torch.ones(flat.shape[0], device=f.device)
+    floor = 1e-2 * std.median().clamp(min=1e-6)
+    return mean, std.clamp(min=float(floor))
 
 
 class FeatureDiscriminator(nn.Module):
@@ -113,6 +133,7 @@ class FeatureDiscriminator(nn.Module):
         self._capturing = False
         for name in self.layers:
             modules[name].register_forward_hook(self._hook(name))
+        probe_given = probe is not None and len(probe[0]) > 1
         if probe is None:
             x = torch.zeros(2, *backbone.sample_shape)
             probe = (x, torch.full((2,), 0.5, dtype=torch.float64), None)
@@ -121,7 +142,8 @@ class FeatureDiscriminator(nn.Module):
             feats = self.features(probe[0].to(device), probe[1], probe[2])
         with torch.random.fork_rng(devices=[]):  # the heads' initial weights come from ``seed`` alone
             torch.manual_seed(seed)
-            self.heads = nn.ModuleList([Head(tuple(feats[n].shape[1:]), width) for n in self.layers])
+            stats = {n: channel_statistics(feats[n]) if probe_given else (None, None) for n in self.layers}
+            self.heads = nn.ModuleList([Head(tuple(feats[n].shape[1:]), width, *stats[n]) for n in self.layers])
 
     def _hook(self, name: str):
         def hook(module, inputs, output):
@@ -177,4 +199,4 @@ def accuracy(logits_real: Tensor, logits_fake: Tensor) -> float:
 
 
 __all__ = ["FeatureDiscriminator", "Head", "auto_layers", "discriminator_loss", "generator_gan_loss",
-           "approximate_r1", "accuracy", "noise_level_features"]
+           "approximate_r1", "accuracy", "noise_level_features", "channel_statistics"]

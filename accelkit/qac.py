@@ -12,9 +12,16 @@ conditional ODEs curve less, which is what few-step solvers need.
 
       f(y) = floor(L sigmoid(y))  in {0, ..., L - 1},
 
-  with the straight-through estimator of Algorithm 1 step 7, y_q = y + sg(f(y) - y): the forward value is f(y), the
-  gradient that of the identity (:func:`fsq`). L = 2 (binary codes) is the paper's choice; the codebook has L^D
-  codes, code index sum_j digit_j L^(D-1-j) (:func:`code_index`, :func:`code_digits`).
+  with a straight-through estimator (:func:`fsq`). By default the rounding is passed straight through and the
+  bounding sigmoid is differentiated, as in FSQ (Mentzer et al. 2023: bound, then round with the STE),
+  y_q = s + sg(f(y) - s) with s = L sigmoid(y), so dy_q/dy = L sigmoid'(y); ``straight_through="identity"`` is
+  Algorithm 1 step 7 as printed, y_q = y + sg(f(y) - y), dy_q/dy = I. The printed form lets y grow without bound
+  (a constant-sign gradient keeps pushing a code channel that no longer changes: on digits |y| reached 10^3) and
+  the code book contracted to a few codes (perplexity 5-10 of 256); the bounded form stops pushing a sample once
+  it is well inside its level (perplexity about 60; docs/benchmarks.md, QAC on digits). On the 2-D mixture the
+  printed form did better at 4-6 NFE, so a run's ``quantizer`` (:func:`resolve_quantizer`) picks per data kind.
+  L = 2 (binary codes) is the paper's choice; the codebook has L^D codes,
+  code index sum_j digit_j L^(D-1-j) (:func:`code_index`, :func:`code_digits`).
 * **Denoiser** D_theta(x_t, t, y_q): the teacher's network with the code added to its time embedding through two
   MLP layers, the last one zero-initialised (the shared extra-input mechanism, :mod:`accelkit.extra_inputs`), so
   at step 0 it equals the teacher for every code.
@@ -81,12 +88,27 @@ def fsq_digits(y: Tensor, levels: int) -> Tensor:
     return torch.floor(levels * torch.sigmoid(y)).clamp(max=levels - 1)
 
 
-def fsq(y: Tensor, levels: int) -> Tensor:
-    """Algorithm 1 step 7: y_q = y + sg(f(y) - y), the value f(y) with the straight-through gradient dy_q/dy = I.
+#: The straight-through estimators of :func:`fsq`: "bounded" (FSQ's: through the rounding only) or "identity"
+#: (Algorithm 1 step 7 as printed: through the whole of f).
+STRAIGHT_THROUGH = ("bounded", "identity")
 
-    Written f(y) + (y - sg(y)), the same function and gradient, so that the value is f(y) exactly (y + (f - y)
-    rounds in float32)."""
-    return fsq_digits(y, levels).detach() + (y - y.detach())
+
+def fsq(y: Tensor, levels: int, straight_through: str = "bounded") -> Tensor:
+    """The value f(y) = floor(L sigmoid(y)) with a straight-through gradient.
+
+    ``bounded`` (FSQ, Mentzer et al. 2023): y_q = s + sg(f(y) - s) with s = L sigmoid(y); the rounding is passed
+    straight through (dy_q/ds = I) and the bound differentiated, dy_q/dy = L sigmoid'(y).
+    ``identity`` (Algorithm 1 step 7 as printed): y_q = y + sg(f(y) - y), dy_q/dy = I.
+
+    Written f(y) + (u - sg(u)) (u = s or y), the same function and gradient, so that the value is f(y) exactly
+    (u + (f - u) rounds in float32)."""
+    if straight_through == "identity":
+        u = y
+    elif straight_through == "bounded":
+        u = levels * torch.sigmoid(y)
+    else:
+        raise ValueError(f"straight_through {straight_through!r}: expected one of {STRAIGHT_THROUGH}")
+    return fsq_digits(y, levels).detach() + (u - u.detach())
 
 
 def code_index(digits: Tensor, levels: int) -> Tensor:
@@ -146,15 +168,39 @@ def build_encoder(sample_shape: tuple[int, ...], bits: int, width: int) -> nn.Mo
     return MLPEncoder(math.prod(sample_shape), bits, width)
 
 
+#: The quantizer settings of a QAC run: "fsq" (FSQ's bounded straight-through estimator, the encoder's outputs
+#: initialised at unit scale) or "paper" (Algorithm 1 as printed, the outputs only centred); "auto" picks "fsq" for
+#: images (the conv encoder) and "paper" for vectors (the MLP encoder), as measured in docs/benchmarks.md.
+QUANTIZERS = {"fsq": ("bounded", True), "paper": ("identity", False)}
+
+
+def resolve_quantizer(quantizer: str, sample_shape: tuple[int, ...]) -> str:
+    """``quantizer`` with "auto" resolved: "fsq" for C x H x W samples, "paper" for the rest."""
+    if quantizer == "auto":
+        return "fsq" if len(sample_shape) == 3 else "paper"
+    if quantizer not in QUANTIZERS:
+        raise AccelkitError(f"quantizer {quantizer!r}: expected auto, {', '.join(QUANTIZERS)}")
+    return quantizer
+
+
 @torch.no_grad()
-def center_encoder(encoder: nn.Module, x0: Tensor) -> None:
-    """Data-dependent initialisation of the encoder's output bias (as in Salimans & Kingma 2016's weight-norm
-    initialisation): subtract each channel's median of E(x0) over ``x0``, so that every channel starts split in
-    half by f's middle threshold and the codebook starts in use. Without it a freshly initialised encoder can map
-    all data to one code (its outputs vary little around a common offset), and the straight-through gradient at a
-    fine-tuning learning rate does not leave that collapse (seen on digits: one code of 256 after 300 steps)."""
+def center_encoder(encoder: nn.Module, x0: Tensor, scale: bool = True) -> None:
+    """Data-dependent initialisation of the encoder's output layer (Salimans & Kingma 2016's weight-norm
+    initialisation): scale each output channel to unit standard deviation over ``x0`` (unless ``scale`` is False)
+    and subtract its median, so that every channel starts split in half by f's middle threshold, on the scale of the
+    sigmoid's slope.
+
+    Without the shift a freshly initialised encoder can map all data to one code (its outputs vary little around a
+    common offset: seen on digits, one code of 256 after 300 steps). Without the scale the outputs vary over the
+    data by about 0.003 (a small conv net's global average pool), a thousandth of Adam's step on the output bias
+    over a few hundred steps, so the codes are set by the drift of the bias, not by the data."""
     last = encoder.net[-1]
     y = encoder(x0).float()
+    if scale:
+        std = y.std(dim=0).clamp_min(1e-12).to(last.weight.dtype)
+        last.weight.div_(std[:, None])
+        last.bias.div_(std)
+        y = encoder(x0).float()
     last.bias.sub_(y.median(dim=0).values.to(last.bias.dtype))
 
 
@@ -287,8 +333,10 @@ class QACModel(nn.Module):
     the batch's code indices in :attr:`last_codes` for steps 12-13 (:meth:`collect`).
     """
 
-    def __init__(self, denoiser: nn.Module, encoder: nn.Module | None, objective: Any, levels: int, bits: int):
+    def __init__(self, denoiser: nn.Module, encoder: nn.Module | None, objective: Any, levels: int, bits: int,
+                 straight_through: str = "bounded"):
         super().__init__()
+        self.straight_through = straight_through
         self.denoiser = denoiser
         self.accelkit_extra = nn.ModuleDict({"encoder": encoder}) if encoder is not None else None
         self.code_weights = CodeWeights(levels, bits) if encoder is not None else None
@@ -304,7 +352,7 @@ class QACModel(nn.Module):
         pairs = {"x": x0, "eps": batch["eps"], "t": batch["t"],
                  **{k: v for k, v in batch.items() if k.startswith("cond.")}}
         if self.encoder is not None:
-            y_q = fsq(self.encoder(x0).float(), self.levels)
+            y_q = fsq(self.encoder(x0).float(), self.levels, self.straight_through)
             pairs["cond." + CODE_INPUT] = y_q
             self.last_codes = code_index(y_q, self.levels)
         return self.objective.loss(self.denoiser, pairs)
@@ -408,6 +456,6 @@ def code_condition(teacher: Any, seed: int, code: int | None = None):
 
 __all__ = ["QACModel", "fsq", "fsq_digits", "code_index", "code_digits", "codebook_size", "MLPEncoder", "ConvEncoder",
            "build_encoder", "center_encoder", "encoder_width_for_share", "parameter_count", "CodeWeights",
-           "collect_offline",
+           "collect_offline", "STRAIGHT_THROUGH", "QUANTIZERS", "resolve_quantizer",
            "draw_code_indices", "code_book_of", "code_condition", "with_codes", "check_code", "CODE_INPUT", "INFO_KEY",
            "PRUNE_BELOW"]

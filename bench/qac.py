@@ -10,10 +10,13 @@ Every model is measured by ``accelkit eval`` on the same noises at 2, 4, 6 and 1
 the Frechet distance to digits on the shipped digits classifier's features (FD), each model with its best solver at
 each NFE; ratio = model / control. The QAC summaries give the codebook use (perplexity of the collected weights,
 online and offline, and their total variation), the encoder's and the extra parameters' share of the teacher, and
-the training cost (steps/s). Composition (``--composition``): couplings of the QAC model and of the original teacher
-(dpm++2m, 32 NFE) and a rectified-flow student of each, FD at 1 and 2 NFE (euler). Table on stderr, JSON to --json.
+the training cost (steps/s). ``--paper`` adds the QAC model with Algorithm 1's printed quantizer (the codebook use
+before FSQ's bounded straight-through estimator and the unit-scale encoder init). Composition (``--composition``):
+couplings of the QAC model and of the original teacher (dpm++2m, 32 NFE) and a rectified-flow student of each, FD
+at 1 and 2 NFE (euler). Table on stderr, JSON to --json.
 
-    python bench/qac.py [--teacher PATH | --teacher-steps 1000 --base 32] [--steps 500] [--bits 8] [--composition]
+    python bench/qac.py [--teacher PATH | --teacher-steps 1000 --base 32] [--steps 500] [--bits 8] [--paper]
+                        [--composition]
 """
 
 from __future__ import annotations
@@ -58,6 +61,9 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--offline", action="store_true", help="also train the QAC model with offline weights (the same "
                                                            "training; the summaries compare both books anyway)")
+    ap.add_argument("--paper", action="store_true", help="also train the QAC model with quantizer paper (Algorithm "
+                                                         "1's printed straight-through estimator, outputs only "
+                                                         "centred) to compare with the default")
     ap.add_argument("--composition", action="store_true", help="also couple + reflow from the QAC model and the "
                                                                "teacher")
     ap.add_argument("--pairs", type=int, default=4000)
@@ -78,6 +84,8 @@ def main() -> None:
               "--device", device]
     models = {}
     runs = [("control", ["--bits", 0]), ("qac", ["--bits", args.bits])]
+    if args.paper:  # the quantizer as Algorithm 1 prints it: the codebook use before FSQ's bounded estimator
+        runs.append(("qac-paper", ["--bits", args.bits, "--set", "qac.quantizer=paper"]))
     if args.offline:
         runs.append(("qac-offline", ["--bits", args.bits, "--collection", "offline"]))
     for name, extra in runs:
@@ -87,7 +95,8 @@ def main() -> None:
         out[name] = {"path": models[name], "wall_s": time.time() - began,
                      "steps_per_s": s["steps"] / s["seconds_last_run"] if s.get("seconds_last_run") else None,
                      **{k: s.get(k) for k in ("perplexity", "codes_used", "online_offline_tv", "encoder",
-                                              "extra_share_of_teacher", "curvature", "straightness", "final_loss")}}
+                                              "extra_share_of_teacher", "curvature", "straightness", "final_loss",
+                                              "quantizer")}}
         write(args.json, out)
     names = ["teacher", *models]
     paths = [teacher, *models.values()]
@@ -116,11 +125,14 @@ def main() -> None:
 
     t = Table(title=f"{args.data}: QAC ({args.bits} bits) vs the control after {args.steps} steps, "
                     f"{'sliced W2' if two_d else 'FD'} with each model's best of {SOLVERS} (n = {args.eval_n})")
-    for c in ("NFE", "teacher", "control", "QAC online", "QAC offline", "QAC / control", "QAC solver"):
+    for c in ("NFE", "teacher", "control", "QAC online", "QAC offline", "QAC paper", "QAC / control", "QAC solver",
+              "paper / control"):
         t.add_column(c)
     for k in NFES:
-        cells = [best.get(m, {}).get(k, (float("nan"), "-")) for m in ("teacher", "control", "qac", "qac-offline")]
-        t.add_row(str(k), *[f"{c[0]:.3g}" for c in cells], f"{cells[2][0] / cells[1][0]:.3f}", cells[2][1])
+        cells = [best.get(m, {}).get(k, (float("nan"), "-"))
+                 for m in ("teacher", "control", "qac", "qac-offline", "qac-paper")]
+        t.add_row(str(k), *[f"{c[0]:.3g}" for c in cells], f"{cells[2][0] / cells[1][0]:.3f}", cells[2][1],
+                  f"{cells[4][0] / cells[1][0]:.3f}")
     console = Console(stderr=True)
     console.print(t)
     q = out["qac"]
@@ -129,6 +141,12 @@ def main() -> None:
                   f"{q['online_offline_tv']:.3f}; encoder {100 * q['encoder']['share_of_teacher']:.2f} % and all "
                   f"extra parameters {100 * q['extra_share_of_teacher']:.2f} % of the teacher; steps/s QAC "
                   f"{q['steps_per_s']:.2f}, control {out['control']['steps_per_s']:.2f}")
+    if "qac-paper" in out:
+        p = out["qac-paper"]
+        console.print(f"quantizer {q.get('quantizer')} (default): perplexity online {q['perplexity']['online']:.1f}, "
+                      f"codes used {q['codes_used']}; quantizer paper (before): perplexity online "
+                      f"{p['perplexity']['online']:.1f}, offline {p['perplexity']['offline']:.1f}, codes used "
+                      f"{p['codes_used']}")
     if "composition" in out:
         console.print(f"composition (reflow students, {METRIC} at 1 / 2 NFE euler): {out['composition']}")
     print(args.json)

@@ -2,7 +2,8 @@
 pipeline (UNet2DConditionModel + CLIP text encoder, random weights) changes only its adapted layers, its exported LoRA
 loads into `StableDiffusionPipeline` with `load_lora_weights` and, with the stock LCMScheduler the export writes,
 gives accelkit's samples to 1e-5 relative; the exported diffusers folder of the student does the same; a student with
-Song et al.'s EDM boundary, which no stock scheduler runs, exports accelkit's own scheduler."""
+Song et al.'s EDM boundary, which no stock scheduler runs, exports accelkit's own scheduler, which reproduces its
+samples at 1 step and at 3 re-noising steps."""
 
 import json
 
@@ -150,7 +151,7 @@ def test_diffusers_folder_of_a_consistency_student_carries_a_stock_lcm_scheduler
 def test_an_edm_boundary_student_exports_accelkits_scheduler_which_reproduces_its_samples(sd, tmp_path, monkeypatch,
                                                                                         capsys):
     """Song et al.'s c_skip / c_out (boundary edm) is no LCMScheduler step: the export says so and writes
-    AccelkitScheduler, whose pipeline reproduces accelkit's 1-step samples."""
+    AccelkitScheduler, whose pipeline reproduces accelkit's samples at 1 step and at 3 re-noising steps."""
     from conftest import run_in_process
     from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
@@ -172,4 +173,17 @@ def test_an_edm_boundary_student_exports_accelkits_scheduler_which_reproduces_it
     ours = sample_batched(model, latents, sampling["solver"], 1, grid=grid, cond=cond)
     theirs = pipeline_samples(pipe, latents, embeds, 1)
     print(f"EDM-boundary student through AccelkitScheduler: {rel(theirs, ours):.1e}")
+    assert rel(theirs, ours) < 1e-5
+
+    # at 3 steps the sampler re-noises: AccelkitScheduler draws the fresh noise as accelkit does (seeded by each
+    # sample's starting latents), so the plain pipeline gives accelkit's samples without any patching
+    code, _, err = run_in_process(monkeypatch, capsys, "export", sd["edm"], "--format", "diffusers", "--nfe", "3",
+                                  "-o", tmp_path / "folder3")
+    assert code == 0, err
+    scheduler = AccelkitScheduler.from_pretrained(tmp_path / "folder3" / "scheduler")
+    assert any(v != 0 for row in scheduler.config.noise_coefficients for v in row)
+    pipe.scheduler = scheduler
+    ours = sample_batched(model, latents, "consistency", 3, cond=cond)
+    theirs = pipeline_samples(pipe, latents, embeds, 3)
+    print(f"EDM-boundary student at 3 re-noising steps through AccelkitScheduler: {rel(theirs, ours):.1e}")
     assert rel(theirs, ours) < 1e-5

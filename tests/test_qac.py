@@ -204,3 +204,24 @@ def test_lora_denoiser_with_a_trained_encoder_and_code_embedding(runs, tmp_path)
     assert last and any(bool(v.abs().sum() > 0) for v in last)
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     assert "LoRA rank 4 merged" in summary["weights"] and summary["perplexity"]["online"] > 1
+
+
+def test_export_round_trips_and_bespoke_refuses_with_one_line(runs, cli, tmp_path):
+    """The exported file samples like the artifact for a given --code and for drawn codes; bespoke refuses a QAC
+    model (its paths depend on the code) with one line, exit 2, nothing written."""
+    _, qac, _ = runs
+    file = tmp_path / "qac.safetensors"
+    r = cli("export", qac, "-o", file, "--format", "safetensors", env=ONE_THREAD)
+    assert r.returncode == 0, r.stderr
+    assert code_book_of(load_teacher(file)).to_info() == code_book_of(load_teacher(qac)).to_info()
+    for extra in (["--code", "5"], []):
+        outs = [tmp_path / f"{name}{len(extra)}.safetensors" for name in ("art", "file")]
+        for source, out in zip((qac, file), outs, strict=True):
+            r = cli("sample", source, "--solver", "dpm++2m", "--nfe", "4", "-n", "32", "-o", out, *extra,
+                    env=ONE_THREAD)
+            assert r.returncode == 0, r.stderr
+        assert torch.equal(load_file(outs[0])["samples"], load_file(outs[1])["samples"]), extra
+    r = cli("bespoke", qac, "--nfe", "4", "-o", tmp_path / "bespoke", env=ONE_THREAD)
+    assert r.returncode == 2, r.stderr
+    assert "QAC model" in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "bespoke").exists()

@@ -26,15 +26,49 @@ from accelkit.training import EMA
 
 
 @pytest.mark.parametrize("levels", [2, 3, 5])
-def test_fsq_values_are_the_levels_and_the_gradient_is_the_identitys(levels):
+@pytest.mark.parametrize("straight_through", ["bounded", "identity"])
+def test_fsq_values_are_the_levels_and_the_gradient_is_the_identitys(levels, straight_through):
     y = torch.linspace(-40, 40, 4001).reshape(-1, 1).repeat(1, 3).requires_grad_(True)
-    q = fsq(y, levels)
+    q = fsq(y, levels, straight_through)
     assert set(q.detach().unique().tolist()) == set(range(levels))  # every level, nothing else (also at +-40)
     expected = torch.floor(levels * torch.sigmoid(y.detach())).clamp(max=levels - 1)
     assert torch.equal(q.detach(), expected)
     w = torch.randn_like(y)
     (q * w).sum().backward()
-    assert torch.equal(y.grad, w)  # d y_q / d y = I (straight through)
+    if straight_through == "identity":
+        assert torch.equal(y.grad, w)  # Algorithm 1 as printed: d y_q / d y = I
+    else:  # FSQ: the rounding is the identity's, the bound L sigmoid(y) is differentiated
+        s = torch.sigmoid(y.detach())
+        torch.testing.assert_close(y.grad, w * levels * s * (1 - s), rtol=1e-6, atol=0)
+    with pytest.raises(ValueError, match="straight_through"):
+        fsq(y, levels, "floor")
+
+
+def test_center_encoder_balances_every_channel_at_unit_scale():
+    """The data-dependent init: each output channel has median 0 (half the data on each side of f's middle threshold)
+    and standard deviation 1 over the data (a fresh conv encoder's outputs vary by ~0.003 across digits)."""
+    from accelkit.data import digits
+    from accelkit.qac import center_encoder
+
+    x = digits()[:1024]
+    torch.manual_seed(0)
+    encoder = build_encoder((1, 8, 8), 8, 4)
+    with torch.no_grad():
+        assert float(encoder(x).std(0).max()) < 0.05  # the scale the init corrects
+    center_encoder(encoder, x)
+    with torch.no_grad():
+        y = encoder(x)
+    torch.testing.assert_close(y.std(0), torch.ones(8), atol=1e-4, rtol=0)
+    assert float(y.median(0).values.abs().max()) < 1e-4
+    ones = fsq_digits(y, 2).mean(0)
+    assert bool(((ones - 0.5).abs() <= 1.5 / len(x)).all()), ones
+    # quantizer auto: FSQ (bounded STE, unit scale) for images, Algorithm 1 as printed for vectors
+    from accelkit.qac import QUANTIZERS, resolve_quantizer
+
+    assert resolve_quantizer("auto", (1, 8, 8)) == "fsq" and resolve_quantizer("auto", (2,)) == "paper"
+    assert QUANTIZERS["fsq"] == ("bounded", True) and QUANTIZERS["paper"] == ("identity", False)
+    with pytest.raises(AccelkitError, match="quantizer 'x'"):
+        resolve_quantizer("x", (2,))
 
 
 def test_fsq_thresholds_are_the_sigmoid_quantiles():

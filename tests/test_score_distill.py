@@ -180,15 +180,24 @@ def test_update_counts_follow_the_ratio(generators):
 
 
 def test_discriminator_is_informative_and_not_saturated(generators):
-    """Through the run, on a held-out batch: the discriminator tells real samples from the teacher's own 1-step
-    samples (accuracy strictly between 0.5 and 0.95: informative, not saturated), while the generator it trains
-    keeps it near chance (observed 0.45-0.63 against the generator, 0.62-0.69 against the teacher's samples)."""
+    """Through the run (every 10 steps), on a held-out batch of 2048 samples per side (real: fresh samples of the
+    teacher's ODE with the couplings' solver, never in a training batch; +-0.008 at chance): the heads tell real
+    samples from the teacher's own 1-step samples (strictly between 0.55 and 0.95: informative, not saturated;
+    observed 0.66-0.77 with the per-channel feature standardisation, 0.62-0.69 without it) and are never saturated
+    against the generator they train. Against that generator the accuracy is 0.54-0.57 for the first 20 steps,
+    then 0.47-0.52: the 2-D generator reaches the heads' resolution within ~30 steps and the game sits at its
+    equilibrium (a fresh set of heads trained 1500 steps on the final generator also stays at 0.51), so "strictly
+    above 0.5 against the generator through the run" does not hold on this toy (docs/score_distill.md)."""
     out = generators[0]["ladd"]
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     against_generator = summary["disc_accuracy_through_run"]
     against_teacher = summary["disc_accuracy_vs_teacher_samples_through_run"]
-    assert len(against_teacher) >= 20
-    assert all(0.5 < a < 0.95 for a in against_teacher), against_teacher
+    assert summary["disc_held_out"]["samples_per_side"] == 2048
+    assert summary["disc_held_out"]["real"].startswith("fresh teacher samples")
+    print(f"held-out accuracy vs the generator {min(against_generator):.3f}..{max(against_generator):.3f}, vs the "
+          f"teacher's 1-step samples {min(against_teacher):.3f}..{max(against_teacher):.3f}")
+    assert len(against_teacher) >= 20 and len(against_generator) == len(against_teacher)
+    assert all(0.55 < a < 0.95 for a in against_teacher), against_teacher
     assert all(a < 0.95 for a in against_generator), against_generator
     history = json.loads((out / "history.json").read_text())
     assert max(h["discriminator/d_acc"] for h in history if "discriminator/d_acc" in h) < 0.95

@@ -8,6 +8,7 @@ import typer
 
 from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 @app.command("consistency")
@@ -18,14 +19,10 @@ def consistency(
                                                              "(phased), ect or sct (consistency tuning on data)."),
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in data set or a .safetensors/.npy "
                                                          "file (needed when SOURCE is a teacher)."),
-    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable): the teacher's condition for "
-                                     "data row (or draw) i is prompt i mod P, encoded with its pipeline's tokenizers "
-                                     "and text encoders (cached by content)."),
-    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
-    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
-                                               "--prompt: the empty prompt, or SDXL's zeros)."),
-    conditions: str | None = typer.Option(None, "--conditions", help="Conditions file (.safetensors, as couple's) "
-                                          "instead of prompts: row i mod R for data row (or draw) i."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     guidance: float | None = typer.Option(None, "--guidance", help="lcm / pcm: the teacher's guidance scale in its "
                                                                    "solver step (accelkit's g; LCM's w = g - 1)."),
     guidance_range: str | None = typer.Option(None, "--guidance-range", help="lcm: A,B: the student takes the "

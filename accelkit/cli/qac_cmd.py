@@ -8,6 +8,7 @@ import typer
 
 from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 @app.command("qac")
@@ -17,14 +18,10 @@ def qac(
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set (checkerboard, moons, rings, "
                                                          "gaussian-mixture, digits, fashion-mnist) or a "
                                                          ".safetensors/.npy file."),
-    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable): the teacher's condition for "
-                                     "data row (or draw) i is prompt i mod P, encoded with its pipeline's tokenizers "
-                                     "and text encoders (cached by content)."),
-    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
-    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
-                                               "--prompt: the empty prompt, or SDXL's zeros)."),
-    conditions: str | None = typer.Option(None, "--conditions", help="Conditions file (.safetensors, as couple's) "
-                                          "instead of prompts: row i mod R for data row (or draw) i."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     bits: int | None = typer.Option(None, "--bits", help="D: code channels, codebook L^D (default 8; 0: the control, "
                                                          "fine-tuning without codes)."),
     levels: int | None = typer.Option(None, "--levels", help="L: levels per channel (default 2, binary codes)."),

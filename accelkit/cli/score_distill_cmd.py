@@ -8,6 +8,7 @@ import typer
 
 from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 @app.command("score-distill")
@@ -18,14 +19,10 @@ def score_distill(
     steps: int | None = typer.Option(None, "--steps", help="K: the generator's sampling steps (default 1)."),
     data: str | None = typer.Option(None, "--data", help="Real samples (a built-in set or a .safetensors/.npy "
                                                          "file); used by dmd2's GAN term."),
-    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable): the teacher's condition for "
-                                     "data row (or draw) i is prompt i mod P, encoded with its pipeline's tokenizers "
-                                     "and text encoders (cached by content)."),
-    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
-    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
-                                               "--prompt: the empty prompt, or SDXL's zeros)."),
-    conditions: str | None = typer.Option(None, "--conditions", help="Conditions file (.safetensors, as couple's) "
-                                          "instead of prompts: row i mod R for data row (or draw) i."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     train_steps: int | None = typer.Option(None, "--train-steps", help="Training steps "
                                                                        "(score_distill.loop.steps)."),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Global batch size (over all processes)."),

@@ -8,6 +8,7 @@ import typer
 
 from .common import input_path, prompt_conditions_option, run_stage
 from .main import app
+from .options import ConditionsOption, NegativePromptOption, PromptOption, PromptsFileOption
 
 
 def parse_range(value: str | None) -> list[float] | None:
@@ -33,14 +34,10 @@ def shortcut(
                                                              "jumps make one) or meanflow (average velocity)."),
     data: str | None = typer.Option(None, "--data", help="Clean samples: a built-in set or a .safetensors/.npy "
                                                          "file (needed with a teacher as SOURCE)."),
-    prompt: list[str] = typer.Option(None, "--prompt", help="Text prompt (repeatable): the teacher's condition for "
-                                     "data row (or draw) i is prompt i mod P, encoded with its pipeline's tokenizers "
-                                     "and text encoders (cached by content)."),
-    prompts_file: str | None = typer.Option(None, "--prompts", help="Text file of prompts, one a line."),
-    negative_prompt: str | None = typer.Option(None, "--negative-prompt", help="Guidance's null (default with "
-                                               "--prompt: the empty prompt, or SDXL's zeros)."),
-    conditions: str | None = typer.Option(None, "--conditions", help="Conditions file (.safetensors, as couple's) "
-                                          "instead of prompts: row i mod R for data row (or draw) i."),
+    prompt: PromptOption = None,
+    prompts_file: PromptsFileOption = None,
+    negative_prompt: NegativePromptOption = None,
+    conditions: ConditionsOption = None,
     anchor: str | None = typer.Option(None, "--anchor", help="data (default: flow matching on the clean samples) "
                                                              "or teacher (the teacher's velocity: a distillation)."),
     guidance: float | None = typer.Option(None, "--guidance", help="Bake this guidance scale into the targets."),

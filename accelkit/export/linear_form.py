@@ -43,7 +43,8 @@ class SymbolicTeacher(Teacher):
     teacher's time map, where x is not alpha m + sigma eps under the new schedule.
     """
 
-    #: Solvers that draw fresh noise (the consistency samplers) refuse a symbolic teacher: they have no linear form.
+    #: Solvers that draw fresh noise (the consistency samplers) ask :meth:`noise_symbol` for draw k instead: the
+    #: fresh noise z_k is one more symbol, so their form is linear in (x_init, m_0, ..., z_0, ...).
     symbolic = True
 
     def __init__(self, teacher: Teacher, evaluations: int):
@@ -51,9 +52,19 @@ class SymbolicTeacher(Teacher):
         self.teacher = teacher
         self.schedule = teacher.schedule
         self.info = getattr(teacher, "info", None) or {}  # e.g. a consistency student's parameterisation
-        self.sample_shape = (1 + evaluations,)
+        self.evaluations = evaluations
+        self.sample_shape = (1 + 2 * evaluations,)  # x_init, m_0 .. m_{n-1}, z_0 .. z_{n-1}
         self.times: list[float] = []
         self.points: list[Tensor] = []
+
+    def noise_symbol(self, k: int, like: Tensor) -> Tensor:
+        """The fresh standard normal draw of step k (accelkit's :func:`accelkit.solvers.consistency.fresh_noise`) as
+        the symbol z_k."""
+        if k >= self.evaluations:
+            raise AccelkitError("the solver drew fresh noise more often than once per evaluation")
+        z = torch.zeros_like(like)
+        z[:, 1 + self.evaluations + k] = 1.0
+        return z
 
     def network_time(self, t: Tensor) -> tuple[Tensor, Tensor, Schedule]:
         """(t_A, s, schedule A) of the network under the teacher at solver times t."""
@@ -64,7 +75,7 @@ class SymbolicTeacher(Teacher):
 
     def denoise(self, x, t, cond=None):
         k = len(self.points)
-        if k + 1 >= x.shape[-1]:
+        if k >= self.evaluations:
             raise AccelkitError("the solver evaluated the teacher more often than its NFE")
         t = as_time(t, x.device)
         self.times.append(float(t.reshape(-1)[0]))
@@ -80,7 +91,8 @@ class SymbolicTeacher(Teacher):
 @dataclass
 class LinearForm:
     """A sampler as coefficients: ``times[j]`` the solver time of evaluation j, ``points[j]`` its coefficients over
-    (x_init, m_0, ...), ``final`` those of the sample (float64, length 1 + NFE each)."""
+    (x_init, m_0, ..., m_{N-1}, z_0, ..., z_{N-1}), ``final`` those of the sample (float64, length 1 + 2 NFE each; the
+    z_k, fresh noise of step k, are nonzero only for the re-noising consistency samplers)."""
 
     times: list[float]
     points: list[Tensor]
@@ -97,7 +109,7 @@ def linear_form(teacher: Teacher, solver: str | Solver, nfe: int, grid: Tensor) 
 
     solver = get_solver(solver)
     probe = SymbolicTeacher(teacher, nfe)
-    x_init = torch.zeros(1, 1 + nfe, dtype=F64)
+    x_init = torch.zeros(1, 1 + 2 * nfe, dtype=F64)
     x_init[0, 0] = 1.0
     with torch.no_grad():
         final = solver.sample(probe, x_init, grid.to(F64), nfe)
@@ -110,7 +122,7 @@ def linear_form(teacher: Teacher, solver: str | Solver, nfe: int, grid: Tensor) 
             raise AccelkitError(f"solver {solver.name!r} on this grid evaluates the teacher where sigma = 0 "
                                 "(coefficients are not finite); choose a grid that ends there without an evaluation")
     for j, row in enumerate(form.points):  # evaluation j may only use predictions made before it
-        if bool((row[1 + j:] != 0).any()):
+        if bool((row[1 + j:1 + nfe] != 0).any()):
             raise AccelkitError(f"solver {solver.name!r} is not explicit (evaluation {j} depends on later predictions)")
     if float(form.points[0][0]) == 0.0:
         raise AccelkitError(f"solver {solver.name!r} does not start from the initial state")
@@ -163,6 +175,12 @@ def scheduler_config(teacher: Teacher, solver: str | Solver, nfe: int, grid: Ten
         "num_train_timesteps": int(net.time_input.num_train_timesteps),
         "sampler": dict(record or {}),
     }
+    noise = [[float(v) for v in r[1 + nfe:1 + nfe + j + 1]] for j, r in enumerate(rows)]
+    if any(v != 0.0 for row in noise for v in row):  # a re-noising consistency sampler: z_k from the sample's seed
+        if a0 != 1.0 or float(scales[0]) != 1.0 or teacher.schedule.prior_std() != 1.0:
+            raise AccelkitError("a re-noising sampler exports only when its first network input is its starting "
+                                "noise itself (the fresh draws are seeded by it)")
+        cfg["noise_coefficients"] = noise
     for key in ("input_scales", "x0_from_input", "x0_from_output", "x_init_coefficients"):
         if not all(math.isfinite(v) for v in cfg[key]):
             raise AccelkitError(f"the exported sampler has non-finite {key}; choose another grid")

@@ -8,7 +8,9 @@ sampler starts from and m_k the x0 prediction of evaluation k, the point of eval
                                                        arXiv 2403.01329, with x0 predictions as the basis).
 
 The coefficients depend on the grid and the schedule only, so accelkit computes them once at export time
-(:mod:`accelkit.export.linear_form`) and this class replays them: nothing else of accelkit is needed here.
+(:mod:`accelkit.export.linear_form`) and this class replays them: nothing else of accelkit is needed here, except
+for the re-noising consistency samplers, whose fresh draws z_k enter the same way (x_j gains sum_k c_jk z_k) and are
+drawn with accelkit's own seeding (:func:`accelkit.solvers.consistency.fresh_noise`).
 
 The pipeline holds the network's own input: evaluation j feeds ``sample_j = x_j / s_j`` at timestep ``timesteps[j]``
 (s_j = 1 and the network's timestep of t_j for a teacher on its own schedule; the scale and time of the scale-time
@@ -48,6 +50,10 @@ class AccelkitScheduler(SchedulerMixin, ConfigMixin):
     * ``x_init_coefficients``   a_{j+1} (j = 0 .. N-1): weight of the starting state in the next point;
     * ``x0_coefficients``       b_{j+1, k} (k <= j): weights of the x0 predictions in the next point;
     * ``init_noise_sigma``      the standard deviation of the first network input (unit noise times this);
+    * ``noise_coefficients``    c_{j+1, k} (k <= j), only for the re-noising consistency samplers: weights of fresh
+                                standard normal draws z_k in the next point, z_k row i seeded by row i of the
+                                starting noise and k (:func:`accelkit.solvers.consistency.fresh_noise`), as accelkit
+                                draws them, so the pipeline's samples are accelkit's given the same initial latents;
     * ``sampler``               what accelkit ran (solver, grid, schedules), for the record.
     """
 
@@ -68,6 +74,7 @@ class AccelkitScheduler(SchedulerMixin, ConfigMixin):
         init_noise_sigma: float = 1.0,
         num_train_timesteps: int = 1000,
         sampler: dict | None = None,
+        noise_coefficients: list[list[float]] | None = None,
     ):
         n = int(num_inference_steps)
         lists = {"timesteps": timesteps, "input_scales": input_scales, "x0_from_input": x0_from_input,
@@ -81,6 +88,8 @@ class AccelkitScheduler(SchedulerMixin, ConfigMixin):
         for j, row in enumerate(x0_coefficients):
             if len(row) != j + 1:
                 raise ValueError(f"AccelkitScheduler: x0_coefficients[{j}] must have {j + 1} values, got {len(row)}")
+        if noise_coefficients is not None and [len(r) for r in noise_coefficients] != list(range(1, n + 1)):
+            raise ValueError(f"AccelkitScheduler: noise_coefficients must have rows of 1 .. {n} values")
         self.init_noise_sigma = float(init_noise_sigma)
         self.num_inference_steps = n
         self.timesteps = torch.tensor(timesteps, dtype=torch.float32)
@@ -137,6 +146,12 @@ class AccelkitScheduler(SchedulerMixin, ConfigMixin):
         for b, m_k in zip(cfg.x0_coefficients[j], self._x0, strict=True):
             if b != 0.0:
                 nxt = nxt + b * m_k
+        if cfg.get("noise_coefficients"):
+            from ..solvers.consistency import fresh_noise
+
+            for k, c in enumerate(cfg.noise_coefficients[j]):
+                if c != 0.0:
+                    nxt = nxt + c * fresh_noise(self._x_init, k)
         self._step_index = j + 1
         if j + 1 < cfg.num_inference_steps:
             nxt = nxt / cfg.input_scales[j + 1]

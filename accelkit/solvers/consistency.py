@@ -36,7 +36,6 @@ import torch
 from torch import Tensor
 
 from ..consistency import Parameterisation, consistency_function
-from ..errors import AccelkitError
 from ..teacher import Condition, Teacher
 from .base import Solver, register_solver
 
@@ -91,12 +90,9 @@ class ConsistencySampler(Solver):
             a_b, s_b, a_n, s_n = (float(v) for v in (sch.alpha(back), sch.sigma(back), sch.alpha(nxt), sch.sigma(nxt)))
             x = a_b * x0 + s_b * eps
             if float(back) < float(nxt):
-                if getattr(teacher, "symbolic", False):
-                    raise AccelkitError(f"the {self.name} sampler re-noises with fresh noise after its first step, "
-                                        "so it has no fixed linear form to export; export it at 1 NFE, or sample "
-                                        "it with accelkit")
                 spread = max(s_n**2 - (a_n * s_b / a_b) ** 2, 0.0) ** 0.5
-                x = (a_n / a_b) * x + spread * fresh_noise(start, k)
+                z = teacher.noise_symbol(k, x) if getattr(teacher, "symbolic", False) else fresh_noise(start, k)
+                x = (a_n / a_b) * x + spread * z
         return x
 
 

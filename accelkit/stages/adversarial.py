@@ -32,7 +32,14 @@ from torch import Tensor, nn
 from ..recipes import StageRecipe, register_stage
 from ..training import GroupSettings, LoopConfig, ParamGroup, Trainer
 from . import student as students
-from .generator_student import DiscriminatorSettings, check_before_training, draw_fn, finish_generator, open_run
+from .generator_student import (
+    DiscriminatorSettings,
+    check_before_training,
+    draw_fn,
+    finish_generator,
+    held_out_real,
+    open_run,
+)
 
 KIND = "adversarial"
 LOOP_EXECUTION_FIELDS = ("checkpoint_every", "checkpoint_interval_s", "keep_checkpoints", "log_every",
@@ -98,11 +105,15 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
         cond_info, times = checked["cond"], checked["times"]
         frozen.guidance_scale = 1.0
         frozen.to(device)
-        disc = gan.FeatureDiscriminator(frozen, recipe.discriminator.layers, recipe.discriminator.width,
-                                        seed=recipe.seed)
-        model = nn.ModuleDict({"generator": generator.network, "discriminator": disc})
         objective = DenoisingObjective(frozen.schedule, frozen.prediction, frozen.call, frozen.time_input)
         draw = draw_fn(recipe, frozen, objective, times, cond_info)
+        held_out = held_out_batch(recipe, run, draw)
+        probe = (noised(frozen.schedule, held_out["probe"], held_out["t_d"][:len(held_out["probe"])],
+                        held_out["eps_d_real"][:len(held_out["probe"])]), held_out["t_d"][:len(held_out["probe"])],
+                 None)
+        disc = gan.FeatureDiscriminator(frozen, recipe.discriminator.layers, recipe.discriminator.width,
+                                        probe=probe, seed=recipe.seed)
+        model = nn.ModuleDict({"generator": generator.network, "discriminator": disc})
         batches = run.batches(recipe.batch_size, recipe.seed, noise=draw)
         multi = len(times) > 2
         settings = recipe.discriminator
@@ -139,13 +150,11 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
                        recipe.generator.model_copy(update={"every": ratio, "offset": ratio - 1, "ema": True})),
         ]
 
-        held_out = held_out_batch(recipe, run, draw)
-
         with torch.no_grad():  # the frozen teacher's own K-step samples: fakes a working discriminator spots
             start_fakes = generate(frozen, held_out["z"], times, condition_of(held_out))
 
         def validate(tr: Trainer) -> dict[str, float]:  # the discriminator on a batch it never trains on
-            real_logits, _ = logits(students.clean_samples(held_out), held_out, "eps_d_real")
+            real_logits, _ = logits(held_out["real"], held_out, "eps_d_real")
             fake_logits, _ = logits(samples(held_out), held_out, "eps_d")
             start_logits, _ = logits(start_fakes, held_out, "eps_d")
             return {"disc_accuracy": gan.accuracy(real_logits, fake_logits),
@@ -157,6 +166,8 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
                                if "val/disc_accuracy_teacher_samples" in h]
             finish_generator(art, recipe, run, trainer, logs, seconds, "accelkit adversarial",
                              {"ratio": ratio, "disc_accuracy": logs.get("val/disc_accuracy"),
+                              "disc_held_out": {"samples_per_side": len(held_out["real"]),
+                                                "real": held_out["real_is"]},
                               "disc_accuracy_through_run": through,
                               "disc_accuracy_vs_teacher_samples_through_run": against_teacher})
 
@@ -167,10 +178,20 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
         run.close()
 
 
-def held_out_batch(recipe: AdversarialRecipe, run: students.StudentRun, draw) -> dict[str, Tensor]:
-    """One batch (rows and draws) from another seed than the run's: the discriminator's held-out check."""
-    b = next(run.batches(1024, recipe.seed + 7919, noise=draw))
-    return {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+def held_out_batch(recipe: AdversarialRecipe, run: students.StudentRun, draw) -> dict[str, Any]:
+    """The discriminator's held-out check: draws of another seed than the run's (generator noise, noise levels,
+    noises; ``discriminator.held_out`` of each) and real samples no training batch holds (``real``: see
+    :func:`held_out_real`; the training rows where none exist, said in ``real_is``), plus 256 more real samples
+    (``probe``) whose features fix the heads' per-channel standardisation."""
+    n = recipe.discriminator.held_out
+    b = next(run.batches(n, recipe.seed + 7919, noise=draw))
+    out: dict[str, Any] = {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+    fresh, what = held_out_real(recipe, run, n + 256, recipe.seed + 7919)
+    if fresh is None:
+        rows = students.clean_samples(out).float()
+        fresh = torch.cat([rows, rows[:256]])
+    out["real"], out["probe"], out["real_is"] = fresh[:n].to(run.device), fresh[n:].to(run.device), what
+    return out
 
 
 def _run(recipe: StageRecipe, output: Path | None, force: bool) -> Path:

@@ -356,6 +356,16 @@ def fit_solver(module: nn.Module, kind: str, teacher: Teacher, train: GroundTrut
 # ----------------------------------------------------------------------------------------------------------- run
 
 
+def refuse_qac_teacher(path: str, load_teacher: Any) -> None:
+    """A QAC model's ODE depends on the code drawn for each sample; a learned solver here is trained and applied on
+    unconditional paths, so such a teacher is refused before anything is written (its header alone is read)."""
+    from ..qac import code_book_of
+
+    if code_book_of(load_teacher(path, device="meta")) is not None:
+        raise AccelkitError(f"{path}: a QAC model (accelkit qac), whose trajectories depend on the code drawn per "
+                            "sample; bespoke trains solvers on unconditional paths only, so it does not take one")
+
+
 def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the learned solver of ``recipe``; returns the artifact directory."""
     from ..jobs import dist_env
@@ -367,6 +377,7 @@ def run_bespoke(recipe: BespokeRecipe, output: Path | None = None, force: bool =
     if dist_env()[1] > 1:
         raise AccelkitError("bespoke trains a few hundred parameters in one process; run it without torchrun")
     device = resolve_device(recipe.device)
+    refuse_qac_teacher(recipe.teacher, load_teacher)
     teacher_hash = content_hash(recipe.teacher)
     if recipe.couplings is not None:
         recorded = Artifact.read(recipe.couplings, "couple").manifest.get("inputs", {}).get("teacher", {})

@@ -3,7 +3,9 @@
 SOURCE is a couple artifact (its teacher is the student's start; its teacher samples serve as the data x0) or a
 teacher with ``data`` (:func:`accelkit.stages.student.begin_source_run`). The student keeps the teacher's network,
 prediction type and schedule; its consistency function is Song et al.'s parameterisation over the teacher's x0
-prediction, exact at the smallest time (:mod:`accelkit.consistency` has the equations and the papers):
+prediction, exact at the smallest time, or for a DDPM teacher of discrete timesteps LCM's boundary on them (``boundary``
+auto / lcm), which diffusers' LCMScheduler samples step for step (:mod:`accelkit.consistency` has the equations and the
+papers):
 
 * ``cd``: consistency distillation: target = an EMA copy (``target_ema``, 0.95) of the student at the teacher's one
   solver step (``solver``, ``solver_nfe``) over one interval of the teacher's ``discretisation``-step grid;
@@ -95,7 +97,9 @@ class ConsistencyRecipe(students.SourceRecipe):
                                                                          "heads read")
     disc_width: int = Field(64, ge=4, description="pcm adversarial: the heads' width")
     ect_q: float = Field(2.0, gt=1, description="ect / sct: q of the r(t) curriculum")
-    stage_steps: int = Field(500, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by q)")
+    stage_steps: int | None = Field(None, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by "
+                                                             "q); default a quarter of loop.steps (4 stages in any "
+                                                             "run)")
     p_mean: float = Field(-1.1, description="ect / sct: mean of log sigma")
     p_std: float = Field(2.0, gt=0, description="ect / sct: standard deviation of log sigma")
     reference_size: int = Field(64, ge=1, description="sct: x0 samples in each reference batch")
@@ -155,7 +159,16 @@ class ConsistencyRecipe(students.SourceRecipe):
             if k not in METHOD_FIELDS[self.method]:
                 d.pop(k, None)
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
+        if "stage_steps" in d:  # the steps it resolves to (the default 2000-step recipe keeps its identity)
+            d["stage_steps"] = self.curriculum_stage_steps
         return d
+
+    @property
+    def curriculum_stage_steps(self) -> int:
+        """ect / sct: steps per stage of the r(t) curriculum: ``stage_steps``, or a quarter of the run, so that every
+        run passes through 4 stages (a fixed length left a run shorter than it in stage 0: r = t_min for most noise
+        levels, plain denoising; docs/benchmarks.md, digits)."""
+        return self.stage_steps if self.stage_steps is not None else max(1, self.loop.steps // 4)
 
     @property
     def recorded_nfe(self) -> int:
@@ -209,6 +222,13 @@ def check_source(recipe: ConsistencyRecipe):
         if guided is not None and (conditioning == "none" or ref.null_condition is None):
             raise AccelkitError(f"{run.teacher_path}: guidance {guided} needs a conditional teacher with a null "
                                 "condition; this teacher is unconditional")
+        if recipe.boundary == "lcm" and recipe.method != "pcm":
+            from ..schedules import DiscreteVPSchedule
+
+            if not isinstance(ref.schedule, DiscreteVPSchedule):
+                raise AccelkitError(f"boundary lcm: LCM's boundary condition is on a DDPM teacher's discrete "
+                                    f"timesteps; {run.teacher_path} has the {ref.schedule.name} schedule (use "
+                                    "boundary edm or auto)")
         if run.data is not None and conditioning != "none" and run.conditions is None:
             raise AccelkitError(f"data {recipe.data!r}: the teacher is conditional ({conditioning}) and the data has "
                                 "no conditions; give --prompt / --prompts (or --conditions FILE), or its couplings "
@@ -365,7 +385,7 @@ class ConsistencyJob:
 
         def ect_loss(network: torch.nn.Module, batch: dict[str, Tensor]):
             x0, eps, cond = students.clean_samples(batch).float(), batch["eps"], condition_of(batch)
-            stage = self.trainer.step // recipe.stage_steps if self.trainer is not None else 0
+            stage = self.trainer.step // recipe.curriculum_stage_steps if self.trainer is not None else 0
             t, r, weight = (v.to(device) for v in ect_pair_times(param, batch["z"].cpu(), stage, recipe.ect_q,
                                                                  recipe.p_mean, recipe.p_std))
             x_t = noised(x0, eps, t)
@@ -498,6 +518,9 @@ class ConsistencyJob:
             accs = [h["discriminator/d_acc"] for h in trainer.history if "discriminator/d_acc" in h]
             summary["adversarial"] = {"weight": recipe.adversarial_weight, "updates": dict(trainer.updates),
                                       "disc_accuracy_through_run": accs}
+        if recipe.method in ("ect", "sct"):
+            per = recipe.curriculum_stage_steps
+            summary["curriculum"] = {"stage_steps": per, "q": recipe.ect_q, "last_stage": (trainer.step - 1) // per}
         if recipe.method in ("lcm", "pcm") and recipe.guidance is not None:
             summary["guidance"] = {"scale": recipe.guidance, "lcm_w": recipe.guidance - 1.0}
         if recipe.guidance_range is not None:

@@ -7,8 +7,10 @@ and its equations are in :mod:`accelkit.qac`). The stage
    data, :func:`accelkit.stages.student.begin_source_run`), gives its network the ``code`` extra input (D values,
    through the shared zero-initialised embedding on its time embedding, :mod:`accelkit.extra_inputs`: at step 0
    the model equals the teacher for every code) and builds the encoder (an MLP for vectors, a conv net for
-   images, about ``encoder_share`` of the teacher's parameters unless ``encoder_width`` is given; its output bias
-   initialised on the data so that every code channel starts balanced, :func:`accelkit.qac.center_encoder`);
+   images, about ``encoder_share`` of the teacher's parameters unless ``encoder_width`` is given; its output layer
+   initialised on the data so that every code channel starts balanced, :func:`accelkit.qac.center_encoder`;
+   ``quantizer`` picks FSQ's bounded straight-through estimator with unit-scale outputs or Algorithm 1's printed
+   one, :func:`accelkit.qac.fsq`, :func:`accelkit.qac.resolve_quantizer`);
 2. trains encoder and denoiser jointly on the teacher's own objective and schedule
    (:class:`accelkit.objectives.DenoisingObjective`: eps, x0, v or flow; fresh noise and times per batch) with
    :class:`accelkit.training.Trainer` (EMA, checkpoints, exact resume after ``kill -9``, DDP, LoRA on the
@@ -68,6 +70,10 @@ class QACRecipe(students.SourceRecipe):
                                                                "encoder_share of the teacher's parameters)")
     encoder_share: float = Field(0.01, gt=0, le=1, description="encoder size as a share of the teacher's parameters "
                                                                "(when encoder_width is not given)")
+    quantizer: Literal["auto", "fsq", "paper"] = Field(
+        "auto", description="fsq: FSQ's straight-through rounding of L sigmoid(y) (dy_q/dy = L sigmoid'(y)) on "
+                            "encoder outputs initialised at unit scale; paper: Algorithm 1 as printed (dy_q/dy = I, "
+                            "outputs only centred); auto: fsq for images, paper for vectors")
     collection: Literal["online", "offline"] = Field(
         "online", description="code sampling weights: online (EMA of batch code counts synchronised with the model "
                               "EMA) or offline (the EMA encoder's code counts over the data after training)")
@@ -101,7 +107,7 @@ class QACRecipe(students.SourceRecipe):
         d = super().identity_dict()
         d["loop"] = {k: v for k, v in d["loop"].items() if k not in LOOP_EXECUTION_FIELDS}
         if self.bits == 0:  # the control has no encoder and no code book
-            for k in ("levels", "encoder_width", "encoder_share", "collection"):
+            for k in ("levels", "encoder_width", "encoder_share", "collection", "quantizer"):
                 d.pop(k, None)
         return d
 
@@ -133,7 +139,15 @@ def add_code_input(recipe: QACRecipe):
 def run_qac(recipe: QACRecipe, output: Path | None = None, force: bool = False) -> Path:
     """Train (or reuse, or resume) the QAC model of ``recipe``; returns the artifact directory."""
     from ..objectives import DenoisingObjective
-    from ..qac import QACModel, build_encoder, center_encoder, encoder_width_for_share, parameter_count
+    from ..qac import (
+        QUANTIZERS,
+        QACModel,
+        build_encoder,
+        center_encoder,
+        encoder_width_for_share,
+        parameter_count,
+        resolve_quantizer,
+    )
 
     run = students.begin_source_run(KIND, recipe, output, force, prepare=add_code_input(recipe))
     art, path, device, rank, world = run.art, run.path, run.device, run.rank, run.world
@@ -144,14 +158,15 @@ def run_qac(recipe: QACRecipe, output: Path | None = None, force: bool = False) 
         assert teacher is not None and run.reference is not None
         teacher_params = parameter_count(run.reference.network)
         objective = DenoisingObjective(teacher.schedule, teacher.prediction, teacher.call, teacher.time_input)
-        encoder = None
+        encoder, straight_through = None, "bounded"
         if recipe.bits > 0:
             width = recipe.encoder_width or encoder_width_for_share(teacher.sample_shape, recipe.bits, teacher_params,
                                                                     recipe.encoder_share)
             torch.manual_seed(stream_seed(recipe.seed, 0x0AC, 1))
             encoder = build_encoder(teacher.sample_shape, recipe.bits, width)
-            center_encoder(encoder, clean_data(run)[:CENTER_SAMPLES])  # every code channel starts balanced
-        model = QACModel(teacher.network, encoder, objective, recipe.levels, recipe.bits)
+            straight_through, scale = QUANTIZERS[resolve_quantizer(recipe.quantizer, teacher.sample_shape)]
+            center_encoder(encoder, clean_data(run)[:CENTER_SAMPLES], scale)  # every code channel starts balanced
+        model = QACModel(teacher.network, encoder, objective, recipe.levels, recipe.bits, straight_through)
         batches = run.batches(recipe.batch_size, recipe.seed, noise=objective.noise_fn(teacher.sample_shape))
         training: list[Trainer] = []  # the trainer, once built: its EMA decay paces the code weights
         pending: list[torch.Tensor] = []
@@ -199,7 +214,7 @@ def finish(art: Artifact, recipe: QACRecipe, run: students.StudentRun, trainer: 
     """Write the QAC model (EMA weights + code book) as teacher.safetensors, the EMA encoder, history; complete."""
     from ..artifacts import save_safetensors
     from ..evaluation import curvature, straightness
-    from ..qac import INFO_KEY, collect_offline, parameter_count, with_codes
+    from ..qac import INFO_KEY, collect_offline, parameter_count, resolve_quantizer, with_codes
 
     trained, weights_label = students.averaged_network(trainer)
     reference = run.reference
@@ -220,6 +235,7 @@ def finish(art: Artifact, recipe: QACRecipe, run: students.StudentRun, trainer: 
         extra = parameter_count(encoder) + parameter_count(trained.denoiser) - teacher_params
         summary.update({
             "levels": recipe.levels, "codebook": recipe.levels**recipe.bits, "collection": recipe.collection,
+            "quantizer": resolve_quantizer(recipe.quantizer, reference.sample_shape),
             "codes_used": {"online": len(online), "offline": len(offline)},
             "perplexity": {"online": online.perplexity(), "offline": offline.perplexity()},
             "online_offline_tv": total_variation(online, offline),
