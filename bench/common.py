@@ -1,12 +1,13 @@
 """What the student benches share: running accelkit, the machine, a teacher with its training and held-out
 couplings, the teacher's best standard solver at each NFE, and a class-conditional digits teacher.
 
-The student benches (consistency.py, shortcut.py, students.py, qac.py) all follow one set-up: train a teacher with
-``accelkit train`` (a SmallUNet on scikit-learn's 8x8 digits, an MLP on a 2-D set), draw couplings from its ODE
-(dpm++2m at 32 NFE) for training and a held-out set from another seed for evaluation, measure the teacher with the
-best of euler, heun, dpm++2m and unipc at each NFE (the baseline), then train students with the same steps and batch
-and measure them with ``accelkit eval`` on the held-out pairs: RMSE to the teacher's ODE endpoint of the same noise,
-and the distance to the data (the Frechet distance on the shipped feature network for images, sliced W2 on 2-D).
+The student benches (consistency.py, shortcut.py, students.py; qac.py uses the runner pieces) follow one set-up:
+train a teacher with ``accelkit train`` (a SmallUNet on scikit-learn's 8x8 digits, an MLP on a 2-D set), draw
+couplings from its ODE (dpm++2m at 32 NFE) for training and a held-out set from another seed for evaluation, measure
+the teacher with the best of euler, heun, dpm++2m and unipc at each NFE (the baseline), then train students with the
+same steps and batch and measure them with ``accelkit eval`` on the held-out pairs: RMSE to the teacher's ODE
+endpoint of the same noise, and the distance to the data (the Frechet distance on the shipped feature network for
+images, sliced W2 on 2-D).
 
 The scripts run as ``python bench/NAME.py``, so this module is imported as ``common`` (bench/ is on sys.path).
 """

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -87,8 +88,10 @@ def main() -> None:
     unknown = [n for n in names if n not in STUDENTS]
     if unknown:
         raise SystemExit(f"--students: unknown {', '.join(unknown)}; expected a subset of {', '.join(STUDENTS)}")
-    if args.data not in ("digits",) and any(STUDENTS[n][1] == "conditional" for n in names):
-        names = [n for n in names if STUDENTS[n][1] != "conditional"]  # a class-conditional teacher: digits only
+    if args.data != "digits" and any(STUDENTS[n][1] == "conditional" for n in names):
+        left = [n for n in names if STUDENTS[n][1] == "conditional"]
+        print(f"note: {', '.join(left)} need a class-conditional teacher (digits only here); left out", file=sys.stderr)
+        names = [n for n in names if STUDENTS[n][1] != "conditional"]
     sets = [f"train.network.base={args.base}"] if args.data in IMAGE_SETS else []
 
     teachers: dict[str, dict] = {}  # kind -> teacher, pairs, held, best
