@@ -124,16 +124,21 @@ def encode_images(vae: torch.nn.Module, images: Tensor, batch_size: int = 8) -> 
 
 
 def latent_image_folder(folder: str | os.PathLike, vae_dir: str | os.PathLike, latent_shape: tuple[int, ...],
-                        allow_pickle: bool = False) -> Tensor:
-    """The folder's images as latents of ``latent_shape`` (C, h, w) of the VAE in ``vae_dir``: read from the cache,
-    else resized to (h, w) times the VAE's scale factor, encoded and cached."""
+                        allow_pickle: bool = False, vae_config: str | os.PathLike | None = None) -> Tensor:
+    """The folder's images as latents of ``latent_shape`` (C, h, w) of the VAE in ``vae_dir`` (a diffusers VAE
+    folder, or an original single file with its VAE config folder ``vae_config``): read from the cache, else resized
+    to (h, w) times the VAE's scale factor, encoded and cached."""
     from .artifacts import save_safetensors
     from .models.diffusers_models import load_vae
     from .models.loading import read_safetensors
 
     folder, vae_dir = Path(folder), Path(vae_dir)
     files = image_files(folder)
-    config = json.loads((vae_dir / "config.json").read_text())
+    config_dir = Path(vae_config) if vae_config is not None else vae_dir
+    if not (config_dir / "config.json").is_file():
+        raise AccelkitError(f"data {folder}: the teacher's VAE {vae_dir} has no config.json to read its scale factor "
+                            "from; expected a diffusers VAE folder or an original single file with its config")
+    config = json.loads((config_dir / "config.json").read_text())
     factor = vae_scale_factor(config)
     size = (latent_shape[1] * factor, latent_shape[2] * factor)
     key = latents_key(folder, files, vae_dir, size)
@@ -145,7 +150,7 @@ def latent_image_folder(folder: str | os.PathLike, vae_dir: str | os.PathLike, l
                 return latents
         except (AccelkitError, KeyError):
             pass  # a damaged cache entry is encoded again
-    vae = load_vae(vae_dir, allow_pickle=allow_pickle)
+    vae = load_vae(vae_dir, allow_pickle=allow_pickle, config=vae_config)
     channels = int(config.get("in_channels", 3))
     latents = encode_images(vae, read_image_folder(folder, size, channels))
     if tuple(latents.shape[1:]) != tuple(latent_shape):
@@ -166,7 +171,8 @@ def training_images(folder: str | os.PathLike, teacher, allow_pickle: bool = Fal
     vae_dir = getattr(teacher, "info", {}).get("vae")
     info = {"kind": "image-folder", "path": str(Path(folder).resolve()), "count": len(image_files(folder))}
     if vae_dir:
-        x = latent_image_folder(folder, vae_dir, shape, allow_pickle=allow_pickle)
+        x = latent_image_folder(folder, vae_dir, shape, allow_pickle=allow_pickle,
+                                vae_config=getattr(teacher, "info", {}).get("vae_config"))
         info.update({"encoded_with": str(vae_dir), "latents": "posterior mean x scaling_factor"})
     elif len(shape) == 3 and shape[0] in (1, 3):
         x = read_image_folder(folder, (shape[1], shape[2]), shape[0])

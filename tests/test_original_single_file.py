@@ -143,3 +143,25 @@ def test_bad_single_files_are_one_line(original, tmp_path, monkeypatch, capsys):
         no_vae = tmp_path / "unet-only.safetensors"
         save_file({k: v for k, v in load_file(single).items() if k.startswith("model.")}, str(no_vae))
         load_original_vae(no_vae, config / "vae")
+
+
+def test_a_folder_of_images_encodes_with_the_vae_inside_a_single_file(original, tmp_path, monkeypatch):
+    """`--data DIR` for a single-file teacher: the latents of the file's VAE equal those of the folder's VAE."""
+    import numpy as np
+    from PIL import Image
+
+    from accelkit.image_folder import training_images
+    from accelkit.models.loading import load_teacher
+
+    monkeypatch.setenv("ACCELKIT_CACHE", str(tmp_path / "cache"))
+    pipe, single, config = original
+    folder_teacher, file_teacher = load_teacher(pipe), load_teacher(single, config=config)
+    images = tmp_path / "images"
+    images.mkdir()
+    size = 8 * 2 ** (len(json.loads((pipe / "vae" / "config.json").read_text())["block_out_channels"]) - 1)
+    rng = np.random.default_rng(0)
+    for k in range(3):
+        Image.fromarray(rng.integers(0, 256, size=(size, size, 3)).astype(np.uint8)).save(images / f"{k}.png")
+    a = training_images(images, folder_teacher).samples
+    b = training_images(images, file_teacher).samples
+    assert a.shape == (3, *folder_teacher.sample_shape) and torch.allclose(a, b, atol=1e-6)
