@@ -184,7 +184,7 @@ def held_out_batch(recipe: AdversarialRecipe, run: students.StudentRun, draw) ->
     :func:`held_out_real`; the training rows where none exist, said in ``real_is``), plus 256 more real samples
     (``probe``) whose features fix the heads' per-channel standardisation."""
     n = recipe.discriminator.held_out
-    b = next(run.batches(n, recipe.seed + 7919, noise=draw))
+    b = next(run.batches(n, recipe.seed + 7919, noise=draw, whole=True))  # the same on every process
     out: dict[str, Any] = {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
     fresh, what = held_out_real(recipe, run, n + 256, recipe.seed + 7919)
     if fresh is None:

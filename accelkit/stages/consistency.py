@@ -524,7 +524,7 @@ class ConsistencyJob:
 
         recipe, run, sch = self.recipe, self.run, self.schedule
         n = recipe.disc_held_out
-        b = next(run.batches(n, recipe.seed + 7919, noise=self.draw))
+        b = next(run.batches(n, recipe.seed + 7919, noise=self.draw, whole=True))  # the same on every process
         batch: dict[str, Any] = {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
         fresh, what = held_out_real(recipe, run, n + 256, recipe.seed + 7919)
         if fresh is None:

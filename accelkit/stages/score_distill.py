@@ -155,7 +155,7 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
             probe_rows = next(run.batches(256, recipe.seed + 7919,
                                           noise=draw_fn(recipe, real, DenoisingObjective(
                                               real.schedule, real.prediction, real.call, real.time_input), times,
-                                              cond_info)))
+                                              cond_info), whole=True))  # the same on every process
             x_probe = students.clean_samples(probe_rows).float().to(device)
             probe = (noised(real.schedule, x_probe, probe_rows["t_d"].to(device), probe_rows["eps_d_real"].to(device)),
                      probe_rows["t_d"].to(device), None)

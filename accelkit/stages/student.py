@@ -60,20 +60,21 @@ class StudentRun:
         if self.art is not None:
             self.art.close()
 
-    def batches(self, batch_size: int, seed: int, noise=None):
+    def batches(self, batch_size: int, seed: int, noise=None, whole: bool = False):
         """Seeded, resumable batches of this rank's slice: the data set's rows (``x``) when the run has data, else
         the couplings' rows (``noise``, ``sample``, ``cond.*``); ``noise(generator, n)`` adds per-sample draws.
-        :func:`clean_samples` gives a batch's x0 either way."""
+        :func:`clean_samples` gives a batch's x0 either way. ``whole``: every rank gets the whole global batch (a
+        held-out or probe batch that all processes must see alike)."""
         from ..data import BatchSampler
 
+        rank, world = (0, 1) if whole else (self.rank, self.world)
         if self.data is not None:
-            return BatchSampler(self.data, batch_size, seed, self.rank, self.world, noise=noise,
-                                rows=self.condition_rows())
+            return BatchSampler(self.data, batch_size, seed, rank, world, noise=noise, rows=self.condition_rows())
         if self.couplings is None:
             if self.conditions is not None:  # a teacher alone with conditions (begin_data_free_run)
-                return NoiseBatches(batch_size, seed, self.rank, self.world, noise, rows=self.condition_rows())
+                return NoiseBatches(batch_size, seed, rank, world, noise, rows=self.condition_rows())
             raise AccelkitError("this run has neither data nor couplings to draw batches from")
-        return self.couplings.sampler(batch_size, seed, self.rank, self.world, noise=noise)
+        return self.couplings.sampler(batch_size, seed, rank, world, noise=noise)
 
 
     def condition_rows(self) -> dict[str, Tensor]:
