@@ -881,28 +881,12 @@ class Trainer:
             grad_norm_t = nn.utils.clip_grad_norm_(self.optimizer.param_groups[0]["params"], cfg.grad_clip)
             if hasattr(grad_norm_t, "full_tensor"):  # loop.fsdp: the norm over every shard
                 grad_norm_t = grad_norm_t.full_tensor()
-        # One reduction and one host sync per step carry the loss, the logged values, the gradient norm, the signal
-        # that arrived (if any) and rank 0's checkpoint timer, so that every rank agrees on all of them.
-        keys = sorted(extra)
-        ck = self._checkpointer
-        signum = float(ck.signum or 0) if ck is not None else 0.0
-        timer = float(ck is not None and self.rank == 0 and ck.due())
-        norm = [grad_norm_t.detach().float().reshape(())] if grad_norm_t is not None else []
-        packed = torch.cat([torch.stack([total, *[extra[k].to(self.device) for k in keys], *norm]),
-                            torch.tensor([signum, timer], device=self.device)])
-        if self.world > 1:
-            torch.distributed.all_reduce(packed)
-            packed[:-2] /= self.world
-        values = packed.tolist()
+        keys, values, grad_norm = self._reduce_step(total, extra, grad_norm_t, carries_signals=True)
         loss_value = values[0]
-        if values[-2] > 0:
-            self._stop = int(ck.signum) if ck is not None and ck.signum else signal.SIGTERM
-        self._save_due = values[-1] > 0 or self._stop is not None
         if not math.isfinite(loss_value):
             self._diverged(f"loss = {loss_value}")
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr_at(self.step)
-        grad_norm = values[-3] if grad_norm_t is not None else None
         if grad_norm is not None and not math.isfinite(grad_norm) and not self.scaler.is_enabled():
             self._diverged(f"gradient norm = {grad_norm}")
         self.scaler.step(self.optimizer)
@@ -957,28 +941,13 @@ class Trainer:
                 scaler.unscale_(optimizer)
                 grad_norm_t = nn.utils.clip_grad_norm_(params, clip)
             last = i == len(due) - 1  # the last update of the step carries the signal and the checkpoint timer
-            keys = sorted(extra)
-            ck = self._checkpointer
-            signum = float(ck.signum or 0) if ck is not None and last else 0.0
-            timer = float(last and ck is not None and self.rank == 0 and ck.due())
-            norm = [grad_norm_t.detach().float().reshape(())] if grad_norm_t is not None else []
-            packed = torch.cat([torch.stack([total, *[extra[k].to(self.device) for k in keys], *norm]),
-                                torch.tensor([signum, timer], device=self.device)])
-            if self.world > 1:
-                torch.distributed.all_reduce(packed)
-                packed[:-2] /= self.world
-            values = packed.tolist()
+            keys, values, grad_norm = self._reduce_step(total, extra, grad_norm_t, carries_signals=last)
             loss_value = values[0]
-            if last:
-                if values[-2] > 0:
-                    self._stop = int(ck.signum) if ck is not None and ck.signum else signal.SIGTERM
-                self._save_due = values[-1] > 0 or self._stop is not None
             if not math.isfinite(loss_value):
                 self._diverged(f"{g.name} loss = {loss_value}")
             lr = st.lr_at(cfg, self.step)
             for group in optimizer.param_groups:
                 group["lr"] = lr
-            grad_norm = values[-3] if grad_norm_t is not None else None
             if grad_norm is not None and not math.isfinite(grad_norm) and not scaler.is_enabled():
                 self._diverged(f"{g.name} gradient norm = {grad_norm}")
             scaler.step(optimizer)
@@ -995,6 +964,28 @@ class Trainer:
         self.step += 1
         self.recent_losses.append(logged["loss"])
         return logged
+
+    def _reduce_step(self, total: Tensor, extra: dict[str, Tensor], grad_norm_t: Tensor | None,
+                     carries_signals: bool) -> tuple[list[str], list[float], float | None]:
+        """One reduction and one host sync per update carry the loss, the logged values, the gradient norm and, when
+        ``carries_signals``, the signal that arrived (if any) and rank 0's checkpoint timer, so that every rank agrees
+        on all of them (and sets the stop / save flags alike). Returns (sorted log keys, values, gradient norm)."""
+        keys = sorted(extra)
+        ck = self._checkpointer
+        signum = float(ck.signum or 0) if ck is not None and carries_signals else 0.0
+        timer = float(carries_signals and ck is not None and self.rank == 0 and ck.due())
+        norm = [grad_norm_t.detach().float().reshape(())] if grad_norm_t is not None else []
+        packed = torch.cat([torch.stack([total, *[extra[k].to(self.device) for k in keys], *norm]),
+                            torch.tensor([signum, timer], device=self.device)])
+        if self.world > 1:
+            torch.distributed.all_reduce(packed)
+            packed[:-2] /= self.world
+        values = packed.tolist()
+        if carries_signals:
+            if values[-2] > 0:
+                self._stop = int(ck.signum) if ck is not None and ck.signum else signal.SIGTERM
+            self._save_due = values[-1] > 0 or self._stop is not None
+        return keys, values, (values[-3] if grad_norm_t is not None else None)
 
     def _diverged(self, what: str) -> None:
         recent = ", ".join(f"{v:.4g}" for v in self.recent_losses) or "none"
