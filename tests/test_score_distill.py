@@ -117,8 +117,13 @@ RUNS = {
     "dmd-no-regression": dict(method="dmd", regression_weight=0.0, steps_=250, **FAST_FAKE),
     "vsd": dict(method="vsd", ratio=2, steps_=300, **FAST_FAKE),  # LoRA rank 8: one update per generator's lags
     "sim": dict(method="sim", steps_=250, **FAST_FAKE),
-    # noise levels skewed low (m = -1) for 2-D points; LADD's m = 1 is for high-resolution latents
-    "ladd": dict(method="ladd", steps_=250, discriminator={"logit_mean": -1.0}),
+    # real side: the data set. Heads of depth 3 (one hidden layer cannot draw the boundary on a small MLP's 2-D
+    # features), noise levels t = sigmoid(-2 + 2 n) (both near-clean and blurred inputs; LADD's m = 1 is for
+    # high-resolution latents), two time scales (5 head updates per generator update, heads' lr 2e-3, generator's
+    # 3e-4): docs/score_distill.md, "What the held-out accuracy against the generator shows"
+    "ladd": dict(method="ladd", steps_=500, data="gaussian-mixture", ratio=5, generator={"lr": 3e-4},
+                 disc={"lr": 2e-3}, discriminator={"logit_mean": -2.0, "logit_std": 2.0, "width": 256, "depth": 3,
+                                                   "held_out": 8192}),
 }
 
 
@@ -127,8 +132,8 @@ def train_generator(ring, name):
     steps = kw.pop("steps_")
     loop = {"steps": steps, "lr": 1e-3, "checkpoint_every": 0, "ema_rates": [0.99], "log_every": 10}
     if kw["method"] == "ladd":
-        loop.update(betas=[0.0, 0.99], validate_every=10)
-        return run_adversarial(AdversarialRecipe(source=str(ring["couple"]), batch_size=256, device="cpu", loop=loop,
+        loop.update(betas=[0.0, 0.99], validate_every=20)
+        return run_adversarial(AdversarialRecipe(source=str(ring["train"]), batch_size=256, device="cpu", loop=loop,
                                                  **kw), ring["root"] / name)
     return run_score_distill(ScoreDistillRecipe(source=str(ring["couple"]), batch_size=256, device="cpu", loop=loop,
                                                 **kw), ring["root"] / name)
@@ -180,25 +185,25 @@ def test_update_counts_follow_the_ratio(generators):
 
 
 def test_discriminator_is_informative_and_not_saturated(generators):
-    """Through the run (every 10 steps), on a held-out batch of 2048 samples per side (real: fresh samples of the
-    teacher's ODE with the couplings' solver, never in a training batch; +-0.008 at chance): the heads tell real
-    samples from the teacher's own 1-step samples (strictly between 0.55 and 0.95: informative, not saturated;
-    observed 0.66-0.77 with the per-channel feature standardisation, 0.62-0.69 without it) and are never saturated
-    against the generator they train. Against that generator the accuracy is 0.54-0.57 for the first 20 steps,
-    then 0.47-0.52: the 2-D generator reaches the heads' resolution within ~30 steps and the game sits at its
-    equilibrium (a fresh set of heads trained 1500 steps on the final generator also stays at 0.51), so "strictly
-    above 0.5 against the generator through the run" does not hold on this toy (docs/score_distill.md)."""
+    """Through the run (every 20 steps), on a held-out batch of 8192 samples per side (real: fresh draws of the ring,
+    never in a training batch; +-0.004 at chance): the heads tell real samples from the generator they train
+    strictly between 0.5 and 0.95 (informative, not saturated) and from the teacher's own 1-step samples strictly
+    between 0.55 and 0.95. Observed with recipe seeds 0 / 1 / 2: against the generator 0.520..0.895 /
+    0.505..0.899 / 0.522..0.906 (high while the generator is still the teacher's 1-step map, lowest at about step
+    200, rising to 0.61-0.68 at the end as the heads resolve the data's narrower modes), against the teacher's 1-step
+    samples 0.65..0.92. With the couplings as the real side, heads of depth 1 or one update per generator update,
+    the accuracy against the generator sits at 0.47-0.52 after the first 30 steps (docs/score_distill.md)."""
     out = generators[0]["ladd"]
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     against_generator = summary["disc_accuracy_through_run"]
     against_teacher = summary["disc_accuracy_vs_teacher_samples_through_run"]
-    assert summary["disc_held_out"]["samples_per_side"] == 2048
-    assert summary["disc_held_out"]["real"].startswith("fresh teacher samples")
+    assert summary["disc_held_out"]["samples_per_side"] == 8192
+    assert summary["disc_held_out"]["real"] == "fresh gaussian-mixture draws", summary["disc_held_out"]
     print(f"held-out accuracy vs the generator {min(against_generator):.3f}..{max(against_generator):.3f}, vs the "
           f"teacher's 1-step samples {min(against_teacher):.3f}..{max(against_teacher):.3f}")
-    assert len(against_teacher) >= 20 and len(against_generator) == len(against_teacher)
+    assert len(against_teacher) == 25 and len(against_generator) == len(against_teacher)
     assert all(0.55 < a < 0.95 for a in against_teacher), against_teacher
-    assert all(a < 0.95 for a in against_generator), against_generator
+    assert all(0.5 < a < 0.95 for a in against_generator), against_generator
     history = json.loads((out / "history.json").read_text())
     assert max(h["discriminator/d_acc"] for h in history if "discriminator/d_acc" in h) < 0.95
     assert all(math.isfinite(v) for h in history for k, v in h.items() if k.endswith("loss"))

@@ -112,7 +112,7 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
                         held_out["eps_d_real"][:len(held_out["probe"])]), held_out["t_d"][:len(held_out["probe"])],
                  None)
         disc = gan.FeatureDiscriminator(frozen, recipe.discriminator.layers, recipe.discriminator.width,
-                                        probe=probe, seed=recipe.seed)
+                                        probe=probe, seed=recipe.seed, depth=recipe.discriminator.depth)
         model = nn.ModuleDict({"generator": generator.network, "discriminator": disc})
         batches = run.batches(recipe.batch_size, recipe.seed, noise=draw)
         multi = len(times) > 2

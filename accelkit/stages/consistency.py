@@ -53,7 +53,7 @@ METHOD_FIELDS = {
     "cd": ("discretisation", "solver", "solver_nfe", "target_ema", "boundary"),
     "lcm": ("discretisation", "solver", "solver_nfe", "target_ema", "guidance", "guidance_range", "boundary"),
     "pcm": ("discretisation", "solver", "solver_nfe", "phases", "guidance", "adversarial_weight", "disc",
-            "disc_layers", "disc_width", "adversarial_real", "disc_held_out"),
+            "disc_layers", "disc_width", "disc_depth", "adversarial_real", "adversarial_span", "disc_held_out"),
     "ect": ("ect_q", "stage_steps", "p_mean", "p_std", "boundary"),
     "sct": ("ect_q", "stage_steps", "p_mean", "p_std", "reference_size", "boundary"),
 }
@@ -94,12 +94,17 @@ class ConsistencyRecipe(students.SourceRecipe):
     disc_layers: list[str] | Literal["auto"] = Field("auto", description="pcm adversarial: the teacher layers the "
                                                                          "heads read")
     disc_width: int = Field(64, ge=4, description="pcm adversarial: the heads' width")
+    disc_depth: int = Field(1, ge=1, description="pcm adversarial: hidden layers of each head (2-3 for a 2-D "
+                                                 "teacher's plain features)")
     disc_held_out: int = Field(2048, ge=16, description="pcm adversarial: samples per side of the heads' held-out "
                                                          "accuracy check (validate steps)")
     adversarial_real: Literal["target", "data"] = Field(
         "target", description="pcm adversarial: the real side the heads judge at s': 'target' (PCM's code: the "
                               "teacher-stepped target's jump, noised forward) or 'data' (the clean samples x0 of the "
                               "batch, noised to s': the teacher's / data's marginal there)")
+    adversarial_span: float = Field(1.0, gt=0, le=1, description="pcm adversarial: s' is drawn in [e, e + span (1 - e) "
+                                                                 "/ M) (1: the whole of PCM's interval; less keeps "
+                                                                 "the judged inputs closer to the phase edge e)")
     ect_q: float = Field(2.0, gt=1, description="ect / sct: q of the r(t) curriculum")
     stage_steps: int | None = Field(None, ge=1, description="ect / sct: steps per curriculum stage (t - r shrinks by "
                                                              "q); default a quarter of loop.steps (4 stages in any "
@@ -466,9 +471,9 @@ class ConsistencyJob:
         with torch.random.fork_rng(devices=[]):  # the heads' initial weights: seeded, so a run repeats
             torch.manual_seed(stream_seed(recipe.seed, 0xAD))
             disc = gan.FeatureDiscriminator(self.reference, recipe.disc_layers, recipe.disc_width,
-                                            probe=held_out["probe"])
+                                            probe=held_out["probe"], depth=recipe.disc_depth)
         model = torch.nn.ModuleDict({"student": self.start.network, "discriminator": disc})
-        width = 1.0 / recipe.phases
+        width = recipe.adversarial_span / recipe.phases
 
         def level(e: Tensor, batch: dict[str, Tensor]) -> Tensor:
             return (e + width * (1.0 - e) * batch["u"]).clamp(max=1.0)

@@ -28,6 +28,7 @@ class DiscriminatorSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
     layers: list[str] | Literal["auto"] = Field("auto", description="module names whose outputs the heads read")
     width: int = Field(64, ge=1, description="hidden width of each head")
+    depth: int = Field(1, ge=1, description="hidden layers of each head's MLP (2 for a 2-D teacher's plain features)")
     logit_mean: float = Field(1.0, description="noise levels t = sigmoid(m + s n): m (> 0 skews to high noise)")
     logit_std: float = Field(1.0, gt=0, description="noise levels: s")
     r1_weight: float = Field(0.0, ge=0, description="weight of the approximated R1 penalty (0: off)")

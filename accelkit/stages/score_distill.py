@@ -160,7 +160,7 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
             probe = (noised(real.schedule, x_probe, probe_rows["t_d"].to(device), probe_rows["eps_d_real"].to(device)),
                      probe_rows["t_d"].to(device), None)
             disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width, probe=probe,
-                                        seed=recipe.seed)
+                                        seed=recipe.seed, depth=recipe.discriminator.depth)
             fake_part["heads"] = disc
         model = nn.ModuleDict({"generator": generator.network, "fake_score": fake_part})
         objective = DenoisingObjective(real.schedule, real.prediction, real.call, real.time_input)
