@@ -622,33 +622,40 @@ def test_lcm_lora_exports_as_a_lora_file_that_samples_like_the_student(lcm_lora,
 @pytest.mark.slow
 def test_pcm_adversarial_term_trains_stably_and_does_not_hurt(toy):
     """PCM with its adversarial term (heads on the frozen teacher's features, hinge loss, two parameter groups of one
-    Trainer; real side: the couplings' samples noised to s', each side with its own noise): every loss finite, the
-    heads' accuracy on a held-out batch (2048 per side, real: fresh teacher samples) recorded every 10 steps and
-    never saturated (below 0.95), and the 2-phase student no worse than the same run without the term at 2 and at
-    1 step (observed SW2 0.109 / 0.131 at 2 steps, 0.65 / 0.68 at 1 step). The held-out accuracy stays at
-    0.48-0.52: the student's noised jumps and the teacher's marginal at s' are too close for the heads (with the
-    target side, or one shared noise, as before: 0.49-0.51), so "strictly above 0.5" does not hold on this 2-D
-    teacher (docs/score_distill.md)."""
-    out = run_consistency(ConsistencyRecipe(source=str(toy["couple"]), method="pcm", phases=2, adversarial_weight=0.1,
-                                            adversarial_real="data", disc={"lr": 1e-3}, batch_size=256, device="cpu",
-                                            loop={"steps": 300, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0,
-                                                  "log_every": 10, "validate_every": 10}), toy["root"] / "pcm2-adv")
+    Trainer), from the teacher on the moons data: the real side is the data noised to s', s' drawn in the first
+    fifth of each phase's interval above its edge (adversarial_span 0.2: the judged inputs stay close to the phase
+    edge, where they are not blurred beyond telling apart), each side with its own noise; heads of depth 3, width
+    256, their lr 2e-3. Every loss finite; the heads' accuracy on a held-out batch (8192 per side, real: fresh draws
+    of moons; +-0.004 at chance) recorded every 10 steps stays strictly between 0.5 and 0.95 (observed with recipe
+    seeds 0 / 1 / 2: 0.512..0.551 / 0.514..0.557 / 0.506..0.558); the 2-phase student no worse than the same run
+    without the term at 2 and at 1 step (observed SW2 0.096 / 0.099 / 0.120 with it against 0.130 / 0.142 / 0.143
+    at 2 steps; 0.651 / 0.660 / 0.651 against 0.645 / 0.710 / 0.679 at 1 step). With the whole interval, heads of
+    depth 1 or the couplings as the real side the accuracy sits at 0.48-0.53 (docs/score_distill.md)."""
+    common = dict(source=str(toy["train"]), data="moons", data_size=20000, method="pcm", phases=2, batch_size=256,
+                  device="cpu")
+    loop = {"steps": 300, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0, "log_every": 10}
+    out = run_consistency(ConsistencyRecipe(**common, adversarial_weight=0.1, adversarial_real="data",
+                                            adversarial_span=0.2, disc={"lr": 2e-3}, disc_depth=3, disc_width=256,
+                                            disc_held_out=8192, loop={**loop, "validate_every": 10}),
+                          toy["root"] / "pcm2-adv")
+    plain = run_consistency(ConsistencyRecipe(**common, loop=loop), toy["root"] / "pcm2-data")
     summary = json.loads((out / "manifest.json").read_text())["summary"]
     history = json.loads((out / "history.json").read_text())
     for key in ("discriminator/loss", "student/loss", "student/adv_loss"):
         assert all(math.isfinite(h[key]) for h in history if key in h), key
     adversarial = summary["adversarial"]
-    assert adversarial["real_side"] == "data" and adversarial["disc_held_out"]["samples_per_side"] == 2048
+    assert adversarial["real_side"] == "data" and adversarial["disc_held_out"] == {
+        "samples_per_side": 8192, "real": "fresh moons draws"}
     accs = adversarial["disc_accuracy_through_run"]
-    assert len(accs) == 30 and max(accs) < 0.95, accs
+    assert len(accs) == 30 and all(0.5 < a < 0.95 for a in accs), accs
     train_accs = adversarial["disc_train_batch_accuracy_through_run"]
     assert max(train_accs) < 0.95, train_accs
-    model = load_teacher(out)
-    with_adv = sliced_wasserstein(sample_batched(model, toy["noise"], "euler", 2, grid=summary["sampling"]["grid"]),
-                                  toy["data"])
-    without = sw_recorded(toy, "pcm2", 2)
-    one_with = sliced_wasserstein(sample_batched(model, toy["noise"], "euler", 1), toy["data"])
-    one_without = sw_recorded(toy, "pcm2", 1)
+    model, base = load_teacher(out), load_teacher(plain)
+    grid = summary["sampling"]["grid"]
+    with_adv, without = (sliced_wasserstein(sample_batched(m, toy["noise"], "euler", 2, grid=grid), toy["data"])
+                         for m in (model, base))
+    one_with, one_without = (sliced_wasserstein(sample_batched(m, toy["noise"], "euler", 1), toy["data"])
+                             for m in (model, base))
     print(f"pcm 2 phases: SW2 {with_adv:.3f} with the adversarial term, {without:.3f} without (1 step: "
           f"{one_with:.3f} / {one_without:.3f}); heads' held-out accuracy {min(accs):.3f}..{max(accs):.3f}")
     assert with_adv < 1.1 * without, (with_adv, without)
