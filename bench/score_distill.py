@@ -1,14 +1,17 @@
 """Score-distillation (vsd, dmd, dmd2 with and without GAN, sim) and adversarial (ladd) generators against the
-teacher's best standard solver and a reflow student with the same training budget, on a 2-D ring or digits teacher.
+teacher's best standard solver and the reflow, direct-distill and consistency-distillation (cd) students with the same
+training budget, on a 2-D ring or digits teacher.
 
 A flow-matching teacher is trained on ``--data`` (the 8-mode ``gaussian-mixture`` ring: an MLP; ``digits``: a
 SmallUNet on scikit-learn's 8x8 digits); couplings from its ODE (dpm++2m, 16 NFE) are every method's SOURCE. Each
 generator is trained for ``--steps`` steps at each K in ``--k`` (its own K-step sampler, recorded in its artifact,
-is what it is evaluated with); the reflow student (euler) and the teacher (best of euler, heun, dpm++2m, unipc at
-each NFE) are the baselines. Measured by ``accelkit eval`` on held-out couplings (another seed): sliced W2 to the
-data (2-D) or the Frechet distance on the shipped digits classifier's features, and mode coverage: the share of the
-ring's 8 modes (digits: of the 10 classes, by the classifier's predicted labels) holding at least half their fair
-share of 2000 samples. Training steps per second and each training process's peak resident memory are reported.
+is what it is evaluated with); the baselines are the teacher (best of euler, heun, dpm++2m, unipc at each NFE), the
+reflow student (euler), one direct-distill student per K and one cd student (its recorded multistep sampler at each
+K), each trained ``--steps`` steps on the same pairs (``--baselines``). Measured by ``accelkit eval`` on held-out
+couplings (another seed): sliced W2 to the data (2-D) or the Frechet distance on the shipped digits classifier's
+features, and mode coverage: the share of the ring's 8 modes (digits: of the 10 classes, by the classifier's
+predicted labels) holding at least half their fair share of 2000 samples. Training steps per second and each
+training process's peak resident memory are reported.
 Table on stderr, JSON to --json FILE.
 
     python bench/score_distill.py [--data gaussian-mixture|digits] [--steps 300] [--k 1,2] [--teacher-steps 600]
@@ -36,7 +39,7 @@ METHODS = {
     "vsd": (["score-distill", "{pairs}", "--method", "vsd", "--ratio", "2", *FAST_FAKE], 1),
     "sim": (["score-distill", "{pairs}", "--method", "sim", *FAST_FAKE], 1),
     "ladd": (["adversarial", "{pairs}", "--set", "adversarial.loop.betas=[0.0,0.99]",
-              "--set", "adversarial.discriminator.logit_mean=-1.0"], 1),
+              "--set", "adversarial.discriminator.logit_mean=-1.0", "--set", "adversarial.disc.lr=3e-3"], 1),
 }
 
 
@@ -92,6 +95,8 @@ def main() -> None:
     ap.add_argument("--pairs", type=int, default=4096)
     ap.add_argument("--eval-n", type=int, default=2000)
     ap.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of " + ",".join(METHODS))
+    ap.add_argument("--baselines", default="reflow,direct,cd", help="comma-separated subset of reflow,direct,cd "
+                                                                     "(students trained for --steps on the same pairs)")
     ap.add_argument("--workdir", default="bench/work-score-distill")
     ap.add_argument("--json", default="bench/results/score_distill.json")
     args = ap.parse_args()
@@ -128,14 +133,31 @@ def main() -> None:
                                     str(args.steps * mult), *[str(c).format(stage=stage) for c in common],
                                     "-o", str(work / f"{name}-k{k}"))
             models.append((name, k, out, rss))
-    reflow, rss_r = accelkit_rss("reflow", pairs, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
+    # the students that need no generator game, at the same budget: reflow (euler at every K), a direct-distill
+    # student per K, and one consistency-distillation student (its recorded multistep sampler at every K)
+    baselines = []
+    if "reflow" in args.baselines:
+        path, rss = accelkit_rss("reflow", pairs, "--steps", str(args.steps), "--batch-size", str(args.batch_size),
                                  "--lr", "1e-3", "--device", "cpu", "--set", "reflow.eval_samples=0",
                                  "-o", str(work / "reflow"))
-    for name, k, path, rss in [*models, ("reflow", None, reflow, rss_r)]:
+        baselines.append(("reflow", None, path, rss, "euler"))
+    if "direct" in args.baselines:
+        for k in ks:
+            path, rss = accelkit_rss("distill", pairs, "--method", "direct", "--nfe", str(k), "--steps",
+                                     str(args.steps), "--batch-size", str(args.batch_size), "--lr", "1e-3",
+                                     "--device", "cpu", "--set", "distill.eval_samples=0",
+                                     "-o", str(work / f"direct-k{k}"))
+            baselines.append(("direct", k, path, rss, None))
+    if "cd" in args.baselines:
+        path, rss = accelkit_rss("consistency", pairs, "--method", "cd", "--steps", str(args.steps), "--batch-size",
+                                 str(args.batch_size), "--lr", "1e-3", "--device", "cpu",
+                                 "-o", str(work / "consistency-cd"))
+        baselines.append(("cd", None, path, rss, "recorded"))
+    for name, k, path, rss, *how in [*[(*m, None) for m in models], *baselines]:
         summary = json.loads((Path(path) / "manifest.json").read_text())["summary"]
         nfes = [k] if k is not None else ks
         for nfe in nfes:
-            solver = summary["sampling"]["solver"] if k is not None else "euler"
+            solver = summary["sampling"]["solver"] if (k is not None or how[0] == "recorded") else how[0]
             ev = json.loads(accelkit("eval", path, "--solver", solver, "--nfe", str(nfe), "--reference", held, "-n",
                                      args.eval_n, "--device", "cpu", "--data", args.data, "--json"))[0]
             dist = ev.get("frechet") if ev.get("frechet") is not None else ev.get("sliced_w2")

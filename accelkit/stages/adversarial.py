@@ -39,7 +39,7 @@ from .generator_student import (
     check_before_training,
     draw_fn,
     finish_generator,
-    held_out_real,
+    held_out_batch,
     open_run,
 )
 
@@ -176,22 +176,6 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
         return path
     finally:
         run.close()
-
-
-def held_out_batch(recipe: AdversarialRecipe, run: students.StudentRun, draw) -> dict[str, Any]:
-    """The discriminator's held-out check: draws of another seed than the run's (generator noise, noise levels,
-    noises; ``discriminator.held_out`` of each) and real samples no training batch holds (``real``: see
-    :func:`held_out_real`; the training rows where none exist, said in ``real_is``), plus 256 more real samples
-    (``probe``) whose features fix the heads' per-channel standardisation."""
-    n = recipe.discriminator.held_out
-    b = next(run.batches(n, recipe.seed + 7919, noise=draw, whole=True))  # the same on every process
-    out: dict[str, Any] = {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
-    fresh, what = held_out_real(recipe, run, n + 256, recipe.seed + 7919)
-    if fresh is None:
-        rows = students.clean_samples(out).float()
-        fresh = torch.cat([rows, rows[:256]])
-    out["real"], out["probe"], out["real_is"] = fresh[:n].to(run.device), fresh[n:].to(run.device), what
-    return out
 
 
 def _run(recipe: StageRecipe, output: Path | None, force: bool) -> Path:

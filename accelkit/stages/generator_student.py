@@ -173,5 +173,21 @@ def finish_generator(art, recipe, run: students.StudentRun, trainer: Trainer, lo
     students.save_student(art, model, trainer.history, summary)
 
 
-__all__ = ["DiscriminatorSettings", "held_out_real", "lora_targets", "draw_fn", "open_run", "check_before_training",
-           "cond_fields", "finish_generator"]
+def held_out_batch(recipe, run: students.StudentRun, draw) -> dict[str, Any]:
+    """The discriminator's held-out check: draws of another seed than the run's (generator noise, noise levels,
+    noises; ``discriminator.held_out`` of each) and real samples no training batch holds (``real``: see
+    :func:`held_out_real`; the training rows where none exist, said in ``real_is``), plus 256 more real samples
+    (``probe``) whose features fix the heads' per-channel standardisation."""
+    n = recipe.discriminator.held_out
+    b = next(run.batches(n, recipe.seed + 7919, noise=draw, whole=True))  # the same on every process
+    out: dict[str, Any] = {k: v.to(run.device) if isinstance(v, Tensor) else v for k, v in b.items()}
+    fresh, what = held_out_real(recipe, run, n + 256, recipe.seed + 7919)
+    if fresh is None:
+        rows = students.clean_samples(out).float()
+        fresh = torch.cat([rows, rows[:256]])
+    out["real"], out["probe"], out["real_is"] = fresh[:n].to(run.device), fresh[n:].to(run.device), what
+    return out
+
+
+__all__ = ["DiscriminatorSettings", "held_out_real", "held_out_batch", "lora_targets", "draw_fn", "open_run",
+           "check_before_training", "cond_fields", "finish_generator"]

@@ -44,6 +44,7 @@ from .generator_student import (
     cond_fields,
     draw_fn,
     finish_generator,
+    held_out_batch,
     lora_targets,
     open_run,
 )
@@ -150,7 +151,7 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
             fake_net = apply_lora(fake_net, lora_targets(fake_net, lora))
         fake = students.student_of(real, fake_net)
         fake_part = nn.ModuleDict({"network": fake_net})
-        disc = None
+        disc, held_out = None, None
         if gan:  # the heads' feature standardisation from 256 real rows of another seed, noised at drawn levels
             probe_rows = next(run.batches(256, recipe.seed + 7919,
                                           noise=draw_fn(recipe, real, DenoisingObjective(
@@ -162,6 +163,8 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
             disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width, probe=probe,
                                         seed=recipe.seed, depth=recipe.discriminator.depth)
             fake_part["heads"] = disc
+            held_out = held_out_batch(recipe, run, draw_fn(recipe, real, DenoisingObjective(
+                real.schedule, real.prediction, real.call, real.time_input), times, cond_info))
         model = nn.ModuleDict({"generator": generator.network, "fake_score": fake_part})
         objective = DenoisingObjective(real.schedule, real.prediction, real.call, real.time_input)
         features = None
@@ -221,14 +224,30 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
                        recipe.generator.model_copy(update={"every": ratio, "offset": ratio - 1, "ema": True})),
         ]
 
+        def validate(tr: Trainer) -> dict[str, float]:  # dmd2's GAN heads on a batch they never train on
+            assert disc is not None and held_out is not None
+            cond = condition_of(held_out)
+            with torch.no_grad():
+                lr_ = disc(noised(real.schedule, held_out["real"], held_out["t_d"], held_out["eps_d_real"]),
+                           held_out["t_d"], cond)
+                lf = disc(noised(real.schedule, samples(held_out), held_out["t_d"], held_out["eps_d"]),
+                          held_out["t_d"], cond)
+            return {"disc_accuracy": accuracy(lr_, lf)}
+
         def finish(trainer: Trainer, logs: dict[str, float], seconds: float) -> None:
+            extra: dict[str, Any] = {}
+            if held_out is not None:
+                extra = {"disc_accuracy": logs.get("val/disc_accuracy"),
+                         "disc_held_out": {"samples_per_side": len(held_out["real"]), "real": held_out["real_is"]},
+                         "disc_accuracy_through_run": [h["val/disc_accuracy"] for h in trainer.history
+                                                       if "val/disc_accuracy" in h]}
             finish_generator(art, recipe, run, trainer, logs, seconds, "accelkit score-distill",
                              {"ratio": ratio, "gan_weight": recipe.gan_weight,
                               "regression_weight": recipe.regression_weight, "fake_lora": lora is not None,
-                              "guidance": real.guidance_scale})
+                              "guidance": real.guidance_scale, **extra})
 
         students.fit_in_artifact(art, path, run.rank, model, None, batches, recipe.loop, device, finish,
-                                 groups=groups)
+                                 groups=groups, validate_fn=validate if gan else None)
         return path
     finally:
         run.close()
