@@ -1,8 +1,9 @@
 """`accelkit qac` on scikit-learn's 8x8 digits: the QAC model beats the control (the same teacher fine-tuned the same
-steps, batches and learning rate without codes) in Frechet distance on the shipped digits features at 2 NFE by a
-margin and at 4 NFE (each with its best standard solver), its trajectories curve less in the paper's measure (Lee et
-al.'s, accelkit's straightness), and its code book is in use (perplexity far above the few codes it used before
-FSQ's bounded straight-through estimator and the unit-scale encoder initialisation)."""
+steps, batches and learning-rate schedule without codes) in Frechet distance on the shipped digits features at 2, 4
+and 6 NFE by a margin and is no worse at 16 NFE, where both have converged in NFE (each with its best standard
+solver), its trajectories curve less in the paper's measure (Lee et al.'s, accelkit's straightness), and its code book
+is in use (perplexity far above the few codes it used before FSQ's bounded straight-through estimator and the
+unit-scale encoder initialisation)."""
 
 import json
 
@@ -19,13 +20,20 @@ from accelkit.stages.qac import QACRecipe, run_qac
 from accelkit.stages.train import TrainRecipe, run_train
 
 SOLVERS = ("euler", "heun", "dpm++2m")
+#: the solvers compared at each NFE (the best of them counts); at 16 NFE dpm++2m alone: it was the best of the three
+#: in all 60 evaluations measured at 16 NFE (docs/benchmarks.md), and heun / euler there would cost a third of the test
+PLAN = {2: SOLVERS, 4: SOLVERS, 6: SOLVERS, 16: ("dpm++2m",)}
 BITS = 8
-STEPS = 200  # fine-tuning steps of the QAC model and of the control (batch 128, lr 1e-3)
+STEPS = 400  # fine-tuning steps of the QAC model and of the control (batch 128, lr 2e-3, cosine decay)
+SAMPLES = 2000  # FD on this many samples: at 1000 the ratios moved by up to 0.2 between noise sets
 
 
 def qac_recipe(teacher, bits):
+    # the same loop for both: a cosine decay to 0 ends both runs on a settled iterate (at a constant 1e-3 the final
+    # FD of either model moved by 20 % with the recipe seed, so the ratio at 6-16 NFE was 0.85-1.18 over seeds 0-2)
     return QACRecipe(source=str(teacher), data="digits", bits=bits, batch_size=128, device="cpu", eval_samples=0,
-                     loop={"steps": STEPS, "lr": 1e-3, "warmup_steps": 20, "checkpoint_every": 0})
+                     loop={"steps": STEPS, "lr": 2e-3, "warmup_steps": 20, "lr_schedule": "cosine",
+                           "checkpoint_every": 0})
 
 
 @pytest.fixture(scope="module")
@@ -40,29 +48,35 @@ def digits_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_qac_beats_the_control_on_digits_at_2_and_4_nfe_and_curves_less(digits_runs):
+def test_qac_beats_the_control_on_digits_at_2_4_6_nfe_is_no_worse_at_16_and_curves_less(digits_runs):
     qac_path, control_path = digits_runs
     qac, control = load_teacher(qac_path), load_teacher(control_path)
     features = feature_network("builtin:digits")
     reference = feature_statistics(features(digits()))
-    noise = sample_noise(0, range(1000), (1, 8, 8))  # sample i's noise from (seed 0, i), as sample / eval draw it
+    noise = sample_noise(0, range(SAMPLES), (1, 8, 8))  # sample i's noise from (seed 0, i), as sample / eval draw it
     cond = with_codes(qac, None, 0, range(len(noise)))  # sample i's code drawn from the collected weights
 
     def best_fd(model, nfe, c=None):
         return min(frechet_distance(*feature_statistics(features(sample_batched(model, noise, s, nfe, cond=c))),
-                                    *reference) for s in SOLVERS)
+                                    *reference) for s in PLAN[nfe])
 
-    fd = {nfe: (best_fd(qac, nfe, cond), best_fd(control, nfe)) for nfe in (2, 4)}
-    # observed QAC / control at 2 / 4 NFE: 97.5 / 220 (0.44), 37.7 / 57.4 (0.66); with recipe seed 1 for both runs
-    # 0.68 / 0.98. Not asserted, because it does not hold at this budget: 6 and 16 NFE (seed 0: 0.83 / 0.91, seed 1:
-    # 1.13 / 1.17; docs/benchmarks.md, QAC on digits).
-    assert fd[2][0] < 0.8 * fd[2][1], fd
-    assert fd[4][0] < fd[4][1], fd
+    fd = {nfe: (best_fd(qac, nfe, cond), best_fd(control, nfe)) for nfe in PLAN}
+    ratio = {nfe: q / c for nfe, (q, c) in fd.items()}
+    # FD QAC / control observed here (recipe seed 0): 2 NFE 54.6 / 193 (0.28), 4 NFE 21.3 / 39.1 (0.54), 6 NFE
+    # 13.8 / 18.7 (0.74), 16 NFE 11.0 / 13.9 (0.79). Both runs retrained with recipe seeds 1-4, on these noises:
+    # 0.22-0.32, 0.43-0.52, 0.61-0.69, 0.61-0.75; on 2000 noises of two other seeds (seeds 0-4, 10 runs) at most
+    # 0.75 (6 NFE) and 0.77 (16 NFE) (docs/benchmarks.md, QAC on digits). Before, at a constant lr 1e-3 for 200
+    # steps, 6 and 16 NFE went from 0.83 / 0.91 (seed 0) to 1.13 / 1.17 (seed 1): the final iterate's noise.
+    assert ratio[2] < 0.5, fd
+    assert ratio[4] < 0.75, fd
+    assert ratio[6] < 0.9, fd
+    # no worse at many NFE (consistency): 16 NFE is converged for both (dpm++2m's FD at 32 and 64 NFE within 3 %)
+    assert ratio[16] < 1.0, fd
     # the paper's trajectory curvature (Table 1, after Lee et al. 2023: E |(x1 - x0) - v(x_t, t)|^2, normalised;
     # accelkit's straightness S) along Euler paths of 32 steps on 200 noises
     few, c = noise[:200], cond.index(slice(0, 200))
     s_q, s_c = straightness(qac, few, 32, cond=c), straightness(control, few, 32)
-    assert s_q < 0.9 * s_c, (s_q, s_c)  # observed 0.105 against 0.129 (seed 1: 0.106 against 0.128)
+    assert s_q < 0.8 * s_c, (s_q, s_c)  # observed 0.092 against 0.130 (seeds 1-4: 0.087-0.091 against 0.128-0.132)
     summary = json.loads((qac_path / "manifest.json").read_text())["summary"]
-    assert summary["perplexity"]["online"] > 20, summary["perplexity"]  # observed 57.5; quantizer paper: 5-7
+    assert summary["perplexity"]["online"] > 20, summary["perplexity"]  # observed 60.6 (seeds 1-4: 48-67); paper: 5-13
     assert summary["encoder"]["share_of_teacher"] <= 0.011
