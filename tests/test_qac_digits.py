@@ -20,8 +20,9 @@ from accelkit.stages.qac import QACRecipe, run_qac
 from accelkit.stages.train import TrainRecipe, run_train
 
 SOLVERS = ("euler", "heun", "dpm++2m")
-#: the solvers compared at each NFE (the best of them counts); at 16 NFE dpm++2m alone: it was the best of the three
-#: in all 60 evaluations measured at 16 NFE (docs/benchmarks.md), and heun / euler there would cost a third of the test
+#: the solvers compared at each NFE (the best of them counts); at 16 NFE dpm++2m alone: it was the best in all 72
+#: evaluations at 16 NFE that compared it with euler (and heun in 12; docs/benchmarks.md), and they would cost a
+#: third of the test
 PLAN = {2: SOLVERS, 4: SOLVERS, 6: SOLVERS, 16: ("dpm++2m",)}
 BITS = 8
 STEPS = 400  # fine-tuning steps of the QAC model and of the control (batch 128, constant lr 2e-3)
@@ -30,7 +31,7 @@ SAMPLES = 2000  # FD on this many samples: at 1000 the ratios moved by up to 0.2
 
 def qac_recipe(teacher, bits):
     # the same loop for both. The zero-initialised code embedding moves by about lr per Adam step: at 200 steps of
-    # lr 1e-3 the QAC model / control FD at 6-16 NFE was 0.83-1.18 over recipe seeds 0-2, at 400 steps of 1e-3
+    # lr 1e-3 the QAC model / control FD at 6-16 NFE was 0.78-1.18 over recipe seeds 0-2, at 400 steps of 1e-3
     # 0.66-0.75, at 400 of 2e-3 0.43-0.54 (a cosine decay of the same peak: worse, docs/benchmarks.md)
     return QACRecipe(source=str(teacher), data="digits", bits=bits, batch_size=128, device="cpu", eval_samples=0,
                      loop={"steps": STEPS, "lr": 2e-3, "warmup_steps": 20, "checkpoint_every": 0})
