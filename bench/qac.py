@@ -56,7 +56,8 @@ def main() -> None:
     ap.add_argument("--base", type=int, default=32, help="the trained teacher's SmallUNet width")
     ap.add_argument("--steps", type=int, default=500, help="optimizer steps of the QAC models and the control")
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=2e-4)
+    ap.add_argument("--lr", type=float, default=2e-3, help="constant learning rate of the QAC models and the "
+                    "control (at 2e-4 for 500 steps the code embedding barely moves: docs/benchmarks.md)")
     ap.add_argument("--bits", type=int, default=8)
     ap.add_argument("--eval-n", type=int, default=1000)
     ap.add_argument("--offline", action="store_true", help="also train the QAC model with offline weights (the same "
