@@ -168,7 +168,8 @@ def main() -> None:
                                      args.eval_n, "--device", "cpu", "--data", args.data, "--json"))[0]
             dist = ev.get("frechet") if ev.get("frechet") is not None else ev.get("sliced_w2")
             sfile = work / f"samples-{name}-{nfe}.safetensors"
-            accelkit("sample", path, "--solver", solver, "--nfe", nfe, "-n", args.eval_n, "--seed", 5, "-o", sfile)
+            accelkit("sample", path, "--solver", solver, "--nfe", nfe, "-n", args.eval_n, "--seed", 5, "-o", sfile,
+                     "--force")
             steps = summary.get("steps")
             rows.append({"model": name, "nfe": nfe, "distance": dist, "teacher_best": best[nfe][0],
                          "teacher_best_solver": best[nfe][1], "ratio": dist / best[nfe][0],
