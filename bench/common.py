@@ -30,10 +30,24 @@ COUPLE_SOLVER, COUPLE_NFE = "dpm++2m", 32
 
 def accelkit(*args: object) -> str:
     """Run one accelkit command; its stdout (an artifact path or JSON). A failure ends the bench with its stderr."""
-    proc = subprocess.run([sys.executable, "-m", "accelkit", *map(str, args)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.exit(f"accelkit {' '.join(map(str, args))} failed:\n{proc.stderr[-2000:]}")
-    return proc.stdout.strip()
+    return accelkit_rss(*args)[0]
+
+
+def accelkit_rss(*args: object) -> tuple[str, int]:
+    """Run one accelkit command; (its stdout, its peak resident memory in MiB, from the kernel's rusage of that
+    process). A failure ends the bench with its stderr."""
+    import tempfile
+
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "accelkit", *map(str, args)], stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        code = os.waitstatus_to_exitcode(status)
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if code != 0:
+        sys.exit(f"accelkit {' '.join(map(str, args))} failed:\n{stderr[-2000:]}")
+    return stdout.strip(), usage.ru_maxrss // 1024
 
 
 def summary(path: str | Path) -> dict:

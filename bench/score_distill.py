@@ -24,10 +24,11 @@ import json
 import math
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from common import accelkit, accelkit_rss
 
 FAST_FAKE = ["--set", "score_distill.fake_score.lr=5e-3"]
 #: name -> (command and options, training-steps multiplier[, learning rate instead of --lr's 1e-3])
@@ -43,27 +44,6 @@ METHODS = {
     "ladd": (["adversarial", "{pairs}", "--set", "adversarial.loop.betas=[0.0,0.99]",
               "--set", "adversarial.discriminator.logit_mean=-1.0", "--set", "adversarial.disc.lr=3e-3"], 1),
 }
-
-
-def accelkit(*args: str) -> str:
-    """Run one accelkit command; its stdout (an artifact path or JSON)."""
-    return accelkit_rss(*args)[0]
-
-
-def accelkit_rss(*args: str) -> tuple[str, int]:
-    """Run one accelkit command; (its stdout, its peak resident memory in MiB, from the kernel's rusage)."""
-    import tempfile
-
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "accelkit", *map(str, args)], stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        code = os.waitstatus_to_exitcode(status)
-        out.seek(0)
-        err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if code != 0:
-        sys.exit(f"accelkit {' '.join(map(str, args))} failed:\n{stderr[-2000:]}")
-    return stdout.strip(), usage.ru_maxrss // 1024
 
 
 def coverage(samples_file: str, data: str) -> float:
