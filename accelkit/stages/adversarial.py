@@ -40,6 +40,7 @@ from .generator_student import (
     draw_fn,
     finish_generator,
     held_out_batch,
+    held_out_summary,
     open_run,
 )
 
@@ -161,14 +162,10 @@ def run_adversarial(recipe: AdversarialRecipe, output: Path | None = None, force
                     "disc_accuracy_teacher_samples": gan.accuracy(real_logits, start_logits)}
 
         def finish(trainer: Trainer, logs: dict[str, float], seconds: float) -> None:
-            through = [h["val/disc_accuracy"] for h in trainer.history if "val/disc_accuracy" in h]
             against_teacher = [h["val/disc_accuracy_teacher_samples"] for h in trainer.history
                                if "val/disc_accuracy_teacher_samples" in h]
             finish_generator(art, recipe, run, trainer, logs, seconds, "accelkit adversarial",
-                             {"ratio": ratio, "disc_accuracy": logs.get("val/disc_accuracy"),
-                              "disc_held_out": {"samples_per_side": len(held_out["real"]),
-                                                "real": held_out["real_is"]},
-                              "disc_accuracy_through_run": through,
+                             {"ratio": ratio, **held_out_summary(trainer, logs, held_out),
                               "disc_accuracy_vs_teacher_samples_through_run": against_teacher})
 
         students.fit_in_artifact(art, path, run.rank, model, None, batches, recipe.loop, device, finish,

@@ -189,5 +189,14 @@ def held_out_batch(recipe, run: students.StudentRun, draw) -> dict[str, Any]:
     return out
 
 
-__all__ = ["DiscriminatorSettings", "held_out_real", "held_out_batch", "lora_targets", "draw_fn", "open_run",
-           "check_before_training", "cond_fields", "finish_generator"]
+def held_out_summary(trainer: Trainer, logs: dict[str, float], held_out: dict[str, Any]) -> dict[str, Any]:
+    """The summary's record of the heads' held-out check: the last accuracy, every one through the run (the validate
+    steps' ``val/disc_accuracy``) and what the held-out batch was."""
+    return {"disc_accuracy": logs.get("val/disc_accuracy"),
+            "disc_held_out": {"samples_per_side": len(held_out["real"]), "real": held_out["real_is"]},
+            "disc_accuracy_through_run": [h["val/disc_accuracy"] for h in trainer.history
+                                          if "val/disc_accuracy" in h]}
+
+
+__all__ = ["DiscriminatorSettings", "held_out_real", "held_out_batch", "held_out_summary", "lora_targets", "draw_fn",
+           "open_run", "check_before_training", "cond_fields", "finish_generator"]

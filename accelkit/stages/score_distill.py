@@ -45,6 +45,7 @@ from .generator_student import (
     draw_fn,
     finish_generator,
     held_out_batch,
+    held_out_summary,
     lora_targets,
     open_run,
 )
@@ -151,32 +152,27 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
             fake_net = apply_lora(fake_net, lora_targets(fake_net, lora))
         fake = students.student_of(real, fake_net)
         fake_part = nn.ModuleDict({"network": fake_net})
+        objective = DenoisingObjective(real.schedule, real.prediction, real.call, real.time_input)
+        draw = draw_fn(recipe, real, objective, times, cond_info)
         disc, held_out = None, None
         if gan:  # the heads' feature standardisation from 256 real rows of another seed, noised at drawn levels
-            probe_rows = next(run.batches(256, recipe.seed + 7919,
-                                          noise=draw_fn(recipe, real, DenoisingObjective(
-                                              real.schedule, real.prediction, real.call, real.time_input), times,
-                                              cond_info), whole=True))  # the same on every process
+            probe_rows = next(run.batches(256, recipe.seed + 7919, noise=draw, whole=True))  # the same on every process
             x_probe = students.clean_samples(probe_rows).float().to(device)
             probe = (noised(real.schedule, x_probe, probe_rows["t_d"].to(device), probe_rows["eps_d_real"].to(device)),
                      probe_rows["t_d"].to(device), None)
             disc = FeatureDiscriminator(fake, recipe.discriminator.layers, recipe.discriminator.width, probe=probe,
                                         seed=recipe.seed, depth=recipe.discriminator.depth)
             fake_part["heads"] = disc
-            held_out = held_out_batch(recipe, run, draw_fn(recipe, real, DenoisingObjective(
-                real.schedule, real.prediction, real.call, real.time_input), times, cond_info))
+            held_out = held_out_batch(recipe, run, draw)
         model = nn.ModuleDict({"generator": generator.network, "fake_score": fake_part})
-        objective = DenoisingObjective(real.schedule, real.prediction, real.call, real.time_input)
         features = None
         if recipe.features:
             from ..features import feature_network
 
             features = feature_network(recipe.features, str(device))
-        batches = (run.batches(recipe.batch_size, recipe.seed,
-                               noise=draw_fn(recipe, real, objective, times, cond_info))
+        batches = (run.batches(recipe.batch_size, recipe.seed, noise=draw)
                    if run.couplings is not None or run.data is not None or run.conditions is not None else
-                   students.NoiseBatches(recipe.batch_size, recipe.seed, run.rank, run.world,
-                                         draw_fn(recipe, real, objective, times, cond_info)))
+                   students.NoiseBatches(recipe.batch_size, recipe.seed, run.rank, run.world, draw))
         multi = len(times) > 2
 
         def samples(b: dict[str, Tensor]) -> Tensor:
@@ -235,12 +231,7 @@ def run_score_distill(recipe: ScoreDistillRecipe, output: Path | None = None, fo
             return {"disc_accuracy": accuracy(lr_, lf)}
 
         def finish(trainer: Trainer, logs: dict[str, float], seconds: float) -> None:
-            extra: dict[str, Any] = {}
-            if held_out is not None:
-                extra = {"disc_accuracy": logs.get("val/disc_accuracy"),
-                         "disc_held_out": {"samples_per_side": len(held_out["real"]), "real": held_out["real_is"]},
-                         "disc_accuracy_through_run": [h["val/disc_accuracy"] for h in trainer.history
-                                                       if "val/disc_accuracy" in h]}
+            extra = held_out_summary(trainer, logs, held_out) if held_out is not None else {}
             finish_generator(art, recipe, run, trainer, logs, seconds, "accelkit score-distill",
                              {"ratio": ratio, "gan_weight": recipe.gan_weight,
                               "regression_weight": recipe.regression_weight, "fake_lora": lora is not None,
